@@ -1,0 +1,127 @@
+"""Text, vocabularies, batches and checkpoints shared by train.py, sample.py and evaluate_sampling.py."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from common import UserError
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TRAIN_FRACTION = 0.9  # first 90% of the tokens train, the last 10% validate (as nanoGPT)
+
+
+def download_shakespeare(path: Path) -> None:
+    """Fetch Tiny Shakespeare (1.1 MB) to `path`, checking its SHA-256; UserError without a network."""
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
+            payload = response.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"Tiny Shakespeare is not at {path} and downloading it from {SHAKESPEARE_URL} failed "
+                        f"({getattr(e, 'reason', e)}); download that file to {path} or pass --text FILE") from None
+    if hashlib.sha256(payload).hexdigest() != SHAKESPEARE_SHA256:
+        raise UserError(f"the file downloaded from {SHAKESPEARE_URL} has an unexpected SHA-256; not saved")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{path}.tmp")
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+
+
+def load_text(text_path: str | None, data_dir: str) -> tuple[str, str]:
+    """The training text and where it came from: `text_path`, else <data_dir>/tinyshakespeare/input.txt."""
+    if text_path is None:
+        path = Path(data_dir) / "tinyshakespeare" / "input.txt"
+        if not path.is_file():
+            download_shakespeare(path)
+    else:
+        path = Path(text_path)
+        if not path.is_file():
+            raise UserError(f"--text {text_path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. with iconv") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if not text:
+        raise UserError(f"{path} is empty; a text to train on is needed")
+    return text, str(path)
+
+
+class Vocab:
+    """Characters of the training text (`char`) or the 256 byte values of UTF-8 (`byte`, any text)."""
+
+    def __init__(self, kind: str, chars: str = ""):
+        if kind not in ("char", "byte"):
+            raise ValueError(f"vocabulary kind must be 'char' or 'byte' (got {kind!r})")
+        self.kind, self.chars = kind, chars if kind == "char" else ""
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, kind: str, text: str) -> Vocab:
+        return cls(kind, "".join(sorted(set(text))) if kind == "char" else "")
+
+    @property
+    def size(self) -> int:
+        return len(self.chars) if self.kind == "char" else 256
+
+    def encode(self, text: str) -> list[int]:
+        if self.kind == "byte":
+            return list(text.encode("utf-8"))
+        unknown = sorted(set(text) - self.index.keys())
+        if unknown:
+            raise ValueError(f"characters not in the model's vocabulary: {''.join(unknown)!r}")
+        return [self.index[c] for c in text]
+
+    def decode(self, ids) -> str:
+        if self.kind == "byte":
+            return bytes(ids).decode("utf-8", errors="replace")
+        return "".join(self.chars[i] for i in ids)
+
+    def state(self) -> dict:
+        return {"kind": self.kind, "chars": self.chars}
+
+
+def split_tokens(text: str, vocab: Vocab) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode the whole text and cut it 90 / 10 into train and validation token tensors (int64)."""
+    data = torch.tensor(vocab.encode(text), dtype=torch.long)
+    n_train = int(TRAIN_FRACTION * len(data))
+    return data[:n_train], data[n_train:]
+
+
+def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator):
+    """Random windows: inputs x (B, T) and next-token targets y (B, T), on data's device."""
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
+    offsets = starts[:, None] + torch.arange(block_size)  # (B, T)
+    offsets = offsets.to(data.device)
+    return data[offsets], data[offsets + 1]
+
+
+def tiled_windows(data: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token once: non-overlapping windows x, y (N, T) covering data (the remainder is dropped)."""
+    n = (len(data) - 1) // block_size
+    x = data[: n * block_size].view(n, block_size)  # (N, T)
+    y = data[1: n * block_size + 1].view(n, block_size)  # (N, T)
+    return x, y
+
+
+def load_checkpoint(path: str, device="cpu") -> dict:
+    """A checkpoint written by train.py; UserError if it is missing or not one of ours."""
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} not found (train.py writes ckpt.pt into its run folder)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # torch raises many types for a truncated or foreign file
+        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config", "vocab", "iter"} <= ckpt.keys():
+        raise UserError(f"{path} is not a decoder_transformer checkpoint (no model_config / vocab inside)")
+    return ckpt
