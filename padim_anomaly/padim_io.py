@@ -1,0 +1,367 @@
+"""Everything PaDiM's scripts read or write: MVTec AD on disk, backbone weights, models, memory meters."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import tarfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from padim import (
+    ModelConfig,
+    OnlineGaussian,
+    anomaly_map,
+    fit_gaussian_batch,
+    image_scores,
+    invert_covariance_,
+    mahalanobis,
+    resnet18_backbone,
+)
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from common import UserError
+
+MVTEC_PAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
+_ARCHIVES = "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"
+MVTEC_URLS = {  # MVTec's official per-category archives (.tar.xz); MVTec publishes no checksums
+    "bottle": _ARCHIVES + "420937370-1629951468/bottle.tar.xz",
+    "transistor": _ARCHIVES + "420938166-1629953277/transistor.tar.xz",
+    "metal_nut": _ARCHIVES + "420937637-1629952063/metal_nut.tar.xz",
+}
+CATEGORIES = tuple(MVTEC_URLS)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+LICENSE_NOTE = ("MVTec AD is licensed CC BY-NC-SA 4.0 (non-commercial use only); "
+                "downloading it means you accept the license")
+
+
+# ---------------------------------------------------------------- the dataset on disk
+
+
+@dataclass
+class Category:
+    name: str
+    root: Path
+    train: list[Path]  # train/good
+    test: list[Path]
+    test_types: list[str]  # "good" or the defect type, one per test image
+    masks: list[Path | None] = field(default_factory=list)  # None for good test images
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return np.array([t != "good" for t in self.test_types], dtype=np.int64)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def download_category(name: str, data_dir: Path, timeout: float = 60.0) -> None:
+    """Fetch and unpack MVTec's archive for one category into data_dir/mvtec_ad/."""
+    target = data_dir / "mvtec_ad"
+    archive = target / f"{name}.tar.xz"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {target} for the MVTec AD download: {e.strerror}") from None
+    print(f"downloading MVTec AD '{name}' from {MVTEC_URLS[name]} ({LICENSE_NOTE})")
+    try:
+        with urllib.request.urlopen(MVTEC_URLS[name], timeout=timeout) as response, \
+                open(f"{archive}.part", "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}.tar.xz") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(f"{archive}.part", archive)
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+        archive.unlink()
+    except (urllib.error.URLError, TimeoutError, OSError, tarfile.TarError) as e:
+        Path(f"{archive}.part").unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        raise UserError(
+            f"MVTec AD '{name}' is not in {target / name} and the download from {MVTEC_URLS[name]} failed "
+            f"({reason}); download {name}.tar.xz from {MVTEC_PAGE} (accepting its CC BY-NC-SA 4.0 license) "
+            f"and unpack it into {target}, or point --data-dir at a folder holding mvtec_ad/{name}") from None
+
+
+def find_category(name: str, data_dir: str | Path, download: bool = True) -> Category:
+    """List one category's files and check the layout; downloads the category when it is absent."""
+    if name not in MVTEC_URLS:
+        raise UserError(f"unknown MVTec AD category {name!r}; supported: {', '.join(CATEGORIES)}")
+    data_dir = Path(data_dir)
+    root = data_dir / "mvtec_ad" / name
+    if not root.exists() and download:
+        download_category(name, data_dir)
+    where = f"(expected the MVTec AD layout {root}/{{train/good, test/<type>, ground_truth/<type>}})"
+    for sub in ("train/good", "test", "ground_truth"):
+        if not (root / sub).is_dir():
+            raise UserError(f"missing folder {root / sub} {where}")
+    train = _images_in(root / "train" / "good")
+    if not train:
+        raise UserError(f"no training images in {root / 'train' / 'good'} {where}")
+    test, types, masks = [], [], []
+    for folder in sorted(p for p in (root / "test").iterdir() if p.is_dir()):
+        for image in _images_in(folder):
+            test.append(image)
+            types.append(folder.name)
+            if folder.name == "good":
+                masks.append(None)
+                continue
+            mask = root / "ground_truth" / folder.name / f"{image.stem}_mask.png"
+            if not mask.is_file():
+                raise UserError(f"no ground-truth mask {mask} for the test image {image} {where}")
+            masks.append(mask)
+    if not test:
+        raise UserError(f"no test images under {root / 'test'} {where}")
+    if all(t == "good" for t in types) or "good" not in types:
+        raise UserError(f"the test split {root / 'test'} needs both good and defective images for AUROC")
+    return Category(name, root, train, test, types, masks)
+
+
+# ---------------------------------------------------------------- images
+
+
+def _open(path: Path, mode: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise UserError(f"cannot decode the image {path} ({e.__class__.__name__}: {e}); "
+                        "replace or remove the file") from None
+
+
+def load_image(path: Path, config: ModelConfig) -> torch.Tensor:
+    """Any size -> (3, image_size, image_size) in [0, 1]: resize the shorter side, centre crop."""
+    image = _open(path, "RGB")
+    image = TF.resize(image, config.resize, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return TF.to_tensor(TF.center_crop(image, config.image_size))
+
+
+def load_mask(path: Path | None, image_path: Path, config: ModelConfig) -> torch.Tensor:
+    """-> (image_size, image_size) bool; all False for a good image. Same resize and crop as the image."""
+    if path is None:
+        return torch.zeros(config.image_size, config.image_size, dtype=torch.bool)
+    mask = _open(path, "L")
+    with Image.open(image_path) as image:
+        if image.size != mask.size:
+            raise UserError(f"the mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
+                            f"{image.size[0]}x{image.size[1]}; masks must match their images")
+    mask = TF.resize(mask, config.resize, interpolation=TF.InterpolationMode.NEAREST)
+    return TF.to_tensor(TF.center_crop(mask, config.image_size))[0] > 0.5
+
+
+def load_images(paths: list[Path], config: ModelConfig, desc: str) -> torch.Tensor:
+    """(N, 3, S, S) in memory; decodes every file first, so a bad one stops the run before it starts."""
+    return torch.stack([load_image(p, config) for p in tqdm(paths, desc=desc, unit="img", leave=False)])
+
+
+def load_test_set(category: Category, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    images = load_images(category.test, config, f"{category.name} test images")
+    masks = torch.stack([load_mask(m, p, config) for p, m in zip(category.test, category.masks)])
+    return images, masks
+
+
+def verify_images(paths: list[Path]) -> None:
+    """Cheap check that every file is a readable image (header and chunk checksums), before a run starts."""
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise UserError(f"cannot decode the image {path} ({e.__class__.__name__}: {e}); "
+                            "replace or remove the file") from None
+
+
+def image_batches(paths: list[Path], config: ModelConfig, batch_size: int):
+    """Streams (B, 3, S, S) batches from disk: only one batch of images is ever held."""
+    for start in range(0, len(paths), batch_size):
+        yield torch.stack([load_image(p, config) for p in paths[start:start + batch_size]])
+
+
+# ---------------------------------------------------------------- backbone weights and devices
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    return torch.device(name)
+
+
+def backbone_weights(weights: str, seed: int) -> tuple[torch.nn.Module, str]:
+    """`imagenet` (torchvision's weights API and cache), `none` (random init from `seed`) or a PATH.
+
+    Returns the ResNet18 and a short description of where its weights came from.
+    """
+    if weights == "none":
+        torch.manual_seed(seed)
+        return resnet18_backbone(), f"random init (seed {seed})"
+    if weights == "imagenet":
+        from torchvision.models import ResNet18_Weights
+
+        api = ResNet18_Weights.IMAGENET1K_V1
+        try:
+            state = api.get_state_dict(progress=True, check_hash=True)
+        except (urllib.error.URLError, TimeoutError, OSError, RuntimeError) as e:
+            raise UserError(
+                f"could not load torchvision's ImageNet ResNet18 weights ({api.url}): not in the torch hub "
+                f"cache ({torch.hub.get_dir()}/checkpoints) and the download failed "
+                f"({getattr(e, 'reason', e)}); "
+                "use --weights none (random init) or --weights PATH (a local ResNet18 state dict)") from None
+        return resnet18_backbone(state), "torchvision ResNet18_Weights.IMAGENET1K_V1"
+    path = Path(weights)
+    if not path.is_file():
+        raise UserError(f"--weights {weights}: no such file (use imagenet, none, or the path of a ResNet18 "
+                        "state dict saved with torch.save(model.state_dict(), PATH))")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        return resnet18_backbone(state), f"state dict {path}"
+    except (RuntimeError, OSError, ValueError, TypeError, KeyError, AttributeError, EOFError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise UserError(f"--weights {path} is not a torchvision ResNet18 state dict ({first_line})") from None
+
+
+# ---------------------------------------------------------------- fitting and scoring loops
+
+
+def fit_statistics(extractor, batches, n_images: int, method: str, epsilon: float, device,
+                   desc: str = "fit") -> tuple[torch.Tensor, torch.Tensor]:
+    """Stream image batches through the backbone -> mean (C, P) and inverse covariance (P, C, C).
+
+    method "online": running statistics, one batch of embeddings at a time.
+    method "batch": the traditional way, every embedding kept, then mean and covariance at once.
+    """
+    n_channels, n_positions = len(extractor.channels), None
+    stats, stored = None, []
+    with tqdm(total=n_images, desc=f"{desc} ({method})", unit="img", leave=False) as bar:
+        for images in batches:
+            embedding = extractor(images.to(device)).flatten(2)  # (B, C, P)
+            if method == "online":
+                if stats is None:
+                    n_positions = embedding.shape[2]
+                    stats = OnlineGaussian(n_channels, n_positions, device=embedding.device)
+                stats.update(embedding)
+            else:
+                stored.append(embedding)
+            bar.update(len(images))
+    if method == "online":
+        mean, covariance = stats.finalize(epsilon)
+    else:
+        embeddings = torch.cat(stored)  # (N, C, P)
+        stored.clear()
+        mean, covariance = fit_gaussian_batch(embeddings, epsilon)
+        del embeddings
+    return mean, invert_covariance_(covariance)
+
+
+@torch.no_grad()
+def score_images(extractor, images: torch.Tensor, mean, inv_covariance, config: ModelConfig, device,
+                 batch_size: int, desc: str = "score") -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, 3, S, S) -> anomaly maps (N, S, S) and image scores (N,), on the CPU."""
+    maps = []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+        embedding = extractor(images[start:start + batch_size].to(device)).flatten(2)  # (B, C, P)
+        distance = mahalanobis(embedding, mean, inv_covariance)  # (B, P)
+        maps.append(anomaly_map(distance, config.grid, config.image_size, config.sigma).cpu())
+    maps = torch.cat(maps)
+    return maps, image_scores(maps)
+
+
+# ---------------------------------------------------------------- models on disk
+
+
+def save_model(path: Path, config: ModelConfig, extractor, mean, inv_covariance, extra: dict) -> None:
+    """Atomic: temporary file, then rename. Holds everything needed to score without the training data."""
+    state = {"config": asdict(config), "channels": extractor.channels.cpu(),
+             "backbone": {k: v.cpu() for k, v in extractor.state_dict().items()},
+             "mean": mean.cpu(), "inv_covariance": inv_covariance.cpu(), **extra}
+    tmp = Path(f"{path}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"cannot read the PaDiM model {path}: {e}") from None
+
+
+# ---------------------------------------------------------------- memory
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+class PeakMemory:
+    """Peak memory of a block above its start, by the allocator's own counter where there is one.
+
+    CUDA: torch.cuda.max_memory_allocated (exact). CPU on Linux: resident set size sampled every
+    `interval` s in a thread (torch's CPU ops release the GIL, so the sampler runs during them).
+    Elsewhere: the process's ru_maxrss high-water mark (only meaningful in a fresh process).
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.device, self.interval = torch.device(device), interval
+        self.peak_bytes = 0
+        if self.device.type == "cuda":
+            self.method = "torch.cuda.max_memory_allocated (peak above the block's start)"
+        elif os.path.exists("/proc/self/statm"):
+            self.method = f"process RSS sampled every {interval * 1000:g} ms (peak above the block's start)"
+        else:
+            self.method = "ru_maxrss high-water mark minus the RSS at the block's start"
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        elif os.path.exists("/proc/self/statm"):
+            self._start = self._peak = _rss_bytes()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        else:
+            self._start = _max_rss_bytes()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif os.path.exists("/proc/self/statm"):
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, _rss_bytes())
+        else:
+            peak = _max_rss_bytes()
+        self.peak_bytes = max(0, peak - self._start)
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak_bytes / 2**20

@@ -1,0 +1,184 @@
+"""PaDiM on one MVTec AD category: fit a Gaussian per patch on train/good, score the test split.
+
+Defard et al. 2020, "PaDiM: a Patch Distribution Modeling Framework for Anomaly Detection and
+Localization" (arXiv 2011.08785). ResNet18 layer1-3 embedding, a seeded channel subset, mean and
+covariance per patch position (online by default), Mahalanobis map, blur, max = image score.
+
+Full:  python padim_anomaly/train.py --category bottle
+Here (no ImageNet weights, offline):
+       python padim_anomaly/train.py --category bottle --weights none --data-dir ../shared/data
+Tiny:  python padim_anomaly/train.py --category bottle --weights none --n-features 10 --clearml off
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from padim import TOTAL_CHANNELS, FeatureExtractor, ModelConfig, choose_channels  # noqa: E402
+from padim_io import (  # noqa: E402
+    PeakMemory,
+    backbone_weights,
+    find_category,
+    fit_statistics,
+    image_batches,
+    load_test_set,
+    pick_device,
+    save_model,
+    score_images,
+    verify_images,
+)
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from common import RunLogger, default_data_dir, parse_args, run_main, run_name  # noqa: E402
+
+
+@dataclass
+class Args:
+    category: str = "bottle"  # MVTec AD category: bottle, transistor or metal_nut
+    weights: str = "imagenet"  # backbone weights: imagenet (torchvision cache), none (random init), or a PATH
+    n_features: str = "100"  # embedding channels kept (random subset, seeded), or 'all' (= 448)
+    stats: Literal["online", "batch"] = "online"  # online: running mean/cov; batch: keep all, then fit
+    batch_size: int = 16  # images per backbone forward pass
+    seed: int = 0  # seeds the random init (--weights none) and the channel subset
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    n_figure: int = 8  # test images shown in the anomaly-map figure
+    data_dir: str = default_data_dir()  # holds mvtec_ad/<category>/...
+    out: str | None = None  # run folder (default runs/padim_anomaly/<name>)
+    clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML tracking mode
+    clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
+
+
+def n_features_of(text: str) -> int:
+    return TOTAL_CHANNELS if text == "all" else int(text)
+
+
+def check_args(args: Args) -> None:
+    try:
+        n = n_features_of(args.n_features)
+    except ValueError:
+        raise ValueError(f"--n-features must be an integer in 1..{TOTAL_CHANNELS} or 'all' "
+                         f"(got {args.n_features!r})") from None
+    if not 1 <= n <= TOTAL_CHANNELS:
+        raise ValueError(f"--n-features must be in 1..{TOTAL_CHANNELS} (ResNet18 layer1-3 have "
+                         f"{TOTAL_CHANNELS} channels) or 'all' (got {n})")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if args.n_figure < 0:
+        raise ValueError(f"--n-figure must be >= 0 (got {args.n_figure})")
+
+
+def figure_rows(types: list[str], n: int, seed: int) -> list[int]:
+    """Up to n test images, round-robin over the types so every defect kind shows."""
+    rng = random.Random(seed)
+    by_type: dict[str, list[int]] = {}
+    for i, t in enumerate(types):
+        by_type.setdefault(t, []).append(i)
+    pools = [rng.sample(v, len(v)) for _, v in sorted(by_type.items())]
+    chosen = []
+    while len(chosen) < min(n, len(types)):
+        for pool in pools:
+            if pool and len(chosen) < n:
+                chosen.append(pool.pop())
+    return chosen
+
+
+def anomaly_figure(images, masks, maps, scores, types, rows):
+    vmax = float(maps.max())
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.5 * len(rows)), squeeze=False)
+    for ax_row, i in zip(axes, rows):
+        ax_row[0].imshow(images[i].permute(1, 2, 0).numpy())
+        ax_row[0].set_title(f"{types[i]}  score {scores[i]:.1f}", fontsize=8)
+        ax_row[1].imshow(masks[i].numpy(), cmap="gray", vmin=0, vmax=1)
+        ax_row[1].set_title("ground truth", fontsize=8)
+        shown = ax_row[2].imshow(maps[i].numpy(), cmap="jet", vmin=0, vmax=vmax)
+        ax_row[2].set_title("anomaly map (Mahalanobis)", fontsize=8)
+        fig.colorbar(shown, ax=ax_row[2], fraction=0.046)
+        for ax in ax_row:
+            ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def main() -> None:
+    args = parse_args(Args, check=check_args, description=__doc__)
+
+    # setup
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    config = ModelConfig(n_features=n_features_of(args.n_features))
+
+    # data: every file checked before a run folder exists
+    category = find_category(args.category, args.data_dir)
+    verify_images(category.train)
+    test_images, test_masks = load_test_set(category, config)
+    labels = category.test_labels
+
+    # model
+    backbone, weights_source = backbone_weights(args.weights, args.seed)
+    channels = choose_channels(config.n_features, args.seed)
+    extractor = FeatureExtractor(backbone, channels).to(device)
+    n_positions = config.grid ** 2
+    stats_mib = n_positions * config.n_features ** 2 * 4 / 2**20
+    log = RunLogger("padim_anomaly", run_name(f"padim_{args.category}", args.seed), asdict(args),
+                    out=args.out, clearml=args.clearml, clearml_queue=args.clearml_queue)
+    print(f"{args.category}: {len(category.train)} train, {len(category.test)} test ({int(labels.sum())} "
+          f"defective) | weights: {weights_source} | device {device}")
+    print(f"embedding {config.n_features} of {TOTAL_CHANNELS} channels on a {config.grid}x{config.grid} grid "
+          f"({n_positions} positions); covariances {n_positions}x{config.n_features}x{config.n_features} "
+          f"= {stats_mib:.0f} MiB in float32; stats: {args.stats}")
+
+    # fit
+    with PeakMemory(device) as meter:
+        start = time.perf_counter()
+        batches = image_batches(category.train, config, args.batch_size)
+        mean, inv_covariance = fit_statistics(extractor, batches, len(category.train), args.stats,
+                                              config.epsilon, device, desc=f"{args.category} train")
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        fit_seconds = time.perf_counter() - start
+
+    # evaluate
+    start = time.perf_counter()
+    maps, scores = score_images(extractor, test_images, mean, inv_covariance, config, device,
+                                args.batch_size, desc=f"{args.category} test")
+    score_seconds = time.perf_counter() - start
+    image_auroc = roc_auc_score(labels, scores.numpy())
+    pixel_auroc = roc_auc_score(test_masks.flatten().numpy(), maps.flatten().numpy())
+    log.log(0, {"eval/image_auroc": image_auroc, "eval/pixel_auroc": pixel_auroc,
+                "charts/fit_images_per_second": len(category.train) / fit_seconds,
+                "charts/score_images_per_second": len(category.test) / score_seconds})
+    print(f"image AUROC {image_auroc:.4f} | pixel AUROC {pixel_auroc:.4f} | fit {fit_seconds:.1f} s, "
+          f"peak {meter.peak_mib:.0f} MiB | scoring {len(category.test) / score_seconds:.1f} images/s")
+
+    # save
+    if args.n_figure:
+        rows = figure_rows(category.test_types, args.n_figure, args.seed)
+        log.save_figure("anomaly_maps", anomaly_figure(test_images, test_masks, maps, scores,
+                                                       category.test_types, rows))
+    save_model(log.path("model.pt"), config, extractor, mean, inv_covariance,
+               {"weights": args.weights, "weights_source": weights_source, "category": args.category})
+    log.write_summary({
+        "category": args.category, "image_auroc": image_auroc, "pixel_auroc": pixel_auroc,
+        "fit_seconds": fit_seconds, "fit_peak_memory_mib": meter.peak_mib, "memory_method": meter.method,
+        "fit_images_per_second": len(category.train) / fit_seconds,
+        "score_images_per_second": len(category.test) / score_seconds,
+        "n_train": len(category.train), "n_test": len(category.test), "n_features": config.n_features,
+        "weights": args.weights, "weights_source": weights_source, "stats": args.stats,
+        "seed": args.seed, "device": str(device),
+    })
+    log.close()
+
+
+if __name__ == "__main__":
+    run_main(main)
