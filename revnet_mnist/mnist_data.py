@@ -1,0 +1,121 @@
+"""MNIST from `<data-dir>/MNIST/raw/` (torchvision's layout), downloaded there with MD5 checks when absent.
+
+Accepts the official idx files gzipped (`*-ubyte.gz`) or uncompressed (`*-ubyte`); the folder may be
+read-only. Every problem the user can fix (missing, truncated or corrupt file, no network, an
+unwritable folder) is a UserError that names the file and what to do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from common import UserError
+
+MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+FILES = {  # name -> MD5 of the .gz file, as torchvision lists them
+    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # idx headers: 0x00000803 (uint8, 3 dims), 0x00000801 (1 dim)
+MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel mean and std (after scaling to [0, 1])
+TIMEOUT_S = 30
+
+
+def _find(raw: Path, name: str) -> Path | None:
+    for candidate in (raw / f"{name}.gz", raw / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def split_present(data_dir: str | Path, split: str) -> bool:
+    """Whether both files of `split` ('train' or 't10k') are in `<data_dir>/MNIST/raw/`."""
+    raw = Path(data_dir) / "MNIST" / "raw"
+    return all(_find(raw, f"{split}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1"))
+
+
+def download(raw: Path, name: str) -> Path:
+    """Fetch `name`.gz into `raw`, check its MD5, then rename it into place (never a half file)."""
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        probe = raw / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"MNIST file {name}(.gz) is missing from {raw} and that folder is not writable "
+                        f"({e.strerror}); put the four MNIST idx files there or pass --data-dir") from None
+    target = raw / f"{name}.gz"
+    errors = []
+    for mirror in MIRRORS:
+        try:
+            with urllib.request.urlopen(mirror + f"{name}.gz", timeout=TIMEOUT_S) as response:
+                payload = response.read()
+        except (urllib.error.URLError, OSError) as e:
+            errors.append(f"{mirror}: {getattr(e, 'reason', e)}")
+            continue
+        if hashlib.md5(payload).hexdigest() != FILES[name]:
+            errors.append(f"{mirror}: checksum mismatch")
+            continue
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_bytes(payload)
+        os.replace(tmp, target)
+        return target
+    raise UserError(f"MNIST file {name}.gz is not in {raw} and could not be downloaded "
+                    f"({'; '.join(errors)}); with no network, copy the four MNIST idx files there "
+                    "or pass --data-dir")
+
+
+def read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
+    """An idx file's uint8 array, shape (n,) or (n, rows, cols); UserError if it is not one."""
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"cannot read {path}: {e}; delete it to download it again") from None
+    header = 4 + 4 * dims
+    if len(data) < header or struct.unpack(">I", data[:4])[0] != magic:
+        raise UserError(f"{path} is not an MNIST idx file (expected magic number {magic}); "
+                        "delete it to download it again")
+    shape = struct.unpack(f">{dims}I", data[4:header])
+    expected = header + int(np.prod(shape))
+    if len(data) != expected:
+        raise UserError(f"{path} is truncated or corrupt ({len(data)} bytes, header says {expected}); "
+                        "delete it to download it again")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_split(data_dir: str | Path, split: str, allow_download: bool = True) -> tuple[np.ndarray, ...]:
+    """(images (n, 28, 28) uint8, labels (n,) int64) for split 'train' or 't10k'."""
+    raw = Path(data_dir) / "MNIST" / "raw"
+    arrays = []
+    for kind, magic, dims in (("images-idx3", IMAGE_MAGIC, 3), ("labels-idx1", LABEL_MAGIC, 1)):
+        name = f"{split}-{kind}-ubyte"
+        path = _find(raw, name)
+        if path is None:
+            if not allow_download:
+                raise UserError(f"MNIST file {name}(.gz) not found in {raw}")
+            path = download(raw, name)
+        arrays.append(read_idx(path, magic, dims))
+    images, labels = arrays
+    if len(images) != len(labels):
+        raise UserError(f"MNIST {split} files in {raw} disagree: {len(images)} images, {len(labels)} labels")
+    if labels.max(initial=0) > 9:
+        raise UserError(f"MNIST {split} labels in {raw} hold a value above 9; the file is corrupt")
+    return images, labels.astype(np.int64)
+
+
+def normalise(images: np.ndarray, dtype) -> np.ndarray:
+    """uint8 (n, 28, 28) -> (n, 784) in `dtype`, zero mean and unit variance over the training set."""
+    x = images.reshape(len(images), -1).astype(dtype)  # (n, 784)
+    x *= 1 / (255 * STD)
+    x -= MEAN / STD
+    return x
