@@ -238,7 +238,7 @@ def train_job(spec: dict, slots=None) -> dict:
                 episode_return, episode_length = 0.0, 0
 
             # learn: replay_ratio gradient steps per environment step, fractional ratios carried over
-            if step >= run["learning_starts"]:
+            if step > run["learning_starts"]:
                 state["updates_owed"] += run["replay_ratio"]
                 while state["updates_owed"] >= 1:
                     losses.append(agent.update(buffer, rng)["loss"])
