@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -203,16 +204,26 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     return kernel / kernel.sum()
 
 
+def smoothing_matrix(grid: int, image_size: int, sigma: float) -> torch.Tensor:
+    """(image_size, grid) matrix S with S D S^T = blur(bilinear_upsample(D)) for a (grid, grid) map D.
+
+    Bilinear upsampling, reflect padding and a Gaussian blur are each separable and linear, so their
+    composition is one matrix per axis; applying it is two small matmuls instead of a 33x33 convolution
+    over the full-size map. Built by running the 1-D operations on the identity.
+    """
+    identity = torch.eye(grid, dtype=torch.float64).unsqueeze(1)  # (grid, 1, grid): one basis map per row
+    rows = F.interpolate(identity, size=image_size, mode="linear", align_corners=False)  # (grid, 1, S)
+    kernel = gaussian_kernel(sigma).double()
+    radius = kernel.numel() // 2
+    rows = F.conv1d(F.pad(rows, (radius, radius), mode="reflect"), kernel.view(1, 1, -1))  # (grid, 1, S)
+    return rows[:, 0].T.float()  # (S, grid)
+
+
 def anomaly_map(distance: torch.Tensor, grid: int, image_size: int, sigma: float) -> torch.Tensor:
     """distance (B, P) with P = grid*grid -> (B, image_size, image_size): bilinear upsample, then blur."""
-    maps = distance.reshape(-1, 1, grid, grid)  # (B, 1, grid, grid)
-    maps = F.interpolate(maps, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    kernel = gaussian_kernel(sigma).to(maps)
-    radius = kernel.numel() // 2
-    maps = F.pad(maps, (radius, radius, radius, radius), mode="reflect")
-    maps = F.conv2d(maps, kernel.view(1, 1, 1, -1))  # separable blur: rows ...
-    maps = F.conv2d(maps, kernel.view(1, 1, -1, 1))  # ... then columns
-    return maps[:, 0]
+    smoothing = smoothing_matrix(grid, image_size, sigma).to(distance)  # (S, grid)
+    maps = distance.reshape(-1, grid, grid)  # (B, grid, grid)
+    return smoothing @ maps @ smoothing.T  # (B, S, S)
 
 
 def image_scores(maps: torch.Tensor) -> torch.Tensor:
@@ -237,26 +248,28 @@ def permuted_squared_distance(squared: torch.Tensor, weighted: torch.Tensor, inv
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Area under the ROC curve for each row: scores (..., n), labels (n,) of 0/1 -> (...).
+    """Area under the ROC curve for each row: scores (..., n), labels (n,) of 0/1 -> (...) float64.
 
-    Mann-Whitney U with average ranks for ties, so it equals sklearn's roc_auc_score.
+    Mann-Whitney U with average ranks for ties, so it equals sklearn's roc_auc_score; one argsort per
+    row (numpy's is several times faster than torch's on CPU), which the permutation loops call often.
     """
-    labels = labels.bool()
+    labels = labels.detach().cpu().numpy().astype(bool)
     n_pos = int(labels.sum())
-    n_neg = labels.numel() - n_pos
+    n_neg = labels.size - n_pos
+    rows = scores.detach().cpu().double().numpy().reshape(-1, labels.size)  # (R, n)
     if n_pos == 0 or n_neg == 0:
-        return torch.full(scores.shape[:-1], math.nan)
-    scores = scores.double()
-    order = scores.argsort(dim=-1)
-    sorted_scores = scores.gather(-1, order)
-    ranks = torch.arange(1, scores.shape[-1] + 1, dtype=torch.float64).expand_as(scores)
-    # average rank within runs of equal scores
-    new_run = torch.ones_like(sorted_scores, dtype=torch.bool)
-    new_run[..., 1:] = sorted_scores[..., 1:] != sorted_scores[..., :-1]
-    run_id = new_run.cumsum(-1) - 1
-    run_sum = torch.zeros_like(sorted_scores).scatter_add_(-1, run_id, ranks)
-    run_len = torch.zeros_like(sorted_scores).scatter_add_(-1, run_id, torch.ones_like(ranks))
-    average_rank = (run_sum / run_len.clamp_min(1)).gather(-1, run_id)
-    positive = labels.expand_as(scores).gather(-1, order)
-    rank_sum = (average_rank * positive).sum(-1)
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        return torch.full(scores.shape[:-1], math.nan, dtype=torch.float64)
+    order = np.argsort(rows, axis=-1)
+    sorted_rows = np.take_along_axis(rows, order, axis=-1)
+    # average rank of each run of equal scores: (first + last position of the run) / 2, 1-based
+    position = np.broadcast_to(np.arange(labels.size), rows.shape)
+    starts = np.ones(rows.shape, dtype=bool)
+    starts[:, 1:] = sorted_rows[:, 1:] != sorted_rows[:, :-1]
+    ends = np.ones(rows.shape, dtype=bool)
+    ends[:, :-1] = starts[:, 1:]
+    first = np.maximum.accumulate(np.where(starts, position, 0), axis=-1)
+    last = np.minimum.accumulate(np.where(ends, position, labels.size)[:, ::-1], axis=-1)[:, ::-1]
+    rank_sum = ((first + last) / 2 + 1) * labels[order]
+    rank_sum = rank_sum.sum(axis=-1)  # (R,)
+    area = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return torch.from_numpy(area).reshape(scores.shape[:-1])
