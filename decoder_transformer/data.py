@@ -23,8 +23,10 @@ def download_shakespeare(path: Path) -> None:
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
             payload = response.read()
     except (urllib.error.URLError, OSError) as e:
-        raise UserError(f"Tiny Shakespeare is not at {path} and downloading it from {SHAKESPEARE_URL} failed "
-                        f"({getattr(e, 'reason', e)}); download that file to {path} or pass --text FILE") from None
+        raise UserError(
+            f"Tiny Shakespeare is not at {path} and downloading it from {SHAKESPEARE_URL} failed "
+            f"({getattr(e, 'reason', e)}); download that file to {path} or pass --text FILE"
+        ) from None
     if hashlib.sha256(payload).hexdigest() != SHAKESPEARE_SHA256:
         raise UserError(f"the file downloaded from {SHAKESPEARE_URL} has an unexpected SHA-256; not saved")
     try:
@@ -110,7 +112,7 @@ def tiled_windows(data: torch.Tensor, block_size: int) -> tuple[torch.Tensor, to
     """Every token once: non-overlapping windows x, y (N, T) covering data (the remainder is dropped)."""
     n = (len(data) - 1) // block_size
     x = data[: n * block_size].view(n, block_size)  # (N, T)
-    y = data[1: n * block_size + 1].view(n, block_size)  # (N, T)
+    y = data[1 : n * block_size + 1].view(n, block_size)  # (N, T)
     return x, y
 
 

@@ -41,7 +41,9 @@ class ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"RoPE rotates pairs of dimensions: head_dim {self.n_embd // self.n_head} must be even")
+            raise ValueError(
+                f"RoPE rotates pairs of dimensions: head_dim {self.n_embd // self.n_head} must be even"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,8 +88,8 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, n_head, t, head_dim) after the cached tokens; return all keys and values so far."""
         end = self.length + k.size(2)
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
@@ -107,7 +109,9 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
+        q, k, v = (
+            t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v)
+        )  # (B, nh, T, hd)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         past = 0
@@ -121,8 +125,9 @@ class CausalSelfAttention(nn.Module):
         else:  # several new tokens after a cached prefix: new token i sees keys 0 .. past + i
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -191,8 +196,10 @@ class DecoderLM(nn.Module):
         start = cache.length if cache is not None else 0
         limit = self.config.block_size if (cache is not None or self.config.pos == "learned") else None
         if limit is not None and start + T > limit:
-            raise ValueError(f"context of {start + T} tokens is longer than the model's block_size {limit}"
-                             + (" (learned positions)" if self.config.pos == "learned" else ""))
+            raise ValueError(
+                f"context of {start + T} tokens is longer than the model's block_size {limit}"
+                + (" (learned positions)" if self.config.pos == "learned" else "")
+            )
         positions = torch.arange(start, start + T, device=idx.device)
         x = self.wte(idx)  # (B, T, C)
         if self.config.pos == "learned":
@@ -216,12 +223,22 @@ class DecoderLM(nn.Module):
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """Decay matrices and embeddings; leave biases and LayerNorm gains alone (as GPT-2 and nanoGPT)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float = 1.0, use_cache: bool = True, generator: torch.Generator | None = None):
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float = 1.0,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ):
         """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
 
         Context window: the model sees the tokens since `start`; once that would exceed block_size the
@@ -251,8 +268,9 @@ class DecoderLM(nn.Module):
 TOP_P_TOLERANCE = 1e-6  # a set whose probability is within this of p counts as reaching p (float rounding)
 
 
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float = 1.0) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0
+) -> torch.Tensor:
     """Log-probabilities (float64, rows of `logits` (B, V)) to sample from; removed tokens get -inf.
 
     temperature 0 keeps only the maximum (ties kept together); top_k keeps the k most likely tokens
@@ -285,8 +303,13 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return logp
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """One token per row of logits (B, V) -> (B, 1); temperature 0 is greedy (first maximum)."""
     if temperature == 0:
         filter_logits(logits, 0.0, top_k, top_p)  # same argument checks as the sampled path

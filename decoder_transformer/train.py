@@ -19,6 +19,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,11 +28,11 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from data import Vocab, get_batch, load_checkpoint, load_text, split_tokens, tiled_windows
 from model import DecoderLM, ModelConfig
 from tqdm import tqdm
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name, write_json
+from data import Vocab, get_batch, load_checkpoint, load_text, split_tokens, tiled_windows
 
 PRESETS = {  # nanoGPT: the CPU "baby GPT" command in its README, and config/train_shakespeare_char.py
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, dropout=0.0),
@@ -45,7 +46,9 @@ class Args:
     data_dir: str = default_data_dir()  # folder holding tinyshakespeare/input.txt (downloaded when absent)
     text: str | None = None  # train on this UTF-8 text file instead of Tiny Shakespeare
     vocab: Literal["char", "byte"] = "char"  # characters of the text, or the 256 UTF-8 byte values
-    preset: Literal["cpu", "gpu"] = "cpu"  # model and run sizes; the flags below set to None take it from here
+    preset: Literal["cpu", "gpu"] = (
+        "cpu"  # model and run sizes; the flags below set to None take it from here
+    )
     n_layer: int | None = None  # decoder blocks (cpu 4, gpu 6)
     n_head: int | None = None  # attention heads (cpu 4, gpu 6)
     n_embd: int | None = None  # model width (cpu 128, gpu 384)
@@ -73,39 +76,62 @@ class Args:
 
 
 # flags that may differ between a run and its --resume (everything else must match the checkpoint)
-RESUME_FREE = ("resume", "out", "data_dir", "text", "max_iters", "device", "compile", "clearml", "clearml_queue")
+RESUME_FREE = (
+    "resume",
+    "out",
+    "data_dir",
+    "text",
+    "max_iters",
+    "device",
+    "compile",
+    "clearml",
+    "clearml_queue",
+)
 
 
 def check_args(args: Args) -> None:
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval", "eval_batches",
-                 "log_interval"):
+    for name in (
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "block_size",
+        "batch_size",
+        "eval_interval",
+        "eval_batches",
+        "log_interval",
+    ):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     if args.max_iters < 0 or args.warmup_iters < 0:
-        raise ValueError(f"--max-iters and --warmup-iters must be >= 0 (got {args.max_iters}, {args.warmup_iters})")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.max_iters
+        raise ValueError(
+            f"--max-iters and --warmup-iters must be >= 0 (got {args.max_iters}, {args.warmup_iters})"
+        )
     if not (args.lr > 0 and 0 <= args.min_lr <= args.lr):
         raise ValueError(f"--lr must be > 0 and --min-lr in [0, lr] (got {args.lr}, {args.min_lr})")
     if not 0 <= args.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1) (got {args.dropout})")
     if args.n_embd % args.n_head or (args.pos == "rope" and (args.n_embd // args.n_head) % 2):
-        raise ValueError(f"--n-embd ({args.n_embd}) must split into --n-head ({args.n_head}) heads"
-                         + (" of even size (RoPE rotates pairs)" if args.pos == "rope" else ""))
-    if args.lr_decay_iters < args.warmup_iters:
-        raise ValueError(f"--lr-decay-iters ({args.lr_decay_iters}) must be >= --warmup-iters ({args.warmup_iters})")
+        raise ValueError(
+            f"--n-embd ({args.n_embd}) must split into --n-head ({args.n_head}) heads"
+            + (" of even size (RoPE rotates pairs)" if args.pos == "rope" else "")
+        )
+    if args.lr_decay_iters is not None and args.lr_decay_iters < args.warmup_iters:
+        raise ValueError(
+            f"--lr-decay-iters ({args.lr_decay_iters}) must be >= --warmup-iters ({args.warmup_iters})"
+        )
 
 
 def learning_rate(it: int, args: Args) -> float:
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters (nanoGPT's schedule)."""
     if it < args.warmup_iters:
         return args.lr * (it + 1) / (args.warmup_iters + 1)
-    if it >= args.lr_decay_iters:
+    decay_iters = args.max_iters if args.lr_decay_iters is None else args.lr_decay_iters
+    if it >= decay_iters:
         return args.min_lr
-    progress = (it - args.warmup_iters) / max(1, args.lr_decay_iters - args.warmup_iters)
+    progress = (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters)
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 
@@ -125,19 +151,27 @@ def mean_loss(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, autocast
     total = 0.0
     for i in range(0, len(x), batch_size):
         with autocast:
-            _, loss = model(x[i:i + batch_size], y[i:i + batch_size])
-        total += loss.item() * len(x[i:i + batch_size])
+            _, loss = model(x[i : i + batch_size], y[i : i + batch_size])
+        total += loss.item() * len(x[i : i + batch_size])
     model.train(was_training)
     return total / len(x)
 
 
 def save_checkpoint(path: Path, model, optimizer, vocab, args, it, evaluated, best_val, interval) -> None:
     """Everything a resumed run needs to draw the same batches and dropout masks; written atomically."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "model_config": asdict(model.config), "vocab": vocab.state(), "args": asdict(args),
-             "iter": it, "evaluated": evaluated, "best_val_loss": best_val, "interval": interval,
-             "rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "model_config": asdict(model.config),
+        "vocab": vocab.state(),
+        "args": asdict(args),
+        "iter": it,
+        "evaluated": evaluated,
+        "best_val_loss": best_val,
+        "interval": interval,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
     tmp = Path(f"{path}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -162,7 +196,9 @@ def main() -> None:
     if device.startswith("cuda"):
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
     use_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
+    )
 
     # resume: the checkpoint's arguments must match this command's
     ckpt, run_dir = None, None
@@ -173,9 +209,14 @@ def main() -> None:
         saved = ckpt["args"]
         different = [k for k, v in asdict(args).items() if k not in RESUME_FREE and saved.get(k) != v]
         if different:
-            raise UserError(f"{ckpt_path} was trained with another config: " + ", ".join(
-                f"--{k.replace('_', '-')} {saved.get(k)} (this command: {getattr(args, k)})" for k in different)
-                + "; rerun with the checkpoint's flags")
+            raise UserError(
+                f"{ckpt_path} was trained with another config: "
+                + ", ".join(
+                    f"--{k.replace('_', '-')} {saved.get(k)} (this command: {getattr(args, k)})"
+                    for k in different
+                )
+                + "; rerun with the checkpoint's flags"
+            )
         if args.max_iters < ckpt["iter"]:
             raise UserError(f"--max-iters {args.max_iters} is below the checkpoint's {ckpt['iter']} steps")
 
@@ -187,19 +228,34 @@ def main() -> None:
     except ValueError as e:
         raise UserError(f"{source}: {e}") from None
     if len(val_data) < args.block_size + 2:
-        raise UserError(f"{source} is too short: its last 10% ({len(val_data)} tokens) must exceed "
-                        f"--block-size {args.block_size} + 1; use a longer text or a smaller --block-size")
+        raise UserError(
+            f"{source} is too short: its last 10% ({len(val_data)} tokens) must exceed "
+            f"--block-size {args.block_size} + 1; use a longer text or a smaller --block-size"
+        )
     train_data, val_data = train_data.to(device), val_data.to(device)
     fixed = torch.Generator().manual_seed(0)  # the same evaluation windows for every run and seed
-    eval_sets = {split: get_batch(d, args.eval_batches * args.batch_size, args.block_size, fixed)
-                 for split, d in (("train", train_data), ("val", val_data))}
+    eval_sets = {
+        split: get_batch(d, args.eval_batches * args.batch_size, args.block_size, fixed)
+        for split, d in (("train", train_data), ("val", val_data))
+    }
 
     # model and optimizer
-    config = ModelConfig(vocab_size=vocab.size, block_size=args.block_size, n_layer=args.n_layer,
-                         n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, pos=args.pos)
+    config = ModelConfig(
+        vocab_size=vocab.size,
+        block_size=args.block_size,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+        dropout=args.dropout,
+        pos=args.pos,
+    )
     model = DecoderLM(config).to(device)
-    optimizer = torch.optim.AdamW(model.optimizer_groups(args.weight_decay), lr=args.lr, betas=(0.9, args.beta2),
-                                  fused=device.startswith("cuda"))
+    optimizer = torch.optim.AdamW(
+        model.optimizer_groups(args.weight_decay),
+        lr=args.lr,
+        betas=(0.9, args.beta2),
+        fused=device.startswith("cuda"),
+    )
     start_iter, best_val, interval = 0, math.inf, {"loss_sum": 0.0, "steps": 0}
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -219,15 +275,30 @@ def main() -> None:
             metrics = run_dir / "metrics.jsonl"
             if metrics.exists():
                 import json
-                rows = [r for r in metrics.read_text().splitlines() if r and json.loads(r)["step"] <= start_iter]
+
+                rows = [
+                    r for r in metrics.read_text().splitlines() if r and json.loads(r)["step"] <= start_iter
+                ]
                 metrics.write_text("".join(r + "\n" for r in rows))
-        log = RunLogger("decoder_transformer", run_name(f"{args.pos}", args.seed), asdict(args),
-                        out=str(run_dir) if run_dir else args.out, clearml=args.clearml,
-                        clearml_queue=args.clearml_queue, resume=bool(ckpt))
-        print(f"{source}: {len(train_data):,} train / {len(val_data):,} val tokens, vocab {vocab.size} ({vocab.kind})")
+        log = RunLogger(
+            "decoder_transformer",
+            run_name(f"{args.pos}", args.seed),
+            asdict(args),
+            out=str(run_dir) if run_dir else args.out,
+            clearml=args.clearml,
+            clearml_queue=args.clearml_queue,
+            resume=bool(ckpt),
+        )
+        print(
+            f"{source}: {len(train_data):,} train / {len(val_data):,} val tokens, "
+            f"vocab {vocab.size} ({vocab.kind})"
+        )
         print(f"model: {model.num_params():,} parameters, {asdict(config)}")
-        print(f"device {device}{' bf16' if use_bf16 else ''}, {world} process(es), {tokens_per_step:,} tokens/step, "
-              f"steps {start_iter} -> {args.max_iters}")
+        print(
+            f"device {device}{' bf16' if use_bf16 else ''}, {world} process(es), "
+            f"{tokens_per_step:,} tokens/step, "
+            f"steps {start_iter} -> {args.max_iters}"
+        )
 
     # Ctrl-C: finish the current step, save, stop (a second Ctrl-C aborts at once)
     stop = {"now": False}
@@ -235,6 +306,7 @@ def main() -> None:
     def request_stop(signum, frame):
         stop["now"] = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
     signal.signal(signal.SIGINT, request_stop)
 
     def evaluate_and_save(it: int) -> None:
@@ -249,8 +321,13 @@ def main() -> None:
     train_seconds, steps_timed = 0.0, 0
     t_interval = time.perf_counter()
     batch_gen = torch.Generator()
-    progress = tqdm(range(start_iter, args.max_iters), initial=start_iter, total=args.max_iters,
-                    disable=not master, dynamic_ncols=True)
+    progress = tqdm(
+        range(start_iter, args.max_iters),
+        initial=start_iter,
+        total=args.max_iters,
+        disable=not master,
+        dynamic_ncols=True,
+    )
     it = start_iter
     for it in progress:
         if master and it % args.eval_interval == 0 and not (ckpt and ckpt["evaluated"] and it == start_iter):
@@ -278,8 +355,14 @@ def main() -> None:
             mean_train = (interval["loss_sum"] / interval["steps"]).item()  # syncs the device
             elapsed = time.perf_counter() - t_interval
             train_seconds += elapsed
-            log.log(it + 1, {"train/batch_loss": mean_train, "train/lr": learning_rate(it, args),
-                             "charts/tokens_per_second": tokens_per_step * interval["steps"] / elapsed})
+            log.log(
+                it + 1,
+                {
+                    "train/batch_loss": mean_train,
+                    "train/lr": learning_rate(it, args),
+                    "charts/tokens_per_second": tokens_per_step * interval["steps"] / elapsed,
+                },
+            )
             progress.set_postfix(loss=f"{mean_train:.4f}")
             interval = {"loss_sum": 0.0, "steps": 0}
             t_interval = time.perf_counter()
@@ -296,7 +379,10 @@ def main() -> None:
     if stop["now"]:
         if master:
             save_checkpoint(log.path("ckpt.pt"), model, optimizer, vocab, args, it, False, best_val, interval)
-            tqdm.write(f"stopped at step {it}; checkpoint saved: continue with --resume {log.run_dir}")
+            tqdm.write(
+                f"stopped at step {it}; checkpoint saved: continue with --resume {log.run_dir}",
+                file=sys.stderr,
+            )
             log.close()
         raise KeyboardInterrupt
 
@@ -306,19 +392,31 @@ def main() -> None:
         val_loss = mean_loss(model, *tiled_windows(val_data, args.block_size), args.batch_size, autocast)
         val_loss_2x = None
         if args.pos != "learned":
-            val_loss_2x = mean_loss(model, *tiled_windows(val_data, 2 * args.block_size),
-                                    max(1, args.batch_size // 2), autocast)
-        summary = {"val_loss": val_loss, "val_loss_2x_context": val_loss_2x,
-                   "train_loss": log_last(log.path("metrics.jsonl"), "train/loss"),
-                   "val_loss_estimate": log_last(log.path("metrics.jsonl"), "val/loss"), "best_val_loss": best_val,
-                   "iters": args.max_iters, "params": model.num_params(), "pos": args.pos,
-                   "tokens_per_second": tokens_per_step * steps_timed / train_seconds if steps_timed else None,
-                   "train_seconds": train_seconds, "device": device, "world_size": world, "text": source}
+            val_loss_2x = mean_loss(
+                model, *tiled_windows(val_data, 2 * args.block_size), max(1, args.batch_size // 2), autocast
+            )
+        summary = {
+            "val_loss": val_loss,
+            "val_loss_2x_context": val_loss_2x,
+            "train_loss": log_last(log.path("metrics.jsonl"), "train/loss"),
+            "val_loss_estimate": log_last(log.path("metrics.jsonl"), "val/loss"),
+            "best_val_loss": best_val,
+            "iters": args.max_iters,
+            "params": model.num_params(),
+            "pos": args.pos,
+            "tokens_per_second": tokens_per_step * steps_timed / train_seconds if steps_timed else None,
+            "train_seconds": train_seconds,
+            "device": device,
+            "world_size": world,
+            "text": source,
+        }
         log.write_summary(summary)
         write_json(log.path("vocab.json"), vocab.state())
-        print(f"val loss {val_loss:.4f} (whole split, context {args.block_size})"
-              + (f", {val_loss_2x:.4f} at context {2 * args.block_size}" if val_loss_2x is not None else "")
-              + f"; {summary['tokens_per_second'] or 0:,.0f} train tokens/s")
+        print(
+            f"val loss {val_loss:.4f} (whole split, context {args.block_size})"
+            + (f", {val_loss_2x:.4f} at context {2 * args.block_size}" if val_loss_2x is not None else "")
+            + f"; {summary['tokens_per_second'] or 0:,.0f} train tokens/s"
+        )
         log.close()
     if ddp:
         dist.destroy_process_group()
@@ -327,6 +425,7 @@ def main() -> None:
 def log_last(path: Path, key: str):
     """The last value of `key` in a metrics.jsonl file."""
     import json
+
     rows = [json.loads(r) for r in path.read_text().splitlines() if r]
     values = [r[key] for r in rows if key in r]
     return values[-1] if values else None

@@ -1,0 +1,215 @@
+"""Speed, measured side by side in one run: training tokens/s against nanoGPT, and generation with and
+without the KV cache. Timings on a shared machine are noisy, so the systems alternate in rounds and the
+medians are compared.
+
+  # training throughput at the baby-GPT settings; nanoGPT checked out outside this repository with
+  # data/shakespeare_char/prepare.py run once (it reads data/shakespeare_char/input.txt if present)
+  python decoder_transformer/benchmark.py --task train --nanogpt-dir /tmp/nanogpt --data-dir /work/shared/data
+  # 500-token generation, cached vs uncached, for a checkpoint (or a fresh model of --preset's size)
+  python decoder_transformer/benchmark.py --task generate --ckpt runs/decoder_transformer/<run>/ckpt.pt
+  python decoder_transformer/benchmark.py --task generate --preset gpu --rounds 1 --clearml off  # tiny
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from model import DecoderLM, ModelConfig
+from sample import load_model, pick_device
+
+from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name
+
+HERE = Path(__file__).resolve().parent
+BABY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)  # nanoGPT's CPU command
+SIZES = {
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64),
+    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
+}
+
+
+@dataclass
+class Args:
+    task: Literal["train", "generate"] = "generate"  # what to time
+    nanogpt_dir: str | None = None  # train: a nanoGPT checkout with data/shakespeare_char prepared
+    iters: int = 150  # train: steps per round and system (the first 10 are dropped as warm-up)
+    ckpt: str | None = None  # generate: checkpoint to time (default: a fresh model of --preset's size)
+    preset: Literal["cpu", "gpu"] = "cpu"  # generate: model size when no --ckpt is given
+    new_tokens: int = 500  # generate: tokens per generation
+    rounds: int = 3  # alternating rounds per system
+    seed: int = 1337  # seeds models and sampling
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # generate: where to run
+    data_dir: str = default_data_dir()  # train: folder holding tinyshakespeare/input.txt
+    out: str | None = None  # run folder (default runs/decoder_transformer/<name>)
+    clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML mirroring
+    clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
+
+
+def check_args(args: Args) -> None:
+    if args.task == "train" and not args.nanogpt_dir:
+        raise ValueError("train needs --nanogpt-dir (a nanoGPT checkout, kept outside this repository)")
+    if args.iters < 20 or args.rounds < 1 or args.new_tokens < 1:
+        raise ValueError(
+            f"--iters must be >= 20, --rounds and --new-tokens >= 1 "
+            f"(got {args.iters}, {args.rounds}, {args.new_tokens})"
+        )
+
+
+def run_ours(args: Args, pos: str, folder: Path) -> list[float]:
+    """Seconds per step of our train.py, from the gaps between its per-step metric rows."""
+    cmd = [
+        sys.executable,
+        str(HERE / "train.py"),
+        "--pos",
+        pos,
+        "--max-iters",
+        str(args.iters),
+        "--lr-decay-iters",
+        "2000",
+        "--eval-interval",
+        "1000000",
+        "--eval-batches",
+        "1",
+        "--log-interval",
+        "1",
+        "--data-dir",
+        args.data_dir,
+        "--clearml",
+        "off",
+        "--out",
+        str(folder),
+        "--seed",
+        str(args.seed),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise UserError(f"our train.py failed: {done.stderr.strip().splitlines()[-1:]}")
+    times = [
+        json.loads(r)["time"]
+        for r in (folder / "metrics.jsonl").read_text().splitlines()
+        if "charts/tokens_per_second" in r
+    ]
+    return [b - a for a, b in zip(times, times[1:])][10:]
+
+
+def run_nanogpt(args: Args, folder: Path) -> list[float]:
+    """Seconds per step of nanoGPT's train.py with the baby-GPT flags from its README."""
+    flags = {
+        "device": "cpu",
+        "compile": "False",
+        "dtype": "float32",
+        "eval_iters": 1,
+        "log_interval": 1,
+        "max_iters": args.iters,
+        "lr_decay_iters": 2000,
+        "dropout": 0.0,
+        "eval_interval": 1000000,
+        "out_dir": str(folder),
+        "seed": args.seed,
+        **BABY,
+    }
+    cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py"] + [
+        f"--{k}={v}" for k, v in flags.items()
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=args.nanogpt_dir)
+    if done.returncode:
+        raise UserError(f"nanoGPT's train.py failed in {args.nanogpt_dir}: {done.stderr.strip()[-300:]}")
+    ms = [
+        float(line.split("time ")[1].split("ms")[0])
+        for line in done.stdout.splitlines()
+        if line.startswith("iter ")
+    ]
+    return [m / 1000 for m in ms[10:]]
+
+
+def bench_train(args: Args, log: RunLogger) -> dict:
+    prepared = Path(args.nanogpt_dir) / "data" / "shakespeare_char" / "train.bin"
+    if not prepared.is_file():
+        raise UserError(
+            f"{prepared} not found: run `python data/shakespeare_char/prepare.py` in {args.nanogpt_dir}"
+        )
+    tokens = BABY["batch_size"] * BABY["block_size"]
+    seconds = {"nanogpt": [], "ours_learned": [], "ours_rope": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            seconds["nanogpt"] += run_nanogpt(args, Path(tmp) / f"nano{r}")
+            for pos in ("learned", "rope"):
+                seconds[f"ours_{pos}"] += run_ours(args, pos, Path(tmp) / f"{pos}{r}")
+            medians = {k: statistics.median(v) for k, v in seconds.items()}
+            log.log(r, {f"train_speed/{k}_tokens_per_second": tokens / m for k, m in medians.items()})
+            print(
+                f"round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{k} {tokens / m:,.0f} tok/s" for k, m in medians.items())
+            )
+    result = {f"{k}_tokens_per_second": tokens / statistics.median(v) for k, v in seconds.items()}
+    for pos in ("learned", "rope"):
+        result[f"ratio_{pos}_vs_nanogpt"] = (
+            result[f"ours_{pos}_tokens_per_second"] / result["nanogpt_tokens_per_second"]
+        )
+    result["steps_timed_per_system"] = len(seconds["nanogpt"])
+    return result
+
+
+def bench_generate(args: Args, log: RunLogger) -> dict:
+    device = pick_device(args.device)
+    if args.ckpt:
+        model, _, _ = load_model(args.ckpt, device)
+    else:
+        torch.manual_seed(args.seed)
+        model = DecoderLM(ModelConfig(vocab_size=65, **SIZES[args.preset])).to(device).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
+    seconds = {True: [], False: []}
+    outputs = {}
+    for r in range(args.rounds):
+        for use_cache in (True, False):
+            generator = torch.Generator(device=device).manual_seed(args.seed)
+            start = time.perf_counter()
+            outputs[use_cache] = model.generate(
+                prompt, args.new_tokens, 1.0, None, 0.95, use_cache, generator
+            )
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds[use_cache].append(time.perf_counter() - start)
+        log.log(
+            r, {"generate/cached_seconds": seconds[True][-1], "generate/uncached_seconds": seconds[False][-1]}
+        )
+    cached, uncached = statistics.median(seconds[True]), statistics.median(seconds[False])
+    return {
+        "device": device,
+        "config": asdict(model.config),
+        "new_tokens": args.new_tokens,
+        "cached_tokens_per_second": args.new_tokens / cached,
+        "uncached_tokens_per_second": args.new_tokens / uncached,
+        "speedup": uncached / cached,
+        "same_tokens": bool(torch.equal(outputs[True], outputs[False])),
+    }
+
+
+def main() -> None:
+    args = parse_args(Args, check=check_args, description=__doc__)
+    log = RunLogger(
+        "decoder_transformer",
+        run_name(f"benchmark_{args.task}", args.seed),
+        asdict(args),
+        out=args.out,
+        clearml=args.clearml,
+        clearml_queue=args.clearml_queue,
+    )
+    result = bench_train(args, log) if args.task == "train" else bench_generate(args, log)
+    result["torch_threads"] = torch.get_num_threads()
+    log.write_summary(result)
+    log.close()
+    for key, value in result.items():
+        print(f"{key}: {value:,.3f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    run_main(main)
