@@ -29,8 +29,8 @@ import torch.nn.functional as F
 class ModelConfig:
     obs_dim: int = 8  # LunarLander-v3 state size
     num_actions: int = 4  # LunarLander-v3 discrete actions
-    width: int = 256  # hidden units of every encoder layer
-    num_blocks: int = 2  # residual blocks (or plain hidden layers when residual=False) after the input layer
+    width: int = 128  # hidden units of every encoder layer
+    num_blocks: int = 1  # residual blocks (or plain hidden layers when residual=False) after the input layer
     residual: bool = True  # pre-norm residual MLP blocks (BBF's ResNet encoder, as an MLP)
     layer_norm: bool = True  # LayerNorm inside blocks and on the encoder output
 
@@ -218,11 +218,9 @@ class ReplayBuffer:
 
 def double_dqn_loss(online: QNetwork, target: QNetwork, batch: dict[str, torch.Tensor]):
     """Huber TD loss with a double-DQN target: online net picks a', target net values it."""
-    B = batch["obs"].shape[0]
-    q_all = online(torch.cat([batch["obs"], batch["bootstrap_obs"]]))  # (2B, A): one pass for both
-    q = q_all[:B].gather(1, batch["actions"][:, None]).squeeze(1)  # (B,)
+    q = online(batch["obs"]).gather(1, batch["actions"][:, None]).squeeze(1)  # (B,)
     with torch.no_grad():
-        next_action = q_all[B:].argmax(dim=1, keepdim=True)  # (B, 1)
+        next_action = online(batch["bootstrap_obs"]).argmax(dim=1, keepdim=True)  # (B, 1)
         next_q = target(batch["bootstrap_obs"]).gather(1, next_action).squeeze(1)  # (B,)
         td_target = batch["returns"] + batch["discount"] * next_q
     return F.smooth_l1_loss(q, td_target), q.detach()
@@ -236,6 +234,7 @@ class Agent:
         self.online = QNetwork(model_cfg)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         self.optimizer = self._make_optimizer()
+        self._online_params, self._target_params = list(self.online.parameters()), list(self.target.parameters())
         self.grad_steps = 0
         self.steps_since_reset = 0  # the anneal clock
         self.num_resets = 0
@@ -270,11 +269,10 @@ class Agent:
         loss, q = double_dqn_loss(self.online, self.target, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.max_grad_norm)
+        grad_norm = nn.utils.clip_grad_norm_(self._online_params, self.cfg.max_grad_norm, foreach=True)
         self.optimizer.step()
-        with torch.no_grad():
-            for p_target, p in zip(self.target.parameters(), self.online.parameters(), strict=True):
-                p_target.lerp_(p, self.cfg.tau)
+        with torch.no_grad():  # target <- target + tau * (online - target), one fused call per step
+            torch._foreach_lerp_(self._target_params, self._online_params, self.cfg.tau)
         self.grad_steps += 1
         self.steps_since_reset += 1
         if self.cfg.reset_every > 0 and self.grad_steps % self.cfg.reset_every == 0:

@@ -63,7 +63,7 @@ class Args:
     weight_decay: float = 0.1  # AdamW weight decay
     tau: float = 0.005  # target network EMA rate per gradient step
     width: int = 128  # hidden units of the encoder
-    blocks: int = 2  # residual blocks in the encoder
+    blocks: int = 1  # residual blocks in the encoder
     n_max: int = 10  # n-step horizon after each reset
     n_min: int = 3  # n-step horizon after annealing
     gamma_start: float = 0.97  # discount after each reset
