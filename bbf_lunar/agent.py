@@ -234,7 +234,8 @@ class Agent:
         self.online = QNetwork(model_cfg)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         self.optimizer = self._make_optimizer()
-        self._online_params, self._target_params = list(self.online.parameters()), list(self.target.parameters())
+        self._online_params = list(self.online.parameters())  # reset / load copy into these in place
+        self._target_params = list(self.target.parameters())
         self.grad_steps = 0
         self.steps_since_reset = 0  # the anneal clock
         self.num_resets = 0
