@@ -30,11 +30,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also in spawned workers
 import stats  # noqa: E402
@@ -165,10 +161,31 @@ def save_checkpoint(path: Path, **state) -> None:
     os.replace(tmp, path)
 
 
+class PlainProgress:
+    """Stand-in for tqdm where it is not installed: one line per evaluation."""
+
+    def __init__(self, total, initial, desc, **_):
+        self.total, self.n, self.desc = total, initial, desc
+
+    def update(self, k):
+        self.n += k
+
+    def set_postfix(self, **kw):
+        print(f"{self.desc}: {self.n}/{self.total} steps, " + ", ".join(f"{k}={v}" for k, v in kw.items()),
+              file=sys.stderr, flush=True)
+
+    def close(self):
+        pass
+
+
 def train_job(spec: dict, slots=None) -> dict:
     import gymnasium as gym
     import torch
-    from tqdm import tqdm
+
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = PlainProgress
 
     torch.set_num_threads(1)
     variant, seed, run = spec["variant"], spec["seed"], spec["run"]
@@ -214,7 +231,8 @@ def train_job(spec: dict, slots=None) -> dict:
     last_eval = record_eval() if state["env_step"] == 0 else float(np.mean(state["eval_returns"][-1]))
     position = slots.get() if slots is not None else 0
     bar = tqdm(total=run["total_steps"], initial=state["env_step"], position=position, leave=False,
-               desc=f"{variant} seed {seed}", unit="step", mininterval=2.0, dynamic_ncols=True)
+               desc=f"{variant} seed {seed}", unit="step", dynamic_ncols=True,
+               mininterval=2.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s
     episode_return, episode_length, losses = 0.0, 0, []
     try:
         while state["env_step"] < run["total_steps"]:
@@ -337,6 +355,15 @@ def summarize(results: list[dict], reps: int, seed: int) -> dict:
 
 
 def make_plots(s: dict, log: RunLogger) -> None:
+    try:
+        import matplotlib
+    except ImportError:  # e.g. a bare compute node: the numbers are in summary.json, plots can follow
+        print("matplotlib is not installed: plots skipped; make them later with --summarize-only",
+              file=sys.stderr)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     colors = {name: f"C{i}" for i, name in enumerate(s["variants"])}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, c in s["curves"].items():
