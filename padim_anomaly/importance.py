@@ -65,6 +65,7 @@ class Args:
     n_random: int = 5  # random-k subsets per k (seeds seed..seed+n_random-1)
     pixel_stride: int = 4  # pixel AUROC of the permutation loop on every n-th row/column (1 = all pixels)
     batch_size: int = 16  # images per backbone forward pass
+    image_size: int = 224  # centre crop in pixels (resize = image_size * 8 / 7); multiple of 16
     seed: int = 0  # seeds the random init (--weights none), folds, permutations and random subsets
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     resume: bool = False  # with --out: reuse the folds a stopped run already finished
@@ -95,6 +96,8 @@ def check_args(args: Args) -> None:
                              ("--batch-size", args.batch_size, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low} (got {value})")
+    if args.image_size < 64 or args.image_size % 16:
+        raise ValueError(f"--image-size must be a multiple of 16, at least 64 (got {args.image_size})")
     if args.resume and not args.out:
         raise ValueError("--resume needs --out (the folder of the run to continue)")
 
@@ -323,7 +326,8 @@ def main() -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    config = ModelConfig(n_features=n_features_of(args.n_features))
+    config = ModelConfig(n_features=n_features_of(args.n_features), image_size=args.image_size,
+                         resize=round(args.image_size * 8 / 7))
     names = list(CATEGORIES) if args.category == "all" else [args.category]
 
     # data: every category found and every file checked before a run folder exists

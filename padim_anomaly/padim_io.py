@@ -309,6 +309,13 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def live_mib(device: torch.device) -> float:
+    """Memory in use now: CUDA allocated bytes, or the process RSS (0 where /proc is missing)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return _rss_bytes() / 2**20 if os.path.exists("/proc/self/statm") else 0.0
+
+
 def _max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 

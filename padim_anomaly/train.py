@@ -48,6 +48,7 @@ class Args:
     n_features: str = "100"  # embedding channels kept (random subset, seeded), or 'all' (= 448)
     stats: Literal["online", "batch"] = "online"  # online: running mean/cov; batch: keep all, then fit
     batch_size: int = 16  # images per backbone forward pass
+    image_size: int = 224  # centre crop in pixels (resize = image_size * 8 / 7); multiple of 16
     seed: int = 0  # seeds the random init (--weights none) and the channel subset
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     n_figure: int = 8  # test images shown in the anomaly-map figure
@@ -70,6 +71,8 @@ def check_args(args: Args) -> None:
     if not 1 <= n <= TOTAL_CHANNELS:
         raise ValueError(f"--n-features must be in 1..{TOTAL_CHANNELS} (ResNet18 layer1-3 have "
                          f"{TOTAL_CHANNELS} channels) or 'all' (got {n})")
+    if args.image_size < 64 or args.image_size % 16:
+        raise ValueError(f"--image-size must be a multiple of 16, at least 64 (got {args.image_size})")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.n_figure < 0:
@@ -116,7 +119,8 @@ def main() -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    config = ModelConfig(n_features=n_features_of(args.n_features))
+    config = ModelConfig(n_features=n_features_of(args.n_features), image_size=args.image_size,
+                         resize=round(args.image_size * 8 / 7))
 
     # data: every file checked before a run folder exists
     category = find_category(args.category, args.data_dir)
