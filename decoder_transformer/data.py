@@ -101,10 +101,14 @@ def split_tokens(text: str, vocab: Vocab) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def get_batch(data: torch.Tensor, batch_size: int, block_size: int, generator: torch.Generator):
-    """Random windows: inputs x (B, T) and next-token targets y (B, T), on data's device."""
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
-    offsets = starts[:, None] + torch.arange(block_size)  # (B, T)
-    offsets = offsets.to(data.device)
+    """Random windows: inputs x (B, T) and next-token targets y (B, T), on data's device.
+
+    Drawn on the generator's device: a CUDA generator keeps the training loop free of host-device syncs.
+    """
+    starts = torch.randint(
+        len(data) - block_size, (batch_size,), generator=generator, device=generator.device
+    )
+    offsets = (starts[:, None] + torch.arange(block_size, device=starts.device)).to(data.device)  # (B, T)
     return data[offsets], data[offsets + 1]
 
 

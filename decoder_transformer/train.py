@@ -320,7 +320,7 @@ def main() -> None:
     # training loop
     train_seconds, steps_timed = 0.0, 0
     t_interval = time.perf_counter()
-    batch_gen = torch.Generator()
+    batch_gen = torch.Generator(device=train_data.device)
     progress = tqdm(
         range(start_iter, args.max_iters),
         initial=start_iter,

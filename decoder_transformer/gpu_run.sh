@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The GPU figures in decoder_transformer/README.md, in one go (about 3-4 minutes on one H100/H200):
+#   1. --preset gpu (nanoGPT's 6x6x384 model, context 256, 5000 steps, bf16 autocast), RoPE
+#   2. 500-token generation with and without the KV cache on that checkpoint
+#   3. the temperature x top-p sweep, and samples at three settings
+# Run from the repository root with Tiny Shakespeare at data/tinyshakespeare/input.txt:
+#   OUT=/path/to/results bash decoder_transformer/gpu_run.sh
+# Extra flags for every train.py call go in TRAIN_FLAGS (e.g. "--compile", or tiny sizes for a dry run on CPU).
+set -euo pipefail
+: "${OUT:?set OUT to the folder that collects the results}"
+mkdir -p "$OUT"
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"  # `common` without a pip install
+export TQDM_MININTERVAL=5  # progress lines every 5 s, not every step, in the logs
+D=decoder_transformer
+RUN="$OUT/train_gpu_rope"
+
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/device.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/device.txt"
+python $D/train.py --preset gpu --pos rope --seed 1 --clearml off --out "$RUN" ${TRAIN_FLAGS:-} \
+    > "$OUT/train.log" 2>&1
+python $D/benchmark.py --task generate --ckpt "$RUN/ckpt.pt" --new-tokens 500 --rounds 3 --clearml off \
+    --out "$OUT/bench_generate" > "$OUT/bench_generate.log" 2>&1
+python $D/evaluate_sampling.py --ckpt "$RUN/ckpt.pt" ${SWEEP_FLAGS:-} --clearml off --out "$OUT/sampling_eval" \
+    > "$OUT/sampling_eval.log" 2>&1
+for setting in "0.8 0.95" "1.0 1.0" "0.5 0.5"; do
+    set -- $setting
+    python $D/sample.py --ckpt "$RUN/ckpt.pt" --prompt "ROMEO:" --temperature "$1" --top-p "$2" \
+        --max-new-tokens 300 --clearml off --out "$OUT/sample_T$1_p$2" > "$OUT/sample_T$1_p$2.txt" 2>&1
+done
+rm -f "$RUN/ckpt.pt"  # 120 MB; the summaries, metrics and logs are what come back
+tail -n 3 "$OUT/train.log"; tail -n 7 "$OUT/bench_generate.log"; tail -n 25 "$OUT/sampling_eval.log"
