@@ -216,8 +216,10 @@ class Network:
             h = np.concatenate([x1, x2], axis=1)  # (B, width)
         return self.head.forward(self.head_relu.forward(h, store=train), store=train)
 
-    def backward(self, dlogits: np.ndarray) -> None:
-        """Fill every Linear's grads from dL/dlogits; call after forward(train=True)."""
+    def backward(self, dlogits: np.ndarray) -> np.ndarray | None:
+        """Fill every Linear's grads from dL/dlogits; call after forward(train=True).
+
+        Returns dL/dx only when `stem.input_grad` is set (tests); training never needs it."""
         dh = self.head_relu.backward(self.head.backward(dlogits))  # (B, width)
         if self.config.model == "mlp":
             for block in reversed(self.blocks):
@@ -233,7 +235,7 @@ class Network:
                 for block in reversed(self.blocks):
                     d1, d2 = block.backward(d1, d2)
             dh = np.concatenate([d1, d2], axis=1)
-        self.stem.backward(dh)
+        return self.stem.backward(dh)
 
     def body_forward(self, x1, x2):
         """The reversible stack alone, keeping nothing: (x1, x2) -> (y1, y2)."""

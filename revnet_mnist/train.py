@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from mnist_data import load_split, normalise  # noqa: E402
 from revnet import SGD, Adam, ModelConfig, Network, learning_rate, train_step  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name  # noqa: E402
@@ -52,6 +53,7 @@ class Args:
     dtype: Literal["float32", "float64"] = "float32"  # precision of parameters and activations
     limit_train: int | None = None  # train on the first N training images only (quick runs)
     memory_steps: int = 3  # training steps whose peak memory is traced (tracemalloc), after a warm-up step
+    threads: int | None = None  # BLAS threads (default: all cores; 1 is steadier on a busy machine)
     seed: int = 0  # seeds initialisation and data order
     data_dir: str = default_data_dir()  # holds MNIST/raw/*-ubyte(.gz); downloaded there when absent
     out: str | None = None  # run folder (default runs/revnet_mnist/<run name>)
@@ -75,6 +77,8 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--limit-train must be >= --batch-size {args.batch_size} (got {args.limit_train})")
     if not 0 <= args.momentum < 1:
         raise ValueError(f"--momentum must be in [0, 1) (got {args.momentum})")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1 (got {args.threads})")
     if args.weight_decay < 0 or args.warmup_epochs < 0 or args.memory_steps < 0:
         raise ValueError("--weight-decay, --warmup-epochs and --memory-steps must be >= 0")
     if args.resume and not args.out:
@@ -115,9 +119,13 @@ def save_checkpoint(path, network, optimizer, meta: dict) -> None:
 def load_checkpoint(path, network, optimizer) -> dict:
     try:
         with np.load(path) as ckpt:
+            meta = json.loads(str(ckpt["meta"]))
+            if meta["model_config"] != asdict(network.config):
+                raise UserError(f"--resume: {path} holds {meta['model_config']}, "
+                                f"not {asdict(network.config)}; pass the same flags as the run it continues")
             network.load_state_dict({k[6:]: ckpt[k] for k in ckpt.files if k.startswith("param/")})
             optimizer.load_state({k[4:]: ckpt[k] for k in ckpt.files if k.startswith("opt/")})
-            return json.loads(str(ckpt["meta"]))
+            return meta
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"cannot resume from {path}: {e}") from None
 
@@ -138,6 +146,8 @@ def plot_curves(history: list[dict]):
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
     config = ModelConfig(model=args.model, depth=args.depth, width=args.width, dtype=args.dtype)
+    if args.threads is not None:
+        threadpool_limits(args.threads, user_api="blas")
 
     # data: every check before the run folder exists, so bad input writes nothing
     train_images, train_labels = load_split(args.data_dir, "train")
@@ -165,8 +175,6 @@ def main() -> None:
     start_epoch, history = 0, []
     if args.resume:
         meta = load_checkpoint(checkpoint, network, optimizer)
-        if meta["model_config"] != asdict(config):
-            raise UserError(f"--resume: {checkpoint} holds {meta['model_config']}, not {asdict(config)}")
         start_epoch, history = meta["epoch"], meta["history"]
         order_rng.bit_generator.state = meta["order_rng"]
     print(f"{args.model}: depth {args.depth}, width {args.width}, {network.num_params():,} parameters, "
