@@ -131,11 +131,6 @@ def run_nanogpt(args: Args, folder: Path) -> list[float]:
 
 
 def bench_train(args: Args, log: RunLogger) -> dict:
-    prepared = Path(args.nanogpt_dir) / "data" / "shakespeare_char" / "train.bin"
-    if not prepared.is_file():
-        raise UserError(
-            f"{prepared} not found: run `python data/shakespeare_char/prepare.py` in {args.nanogpt_dir}"
-        )
     tokens = BABY["batch_size"] * BABY["block_size"]
     seconds = {"nanogpt": [], "ours_learned": [], "ours_rope": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,13 +153,7 @@ def bench_train(args: Args, log: RunLogger) -> dict:
     return result
 
 
-def bench_generate(args: Args, log: RunLogger) -> dict:
-    device = pick_device(args.device)
-    if args.ckpt:
-        model, _, _ = load_model(args.ckpt, device)
-    else:
-        torch.manual_seed(args.seed)
-        model = DecoderLM(ModelConfig(vocab_size=65, **SIZES[args.preset])).to(device).eval()
+def bench_generate(args: Args, log: RunLogger, model: DecoderLM, device: str) -> dict:
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
     seconds = {True: [], False: []}
     outputs = {}
@@ -195,6 +184,16 @@ def bench_generate(args: Args, log: RunLogger) -> dict:
 
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
+    model, device = None, pick_device(args.device)
+    if args.task == "train":
+        prepared = Path(args.nanogpt_dir) / "data" / "shakespeare_char" / "train.bin"
+        if not prepared.is_file():
+            raise UserError(f"{prepared} not found: run `python data/shakespeare_char/prepare.py` there")
+    elif args.ckpt:
+        model, _, _ = load_model(args.ckpt, device)
+    else:
+        torch.manual_seed(args.seed)
+        model = DecoderLM(ModelConfig(vocab_size=65, **SIZES[args.preset])).to(device).eval()
     log = RunLogger(
         "decoder_transformer",
         run_name(f"benchmark_{args.task}", args.seed),
@@ -203,7 +202,7 @@ def main() -> None:
         clearml=args.clearml,
         clearml_queue=args.clearml_queue,
     )
-    result = bench_train(args, log) if args.task == "train" else bench_generate(args, log)
+    result = bench_train(args, log) if args.task == "train" else bench_generate(args, log, model, device)
     result["torch_threads"] = torch.get_num_threads()
     log.write_summary(result)
     log.close()

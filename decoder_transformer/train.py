@@ -15,6 +15,7 @@ Ctrl-C saves ckpt.pt and stops; rerun the same command with --resume <run folder
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -25,11 +26,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from model import DecoderLM, ModelConfig
-from tqdm import tqdm
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from model import DecoderLM, ModelConfig  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name, write_json
 from data import Vocab, get_batch, load_checkpoint, load_text, split_tokens, tiled_windows
@@ -274,8 +279,6 @@ def main() -> None:
         if ckpt:  # drop metric rows logged after the checkpoint, so the resumed curve has no duplicates
             metrics = run_dir / "metrics.jsonl"
             if metrics.exists():
-                import json
-
                 rows = [
                     r for r in metrics.read_text().splitlines() if r and json.loads(r)["step"] <= start_iter
                 ]
@@ -412,6 +415,7 @@ def main() -> None:
         }
         log.write_summary(summary)
         write_json(log.path("vocab.json"), vocab.state())
+        log.save_figure("loss_curves", plot_curves(log.path("metrics.jsonl"), args.pos))
         print(
             f"val loss {val_loss:.4f} (whole split, context {args.block_size})"
             + (f", {val_loss_2x:.4f} at context {2 * args.block_size}" if val_loss_2x is not None else "")
@@ -422,10 +426,24 @@ def main() -> None:
         dist.destroy_process_group()
 
 
+def plot_curves(path: Path, pos: str):
+    """Per-step batch loss and the periodic train / val estimates."""
+    rows = [json.loads(r) for r in path.read_text().splitlines() if r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, style in (("train/batch_loss", "-"), ("train/loss", "o-"), ("val/loss", "s-")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=key, alpha=0.6 if key == "train/batch_loss" else 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"decoder_transformer, positions: {pos}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
 def log_last(path: Path, key: str):
     """The last value of `key` in a metrics.jsonl file."""
-    import json
-
     rows = [json.loads(r) for r in path.read_text().splitlines() if r]
     values = [r[key] for r in rows if key in r]
     return values[-1] if values else None

@@ -84,6 +84,7 @@ def test_train_writes_a_run_and_lowers_the_loss(trained):
     assert val[-1] < val[0] - 0.5  # from ~ln(vocab) = 2.9 toward the text's entropy
     assert summary["val_loss_2x_context"] is not None  # rope runs at twice the training context
     assert (trained / "ckpt.pt").is_file() and (trained / "config.json").is_file()
+    assert (trained / "loss_curves.png").stat().st_size > 10_000
 
 
 def test_resume_continues_the_same_run_exactly(text_file, tmp_path):
@@ -227,6 +228,35 @@ def test_evaluate_sampling_writes_json_and_plot(trained, text_file, tmp_path):
     by = {(r["temperature"], r["top_p"]): r["self_perplexity"] for r in result["settings"]}
     assert by[(0.5, 0.5)] < by[(1.0, 1.0)]  # sharper sampling -> samples the model finds likelier
     assert (out / "quality_diversity.png").stat().st_size > 10_000
+
+
+def test_compare_runs_tables_and_plots(trained, tmp_path):
+    done = run("compare_runs.py", "--runs", trained, "--clearml", "off", "--out", tmp_path / "cmp")
+    val = json.loads((trained / "summary.json").read_text())["val_loss"]
+    assert f"| rope | 1337 | {val:.4f} ± 0.0000 |" in done.stdout
+    assert (tmp_path / "cmp" / "val_loss_curves.png").is_file() and (tmp_path / "cmp" / "table.md").is_file()
+
+
+def test_generation_benchmark_compares_cache_and_no_cache(trained, tmp_path):
+    run(
+        "benchmark.py",
+        "--task",
+        "generate",
+        "--ckpt",
+        trained / "ckpt.pt",
+        "--new-tokens",
+        "40",
+        "--rounds",
+        "1",
+        "--device",
+        "cpu",
+        "--clearml",
+        "off",
+        "--out",
+        tmp_path / "bench",
+    )
+    result = json.loads((tmp_path / "bench" / "summary.json").read_text())
+    assert result["same_tokens"] is True and result["speedup"] > 0 and result["new_tokens"] == 40
 
 
 def test_byte_vocabulary_trains_on_any_text(tmp_path):
