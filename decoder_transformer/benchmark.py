@@ -113,7 +113,6 @@ def run_nanogpt(args: Args, folder: Path) -> list[float]:
         "dropout": 0.0,
         "eval_interval": 1000000,
         "out_dir": str(folder),
-        "seed": args.seed,
         **BABY,
     }
     cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py"] + [

@@ -50,19 +50,19 @@ class ModelConfig:
 # position encodings
 
 
-def rope_angles(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of m * theta_i for each position m and pair i: two (T, head_dim // 2) tensors."""
+def rope_rotation(positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
+    """exp(i m theta_i) for each position m and pair i: complex (T, head_dim // 2) (Su et al. eq. 12)."""
     theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
     angles = positions.float()[:, None] * theta[None, :]  # (T, head_dim // 2)
-    return angles.cos(), angles.sin()
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x_2i, x_2i+1) of x (B, n_head, T, head_dim) by the angle m * theta_i."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, n_head, T, head_dim // 2, 2)
-    x_even, x_odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)  # (B, n_head, T, head_dim)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_2i, x_2i+1) of x (..., head_dim) by m * theta_i, read as the complex number
+    x_2i + i x_2i+1 times exp(i m theta_i): one complex product instead of four real ones and a stack.
+    `rotation` broadcasts against x's leading dimensions with head_dim // 2 as its last."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., head_dim // 2)
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)  # (..., head_dim)
 
 
 def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -108,12 +108,14 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (
-            t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v)
-        )  # (B, nh, T, hd)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.qkv(x)  # (B, T, 3C)
+        qk, v = qkv[..., : 2 * C].view(B, T, 2, self.n_head, self.head_dim), qkv[..., 2 * C :]
+        if (
+            rope is not None
+        ):  # queries and keys rotated in one product; rope: (T, hd // 2) -> (T, 1, 1, hd // 2)
+            qk = apply_rope(qk, rope[:, None, None, :])  # (B, T, 2, nh, hd)
+        q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)  # (B, nh, T, hd)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         past = 0
         if cache is not None:
             past = cache.length
@@ -208,7 +210,7 @@ class DecoderLM(nn.Module):
             x = x + sinusoidal_table(positions, self.config.n_embd).to(x.dtype)
         rope = None
         if self.config.pos == "rope":
-            rope = rope_angles(positions, self.config.n_embd // self.config.n_head, self.config.rope_base)
+            rope = rope_rotation(positions, self.config.n_embd // self.config.n_head, self.config.rope_base)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer)

@@ -13,7 +13,7 @@ from decoder_transformer.model import (  # noqa: E402
     KVCache,
     ModelConfig,
     apply_rope,
-    rope_angles,
+    rope_rotation,
 )
 
 
@@ -42,8 +42,8 @@ def test_changing_later_tokens_leaves_earlier_logits_unchanged(pos):
 
 def test_rope_rotation_preserves_norms():
     x = torch.randn(2, 3, 10, 8)
-    cos, sin = rope_angles(torch.arange(10), 8, 10000.0)
-    torch.testing.assert_close(apply_rope(x, cos, sin).norm(dim=-1), x.norm(dim=-1))
+    rotation = rope_rotation(torch.arange(10), 8, 10000.0)
+    torch.testing.assert_close(apply_rope(x, rotation).norm(dim=-1), x.norm(dim=-1))
 
 
 def test_rope_matches_the_papers_rotation_matrix():
@@ -56,8 +56,7 @@ def test_rope_matches_the_papers_rotation_matrix():
         c, s = torch.cos(torch.tensor(m * theta)), torch.sin(torch.tensor(m * theta))
         expected[2 * i] = c * x[2 * i] - s * x[2 * i + 1]
         expected[2 * i + 1] = s * x[2 * i] + c * x[2 * i + 1]
-    cos, sin = rope_angles(torch.tensor([m]), d, base)
-    got = apply_rope(x.float().view(1, 1, 1, d), cos, sin).view(d)
+    got = apply_rope(x.float().view(1, 1, 1, d), rope_rotation(torch.tensor([m]), d, base)).view(d)
     torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
 
 
@@ -65,9 +64,9 @@ def test_rope_dot_product_depends_only_on_the_offset():
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
 
     def score(m, n):
-        cq, sq = rope_angles(torch.tensor([m]), 16, 10000.0)
-        ck, sk = rope_angles(torch.tensor([n]), 16, 10000.0)
-        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum().item()
+        rotated_q = apply_rope(q, rope_rotation(torch.tensor([m]), 16, 10000.0))
+        rotated_k = apply_rope(k, rope_rotation(torch.tensor([n]), 16, 10000.0))
+        return (rotated_q * rotated_k).sum().item()
 
     for offset in (0, 1, 7, 30):
         reference = score(offset, 0)
