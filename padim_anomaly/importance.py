@@ -70,6 +70,7 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     resume: bool = False  # with --out: reuse the folds a stopped run already finished
     data_dir: str = default_data_dir()  # holds mvtec_ad/<category>/...
+    download: bool = True  # fetch a missing category from MVTec's archives (you accept its license)
     out: str | None = None  # run folder (default runs/padim_anomaly/<name>)
     clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML tracking mode
     clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
@@ -331,7 +332,7 @@ def main() -> None:
     names = list(CATEGORIES) if args.category == "all" else [args.category]
 
     # data: every category found and every file checked before a run folder exists
-    categories = {name: find_category(name, args.data_dir) for name in names}
+    categories = {name: find_category(name, args.data_dir, args.download) for name in names}
     test_sets = {}
     for name, category in categories.items():
         verify_images(category.train)

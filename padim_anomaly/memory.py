@@ -67,6 +67,7 @@ class Args:
     seed: int = 0  # seeds the random init (--weights none) and the channel subset
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     data_dir: str = default_data_dir()  # holds mvtec_ad/<category>/...
+    download: bool = True  # fetch a missing category from MVTec's archives (you accept its license)
     out: str | None = None  # run folder (default runs/padim_anomaly/<name>)
     clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML tracking mode
     clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
@@ -242,7 +243,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     config = model_config(args)
-    category = find_category(args.category, args.data_dir)
+    category = find_category(args.category, args.data_dir, args.download)
     verify_images(category.train)
     load_test_set(category, config)
     _, weights_source = backbone_weights(args.weights, args.seed)

@@ -101,7 +101,10 @@ def find_category(name: str, data_dir: str | Path, download: bool = True) -> Cat
         raise UserError(f"unknown MVTec AD category {name!r}; supported: {', '.join(CATEGORIES)}")
     data_dir = Path(data_dir)
     root = data_dir / "mvtec_ad" / name
-    if not root.exists() and download:
+    if not root.exists():
+        if not download:
+            raise UserError(f"MVTec AD '{name}' is not in {root}; download {name}.tar.xz from {MVTEC_PAGE} "
+                            f"and unpack it into {root.parent}, or run without --no-download")
         download_category(name, data_dir)
     where = f"(expected the MVTec AD layout {root}/{{train/good, test/<type>, ground_truth/<type>}})"
     for sub in ("train/good", "test", "ground_truth"):

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from padim import TOTAL_CHANNELS, FeatureExtractor, ModelConfig, choose_channels  # noqa: E402
 from padim_io import (  # noqa: E402
+    CATEGORIES,
     PeakMemory,
     backbone_weights,
     find_category,
@@ -53,6 +54,7 @@ class Args:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     n_figure: int = 8  # test images shown in the anomaly-map figure
     data_dir: str = default_data_dir()  # holds mvtec_ad/<category>/...
+    download: bool = True  # fetch a missing category from MVTec's archives (you accept its license)
     out: str | None = None  # run folder (default runs/padim_anomaly/<name>)
     clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML tracking mode
     clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
@@ -63,6 +65,8 @@ def n_features_of(text: str) -> int:
 
 
 def check_args(args: Args) -> None:
+    if args.category not in CATEGORIES:
+        raise ValueError(f"--category must be one of {', '.join(CATEGORIES)} (got {args.category!r})")
     try:
         n = n_features_of(args.n_features)
     except ValueError:
@@ -123,7 +127,7 @@ def main() -> None:
                          resize=round(args.image_size * 8 / 7))
 
     # data: every file checked before a run folder exists
-    category = find_category(args.category, args.data_dir)
+    category = find_category(args.category, args.data_dir, args.download)
     verify_images(category.train)
     test_images, test_masks = load_test_set(category, config)
     labels = category.test_labels
