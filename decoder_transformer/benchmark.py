@@ -12,6 +12,7 @@ medians are compared.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -25,6 +26,7 @@ from typing import Literal
 import torch
 from model import DecoderLM, ModelConfig
 from sample import load_model, pick_device
+from textdata import get_batch
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name
 
@@ -149,6 +151,47 @@ def bench_train(args: Args, log: RunLogger) -> dict:
             result[f"ours_{pos}_tokens_per_second"] / result["nanogpt_tokens_per_second"]
         )
     result["steps_timed_per_system"] = len(seconds["nanogpt"])
+    result.update(bench_steps_interleaved(args))
+    return result
+
+
+def bench_steps_interleaved(args: Args) -> dict:
+    """The training step alone (forward, backward, clip, AdamW), the three models taking turns
+    step by step in this one process, so load slows them alike; nanoGPT's model.py is read from --nanogpt-dir.
+    """
+    spec = importlib.util.spec_from_file_location("nanogpt_model", Path(args.nanogpt_dir) / "model.py")
+    nanogpt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nanogpt)
+    torch.manual_seed(args.seed)
+    size = dict(n_layer=4, n_head=4, n_embd=128, block_size=64)
+    models = {"nanogpt": nanogpt.GPT(nanogpt.GPTConfig(vocab_size=65, dropout=0.0, bias=False, **size))}
+    optimizers = {"nanogpt": models["nanogpt"].configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")}
+    for pos in ("learned", "rope"):
+        models[f"ours_{pos}"] = DecoderLM(ModelConfig(vocab_size=65, pos=pos, **size))
+        optimizers[f"ours_{pos}"] = torch.optim.AdamW(
+            models[f"ours_{pos}"].optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.99)
+        )
+    generator = torch.Generator().manual_seed(args.seed)
+    data = torch.randint(65, (100_000,), generator=generator)
+    seconds = {name: [] for name in models}
+    for step in range(args.iters * args.rounds):
+        x, y = get_batch(data, BABY["batch_size"], BABY["block_size"], generator)
+        for name, model in models.items():
+            start = time.perf_counter()
+            _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            if step >= 10:  # warm-up
+                seconds[name].append(time.perf_counter() - start)
+    tokens = BABY["batch_size"] * BABY["block_size"]
+    result = {f"step_{k}_tokens_per_second": tokens / statistics.median(v) for k, v in seconds.items()}
+    for pos in ("learned", "rope"):
+        result[f"step_ratio_{pos}_vs_nanogpt"] = (
+            result[f"step_ours_{pos}_tokens_per_second"] / result["step_nanogpt_tokens_per_second"]
+        )
+    print("interleaved steps: " + ", ".join(f"{k} {v:,.3f}" for k, v in result.items()))
     return result
 
 

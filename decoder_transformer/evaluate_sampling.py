@@ -27,10 +27,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sample import load_model, pick_device  # noqa: E402
+from textdata import load_text, split_tokens  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name, write_json  # noqa: E402
-from data import load_text, split_tokens  # noqa: E402
 
 
 @dataclass

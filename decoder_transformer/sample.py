@@ -18,9 +18,9 @@ from typing import Literal
 import numpy as np
 import torch
 from model import DecoderLM, ModelConfig
+from textdata import Vocab, load_checkpoint
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name
-from data import Vocab, load_checkpoint
 
 
 @dataclass

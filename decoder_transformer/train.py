@@ -34,10 +34,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from model import DecoderLM, ModelConfig  # noqa: E402
+from textdata import Vocab, get_batch, load_checkpoint, load_text, split_tokens, tiled_windows
 from tqdm import tqdm  # noqa: E402
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name, write_json
-from data import Vocab, get_batch, load_checkpoint, load_text, split_tokens, tiled_windows
 
 PRESETS = {  # nanoGPT: the CPU "baby GPT" command in its README, and config/train_shakespeare_char.py
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, dropout=0.0),
