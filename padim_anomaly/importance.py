@@ -110,7 +110,7 @@ def check_args(args: Args) -> None:
 def embed_all(extractor, paths, config, batch_size, device, desc) -> torch.Tensor:
     """(N, C, P) embeddings of every image, kept in memory so no fold re-runs the backbone."""
     parts = []
-    with tqdm(total=len(paths), desc=desc, unit="img", leave=False) as bar:
+    with tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=None) as bar:
         for images in image_batches(paths, config, batch_size):
             parts.append(extractor(images.to(device)).flatten(2))  # (B, C, P)
             bar.update(len(images))
@@ -159,7 +159,8 @@ def permutation_importance(embeddings, masks, labels, mean, inv_covariance, conf
     n_channels, n_images = embeddings.shape[1], embeddings.shape[0]
     image_drop = np.zeros((n_channels, n_repeats))
     pixel_drop = np.zeros((n_channels, n_repeats))
-    for channel in tqdm(range(n_channels), desc="permutation importance", unit="ch", leave=False):
+    channels = tqdm(range(n_channels), desc="permutation importance", unit="ch", leave=False, disable=None)
+    for channel in channels:
         order = torch.from_numpy(np.stack([rng.permutation(n_images) for _ in range(n_repeats)]))  # (R, V)
         image, pixel = scores(permuted_squared_distance(squared, weighted, inv_diagonal, embeddings, channel,
                                                         order.to(embeddings.device)))
@@ -284,7 +285,7 @@ def run_category(name, category, test_set, extractor, config, args, device, log,
     pixel_scores = {str(kk): {"top": [], "bottom": [], "random": []} for kk in args.ks}
     full = [r["base_image_auroc"] for r in results]  # the all-channel model of each fold
     jobs = len(folds) * len(args.ks) * (2 + args.n_random)
-    with tqdm(total=jobs, desc=f"{name} subsets", leave=False) as bar:
+    with tqdm(total=jobs, desc=f"{name} subsets", leave=False, disable=None) as bar:
         for k, (fit_index, val_index) in enumerate(folds):
             others = [f for f in range(len(folds)) if f != k]
             fold_ranking = np.argsort(-image_drops[others].mean(axis=(0, 2)), kind="stable")

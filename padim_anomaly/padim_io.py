@@ -78,7 +78,7 @@ def download_category(name: str, data_dir: Path, timeout: float = 60.0) -> None:
         with urllib.request.urlopen(MVTEC_URLS[name], timeout=timeout) as response, \
                 open(f"{archive}.part", "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}.tar.xz") as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}.tar.xz", disable=None) as bar:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
@@ -166,7 +166,8 @@ def load_mask(path: Path | None, image_path: Path, config: ModelConfig) -> torch
 
 def load_images(paths: list[Path], config: ModelConfig, desc: str) -> torch.Tensor:
     """(N, 3, S, S) in memory; decodes every file first, so a bad one stops the run before it starts."""
-    return torch.stack([load_image(p, config) for p in tqdm(paths, desc=desc, unit="img", leave=False)])
+    paths = tqdm(paths, desc=desc, unit="img", leave=False, disable=None)
+    return torch.stack([load_image(p, config) for p in paths])
 
 
 def load_test_set(category: Category, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,7 +251,7 @@ def fit_statistics(extractor, batches, n_images: int, method: str, epsilon: floa
     """
     n_channels, n_positions = len(extractor.channels), None
     stats, stored = None, []
-    with tqdm(total=n_images, desc=f"{desc} ({method})", unit="img", leave=False) as bar:
+    with tqdm(total=n_images, desc=f"{desc} ({method})", unit="img", leave=False, disable=None) as bar:
         for images in batches:
             embedding = extractor(images.to(device)).flatten(2)  # (B, C, P)
             if method == "online":
@@ -276,7 +277,7 @@ def score_images(extractor, images: torch.Tensor, mean, inv_covariance, config: 
                  batch_size: int, desc: str = "score") -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, S, S) -> anomaly maps (N, S, S) and image scores (N,), on the CPU."""
     maps = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False):
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=None):
         embedding = extractor(images[start:start + batch_size].to(device)).flatten(2)  # (B, C, P)
         distance = mahalanobis(embedding, mean, inv_covariance)  # (B, P)
         maps.append(anomaly_map(distance, config.grid, config.image_size, config.sigma).cpu())

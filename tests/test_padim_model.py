@@ -48,7 +48,8 @@ def test_online_fit_recovers_a_known_gaussian():
 @pytest.mark.parametrize("offset", [0.0, 1e4])
 def test_online_and_batch_match_the_float64_oracle(offset):
     rng = np.random.default_rng(1)
-    embeddings = (rng.normal(size=(53, 6, 10)) * rng.uniform(0.1, 3, size=(1, 6, 1)) + offset).astype(np.float32)
+    scales = rng.uniform(0.1, 3, size=(1, 6, 1))
+    embeddings = (rng.normal(size=(53, 6, 10)) * scales + offset).astype(np.float32)
     oracle_mean, oracle_cov = numpy_gaussian(embeddings.astype(np.float64), padim.EPSILON)
     stats = padim.OnlineGaussian(6, 10)
     for start, stop in ((0, 1), (1, 17), (17, 20), (20, 53)):  # uneven batches, one of a single image
@@ -135,7 +136,8 @@ def test_channel_subset_is_a_slice_of_the_full_embedding():
     subset = padim.FeatureExtractor(backbone, channels)(images)
     with torch.no_grad():
         layers = padim.FeatureExtractor(backbone, channels).layer_features(images)
-    full = torch.cat([F.interpolate(f, size=(16, 16), mode="nearest") for f in layers], dim=1)  # (2, 448, 16, 16)
+    full = torch.cat([F.interpolate(f, size=(16, 16), mode="nearest") for f in layers], dim=1)
+    # (2, 448, 16, 16): every channel, upsampled, then the subset taken afterwards
     assert full.shape[1] == padim.TOTAL_CHANNELS
     assert torch.equal(subset, full[:, channels])
     assert padim.channel_name(0) == "layer1[0]" and padim.channel_name(64) == "layer2[0]"
