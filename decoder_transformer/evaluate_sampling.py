@@ -106,12 +106,13 @@ def text_stats(texts: list[str]) -> dict:
 
 
 def plot_tradeoff(results: list[dict], reference: dict):
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     temperatures = sorted({r["temperature"] for r in results})
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(temperatures)))
     for ax, key, label in (
-        (axes[0], "distinct_4", "distinct-4 (diversity, higher = more varied)"),
-        (axes[1], "repetition", "repetition (share of repeated word 4-grams)"),
+        (axes[0], "distinct_1", "distinct-1 (share of unique words)"),
+        (axes[1], "distinct_2", "distinct-2 (share of unique word pairs)"),
+        (axes[2], "repetition", "repetition (share of repeated word 4-grams)"),
     ):
         for t, color in zip(temperatures, colors):
             rows = sorted((r for r in results if r["temperature"] == t), key=lambda r: r["top_p"])
