@@ -192,9 +192,10 @@ def ranking_figure(image_mean, image_std, channels, name):
     x = np.arange(len(order))
     ax.errorbar(x, image_mean[order], yerr=image_std[order], fmt=".", ms=3, lw=0.6, capsize=0)
     ax.axhline(0, color="k", lw=0.6)
-    for rank in range(min(8, len(order))):
-        ax.annotate(channel_name(int(channels[order[rank]])), (rank, image_mean[order[rank]]),
-                    fontsize=7, rotation=60, xytext=(3, 4), textcoords="offset points")
+    top = "\n".join(f"{rank + 1}. {channel_name(int(channels[i]))}  {image_mean[i]:+.4f}"
+                    for rank, i in enumerate(order[:10]))
+    ax.text(0.99, 0.97, "top 10\n" + top, transform=ax.transAxes, ha="right", va="top", fontsize=7,
+            family="monospace", bbox={"facecolor": "white", "alpha": 0.8, "lw": 0.5})
     ax.set(xlabel="channel rank", ylabel="image AUROC drop (mean +- std)",
            title=f"{name}: permutation importance of embedding channels (folds x repeats)")
     fig.tight_layout()
