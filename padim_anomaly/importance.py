@@ -299,8 +299,10 @@ def run_category(name, category, test_set, extractor, config, args, device, log,
             for key, subsets in choices.items():
                 for subset in subsets:
                     index = torch.from_numpy(np.sort(subset)).to(device)
-                    mean, inv_covariance = fit(train_embeddings[fit_index][:, index], config.epsilon)
-                    image, pixel = evaluate(test_embeddings[val_index][:, index], test_masks[val_index],
+                    rows = torch.from_numpy(fit_index).to(device)
+                    mean, inv_covariance = fit(train_embeddings[rows[:, None], index], config.epsilon)
+                    rows = torch.from_numpy(val_index).to(device)
+                    image, pixel = evaluate(test_embeddings[rows[:, None], index], test_masks[val_index],
                                             labels[val_index], mean, inv_covariance, config)
                     kk, choice = key.split("/")
                     scores[kk][choice].append(image)
