@@ -8,6 +8,9 @@ medians are compared.
   # 500-token generation, cached vs uncached, for a checkpoint (or a fresh model of --preset's size)
   python decoder_transformer/benchmark.py --task generate --ckpt runs/decoder_transformer/<run>/ckpt.pt
   python decoder_transformer/benchmark.py --task generate --preset gpu --rounds 1 --clearml off  # tiny
+  # a finished nanoGPT run scored on the whole validation split, as train.py scores its own runs
+  python decoder_transformer/benchmark.py --task nanogpt-val --nanogpt-dir /tmp/nanogpt \
+      --nanogpt-ckpt /tmp/nanogpt_baby/ckpt.pt --data-dir /work/shared/data
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Literal
 import torch
 from model import DecoderLM, ModelConfig
 from sample import load_model, pick_device
-from textdata import get_batch
+from textdata import Vocab, get_batch, load_text, split_tokens, tiled_windows
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name
 
@@ -40,8 +43,9 @@ SIZES = {
 
 @dataclass
 class Args:
-    task: Literal["train", "generate"] = "generate"  # what to time
+    task: Literal["train", "generate", "nanogpt-val"] = "generate"  # what to measure (nanogpt-val: see below)
     nanogpt_dir: str | None = None  # train: a nanoGPT checkout with data/shakespeare_char prepared
+    nanogpt_ckpt: str | None = None  # nanogpt-val: a nanoGPT ckpt.pt to score on our whole validation split
     iters: int = 150  # train: steps per round and system (the first 10 are dropped as warm-up)
     ckpt: str | None = None  # generate: checkpoint to time (default: a fresh model of --preset's size)
     preset: Literal["cpu", "gpu"] = "cpu"  # generate: model size when no --ckpt is given
@@ -56,8 +60,12 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    if args.task == "train" and not args.nanogpt_dir:
-        raise ValueError("train needs --nanogpt-dir (a nanoGPT checkout, kept outside this repository)")
+    if args.task in ("train", "nanogpt-val") and not args.nanogpt_dir:
+        raise ValueError(
+            f"{args.task} needs --nanogpt-dir (a nanoGPT checkout, kept outside this repository)"
+        )
+    if args.task == "nanogpt-val" and not args.nanogpt_ckpt:
+        raise ValueError("nanogpt-val needs --nanogpt-ckpt (the ckpt.pt of a finished nanoGPT run)")
     if args.iters < 20 or args.rounds < 1 or args.new_tokens < 1:
         raise ValueError(
             f"--iters must be >= 20, --rounds and --new-tokens >= 1 "
@@ -155,13 +163,19 @@ def bench_train(args: Args, log: RunLogger) -> dict:
     return result
 
 
+def load_nanogpt(folder: str):
+    """nanoGPT's model.py, imported from its checkout (never copied here)."""
+    spec = importlib.util.spec_from_file_location("nanogpt_model", Path(folder) / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def bench_steps_interleaved(args: Args) -> dict:
     """The training step alone (forward, backward, clip, AdamW), the three models taking turns
     step by step in this one process, so load slows them alike; nanoGPT's model.py is read from --nanogpt-dir.
     """
-    spec = importlib.util.spec_from_file_location("nanogpt_model", Path(args.nanogpt_dir) / "model.py")
-    nanogpt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(nanogpt)
+    nanogpt = load_nanogpt(args.nanogpt_dir)
     torch.manual_seed(args.seed)
     size = dict(n_layer=4, n_head=4, n_embd=128, block_size=64)
     models = {"nanogpt": nanogpt.GPT(nanogpt.GPTConfig(vocab_size=65, dropout=0.0, bias=False, **size))}
@@ -193,6 +207,28 @@ def bench_steps_interleaved(args: Args) -> dict:
         )
     print("interleaved steps: " + ", ".join(f"{k} {v:,.3f}" for k, v in result.items()))
     return result
+
+
+def nanogpt_val_loss(args: Args) -> dict:
+    """nanoGPT's checkpoint scored with this experiment's metric: the whole validation split in windows."""
+    nanogpt = load_nanogpt(args.nanogpt_dir)
+    ckpt = torch.load(args.nanogpt_ckpt, map_location="cpu", weights_only=False)
+    model = nanogpt.GPT(nanogpt.GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    model.eval()
+    text, _ = load_text(None, args.data_dir)
+    _, val = split_tokens(text, Vocab.from_text("char", text))  # nanoGPT's shakespeare_char vocabulary too
+    x, y = tiled_windows(val, ckpt["model_args"]["block_size"])
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), 64):
+            _, loss = model(x[i : i + 64], y[i : i + 64])
+            total += loss.item() * len(x[i : i + 64])
+    return {
+        "nanogpt_val_loss_whole_split": total / len(x),
+        "nanogpt_iter": ckpt["iter_num"],
+        "nanogpt_own_estimate": float(ckpt["best_val_loss"]),
+    }
 
 
 def bench_generate(args: Args, log: RunLogger, model: DecoderLM, device: str) -> dict:
@@ -231,6 +267,9 @@ def main() -> None:
         prepared = Path(args.nanogpt_dir) / "data" / "shakespeare_char" / "train.bin"
         if not prepared.is_file():
             raise UserError(f"{prepared} not found: run `python data/shakespeare_char/prepare.py` there")
+    elif args.task == "nanogpt-val":
+        if not Path(args.nanogpt_ckpt).is_file():
+            raise UserError(f"--nanogpt-ckpt {args.nanogpt_ckpt}: no such file")
     elif args.ckpt:
         model, _, _ = load_model(args.ckpt, device)
     else:
@@ -244,7 +283,12 @@ def main() -> None:
         clearml=args.clearml,
         clearml_queue=args.clearml_queue,
     )
-    result = bench_train(args, log) if args.task == "train" else bench_generate(args, log, model, device)
+    if args.task == "train":
+        result = bench_train(args, log)
+    elif args.task == "nanogpt-val":
+        result = nanogpt_val_loss(args)
+    else:
+        result = bench_generate(args, log, model, device)
     result["torch_threads"] = torch.get_num_threads()
     log.write_summary(result)
     log.close()
