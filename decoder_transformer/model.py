@@ -206,8 +206,10 @@ class DecoderLM(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         if self.config.pos == "learned":
             x = x + self.wpe(positions)
-        elif self.config.pos == "sinusoidal":
-            x = x + sinusoidal_table(positions, self.config.n_embd).to(x.dtype)
+        elif self.config.pos == "sinusoidal":  # Vaswani et al. 3.4: embeddings times sqrt(d_model), so the
+            # unit-amplitude table does not drown tokens embedded at std 0.02
+            table = sinusoidal_table(positions, self.config.n_embd).to(x.dtype)  # (T, C)
+            x = x * math.sqrt(self.config.n_embd) + table
         rope = None
         if self.config.pos == "rope":
             rope = rope_rotation(positions, self.config.n_embd // self.config.n_head, self.config.rope_base)
