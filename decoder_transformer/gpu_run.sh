@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The GPU figures in decoder_transformer/README.md, in one go (about 3-4 minutes on one H100/H200):
+# The GPU figures in decoder_transformer/README.md, in one go (an estimated 3-5 minutes on one H100/H200):
 #   1. --preset gpu (nanoGPT's 6x6x384 model, context 256, 5000 steps, bf16 autocast), RoPE
 #   2. 500-token generation with and without the KV cache on that checkpoint
 #   3. the temperature x top-p sweep, and samples at three settings
 # Run from the repository root with Tiny Shakespeare at data/tinyshakespeare/input.txt:
 #   OUT=/path/to/results bash decoder_transformer/gpu_run.sh
-# Extra flags for every train.py call go in TRAIN_FLAGS (e.g. "--compile", or tiny sizes for a dry run on CPU).
+# Needs torch, numpy, tqdm and matplotlib (not clearml: every call has --clearml off).
+# Extra train.py flags go in TRAIN_FLAGS (e.g. "--compile", or tiny sizes for a dry run on CPU), extra
+# evaluate_sampling.py flags in SWEEP_FLAGS.
 set -euo pipefail
 : "${OUT:?set OUT to the folder that collects the results}"
 mkdir -p "$OUT"
@@ -19,7 +21,7 @@ python $D/train.py --preset gpu --pos rope --seed 1 --clearml off --out "$RUN" $
     > "$OUT/train.log" 2>&1
 python $D/benchmark.py --task generate --ckpt "$RUN/ckpt.pt" --new-tokens 500 --rounds 3 --clearml off \
     --out "$OUT/bench_generate" > "$OUT/bench_generate.log" 2>&1
-python $D/evaluate_sampling.py --ckpt "$RUN/ckpt.pt" ${SWEEP_FLAGS:-} --clearml off --out "$OUT/sampling_eval" \
+python $D/evaluate_sampling.py --ckpt "$RUN/ckpt.pt" --num-samples 8 ${SWEEP_FLAGS:-} --clearml off --out "$OUT/sampling_eval" \
     > "$OUT/sampling_eval.log" 2>&1
 for setting in "0.8 0.95" "1.0 1.0" "0.5 0.5"; do
     set -- $setting
