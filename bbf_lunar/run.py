@@ -170,7 +170,7 @@ class PlainProgress:
     def update(self, k):
         self.n += k
 
-    def set_postfix(self, **kw):
+    def set_postfix(self, refresh=True, **kw):
         print(f"{self.desc}: {self.n}/{self.total} steps, " + ", ".join(f"{k}={v}" for k, v in kw.items()),
               file=sys.stderr, flush=True)
 
