@@ -18,6 +18,7 @@ Tiny:  python padim_anomaly/memory.py --weights none --ns 4 8 --n-features 10 --
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -62,6 +63,9 @@ class Args:
     weights: str = "imagenet"  # backbone weights: imagenet (torchvision cache), none (random init), or a PATH
     n_features: str = "100"  # embedding channels kept (random subset, seeded), or 'all' (= 448)
     ns: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 1000])  # training-set sizes to fit
+    methods: list[str] = field(default_factory=lambda: ["online", "batch"])  # fitting methods to compare
+    profile: bool = True  # run the stage profile and the online-vs-batch agreement check first
+    fixed_malloc_threshold: bool = False  # Linux: fix glibc's mmap threshold so freed buffers leave the RSS
     batch_size: int = 16  # images per backbone forward pass (the online method's memory unit)
     image_size: int = 224  # centre crop in pixels (resize = image_size * 8 / 7); multiple of 16
     seed: int = 0  # seeds the random init (--weights none) and the channel subset
@@ -89,6 +93,8 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--n-features must be in 1..{TOTAL_CHANNELS} or 'all' (got {n})")
     if min(args.ns) < 2:
         raise ValueError(f"--ns must each be >= 2 (a covariance needs two samples; got {args.ns})")
+    if not set(args.methods) <= {"online", "batch"} or not args.methods:
+        raise ValueError(f"--methods must be online and/or batch (got {args.methods})")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.image_size < 64 or args.image_size % 16:
@@ -234,6 +240,8 @@ def in_fresh_process(function, *arguments):
 def memory_figure(fit, ns, floor_mib, name):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for method, color in (("batch", "tab:red"), ("online", "tab:green")):
+        if method not in fit:
+            continue
         left.plot(ns, [fit[method][str(n)]["peak_mib"] for n in ns], "o-", color=color, label=method)
         speed = [fit[method][str(n)]["images_per_second"] for n in ns]
         right.plot(ns, speed, "o-", color=color, label=method)
@@ -258,6 +266,10 @@ def main() -> None:
     verify_images(category.train)
     load_test_set(category, config)
     _, weights_source = backbone_weights(args.weights, args.seed)
+    if args.fixed_malloc_threshold:
+        # glibc raises its mmap threshold after each large free, so later buffers come from the heap and
+        # stay in the RSS after they are freed; a fixed threshold returns them (read at worker start-up)
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
     log = RunLogger("padim_anomaly", run_name(f"memory_{args.category}", args.seed), asdict(args),
                     out=args.out, clearml=args.clearml, clearml_queue=args.clearml_queue)
     n_positions = config.grid ** 2
@@ -267,51 +279,58 @@ def main() -> None:
           f"covariances {floor_mib:.0f} MiB")
 
     # 1-2. stage profile and agreement
-    profile = in_fresh_process(profile_worker, args)
-    print(f"stage profile (batch fit, N = {len(category.train)}), MiB above the fit's start "
-          f"[{profile['method']}]:")
-    for name, peak in profile["stages"].items():
-        print(f"  {name:<20} peak {peak:8.0f}   adds {profile['stage_added_mib'][name]:8.0f}")
-    biggest = sorted(profile["stage_added_mib"], key=profile["stage_added_mib"].get, reverse=True)[:3]
+    profile = {"stages": {}, "stage_added_mib": {}, "agreement": {}, "scoring_images_per_second": None,
+               "mahalanobis_map_images_per_second": None, "method": PeakMemory(device).method}
+    biggest = []
+    if args.profile:
+        profile = in_fresh_process(profile_worker, args)
+        print(f"stage profile (batch fit, N = {len(category.train)}), MiB above the fit's start "
+              f"[{profile['method']}]:")
+        for name, peak in profile["stages"].items():
+            print(f"  {name:<20} peak {peak:8.0f}   adds {profile['stage_added_mib'][name]:8.0f}")
+        biggest = sorted(profile["stage_added_mib"], key=profile["stage_added_mib"].get, reverse=True)[:3]
+        a = profile["agreement"]
+        print(f"biggest consumers: {', '.join(biggest)}")
+        print(f"online vs batch: mean rel. diff {a['mean_max_relative_difference']:.2e}, covariance "
+              f"{a['covariance_max_relative_difference']:.2e}; image AUROC {a['online_image_auroc']:.4f} vs "
+              f"{a['batch_image_auroc']:.4f}, pixel {a['online_pixel_auroc']:.4f} vs "
+              f"{a['batch_pixel_auroc']:.4f}; scoring {profile['scoring_images_per_second']:.1f} images/s "
+              f"(Mahalanobis map alone {profile['mahalanobis_map_images_per_second']:.1f} images/s)")
     agreement = profile["agreement"]
-    print(f"biggest consumers: {', '.join(biggest)}")
-    a = agreement
-    print(f"online vs batch: mean rel. diff {a['mean_max_relative_difference']:.2e}, covariance "
-          f"{a['covariance_max_relative_difference']:.2e}; image AUROC {a['online_image_auroc']:.4f} vs "
-          f"{a['batch_image_auroc']:.4f}, pixel {a['online_pixel_auroc']:.4f} vs "
-          f"{a['batch_pixel_auroc']:.4f}; scoring {profile['scoring_images_per_second']:.1f} images/s "
-          f"(Mahalanobis map alone {profile['mahalanobis_map_images_per_second']:.1f} images/s)")
 
     # 3. batch vs online for growing N, each in a fresh process
-    fit = {"online": {}, "batch": {}}
+    fit = {method: {} for method in args.methods}
     for step, n in enumerate(args.ns):
-        for method in ("online", "batch"):
+        for method in args.methods:
             result = in_fresh_process(fit_worker, args, method, n)
             fit[method][str(n)] = {k: v for k, v in result.items() if k != "method"}
             log.log(step, {f"{method}/peak_mib": result["peak_mib"], f"{method}/seconds": result["seconds"]})
-        on, ba = fit["online"][str(n)], fit["batch"][str(n)]
-        print(f"N={n:>5}: online {on['peak_mib']:7.0f} MiB {on['images_per_second']:5.1f} img/s | "
-              f"batch {ba['peak_mib']:7.0f} MiB {ba['images_per_second']:5.1f} img/s")
+        print(f"N={n:>5}: " + " | ".join(f"{method} {fit[method][str(n)]['peak_mib']:7.0f} MiB "
+                                         f"{fit[method][str(n)]['images_per_second']:5.1f} img/s"
+                                         for method in args.methods))
 
     # targets, computed from the numbers above
     smallest, largest = str(min(args.ns)), str(max(args.ns))
-    online, batch = fit["online"], fit["batch"]
-    checks = {
-        "online_flat_ratio_largest_to_smallest": online[largest]["peak_mib"] / online[smallest]["peak_mib"],
-        "online_over_batch_peak": {n: online[n]["peak_mib"] / batch[n]["peak_mib"] for n in online},
-        "online_over_batch_throughput": {n: online[n]["images_per_second"] / batch[n]["images_per_second"]
-                                         for n in online},
-        "online_over_batch_throughput_all": (sum(batch[n]["seconds"] for n in batch)
-                                             / sum(online[n]["seconds"] for n in online)),
-    }
-    ratios = ", ".join(f"N={n} {r:.2f}" for n, r in checks["online_over_batch_peak"].items())
-    print(f"online peak N={largest} / N={smallest}: {checks['online_flat_ratio_largest_to_smallest']:.3f} | "
-          f"online/batch peak: {ratios} | throughput online/batch (all N): "
-          f"{checks['online_over_batch_throughput_all']:.2f}")
+    checks = {f"{method}_peak_largest_over_smallest_n": fit[method][largest]["peak_mib"]
+              / fit[method][smallest]["peak_mib"] for method in args.methods}
+    print(f"peak at N={largest} / peak at N={smallest}: " + ", ".join(f"{k} {v:.3f}"
+                                                                      for k, v in checks.items()))
+    if set(args.methods) == {"online", "batch"}:
+        online, batch = fit["online"], fit["batch"]
+        checks["online_over_batch_peak"] = {n: online[n]["peak_mib"] / batch[n]["peak_mib"] for n in online}
+        checks["online_over_batch_throughput"] = {
+            n: online[n]["images_per_second"] / batch[n]["images_per_second"] for n in online}
+        checks["online_over_batch_throughput_all"] = (sum(batch[n]["seconds"] for n in batch)
+                                                      / sum(online[n]["seconds"] for n in online))
+        ratios = ", ".join(f"N={n} {r:.2f}" for n, r in checks["online_over_batch_peak"].items())
+        print(f"online/batch peak: {ratios} | throughput online/batch (all N): "
+              f"{checks['online_over_batch_throughput_all']:.2f}")
 
     # save
     memory = {"stages": profile["stages"], "stage_added_mib": profile["stage_added_mib"],
-              "biggest_consumers": biggest, "fit": fit, "method": profile["method"], "agreement": agreement,
+              "biggest_consumers": biggest, "fit": fit, "agreement": agreement,
+              "method": profile["method"] + ("; glibc MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB"
+                                             if args.fixed_malloc_threshold else ""),
               "scoring_images_per_second": profile["scoring_images_per_second"], "checks": checks,
               "mahalanobis_map_images_per_second": profile["mahalanobis_map_images_per_second"],
               "covariance_floor_mib": floor_mib, "n_features": config.n_features,

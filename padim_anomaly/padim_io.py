@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import resource
 import sys
 import tarfile
@@ -234,7 +235,8 @@ def backbone_weights(weights: str, seed: int) -> tuple[torch.nn.Module, str]:
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         return resnet18_backbone(state), f"state dict {path}"
-    except (RuntimeError, OSError, ValueError, TypeError, KeyError, AttributeError, EOFError) as e:
+    except (RuntimeError, OSError, ValueError, TypeError, KeyError, AttributeError, EOFError,
+            pickle.UnpicklingError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise UserError(f"--weights {path} is not a torchvision ResNet18 state dict ({first_line})") from None
 
