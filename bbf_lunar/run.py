@@ -33,13 +33,12 @@ from typing import Literal
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also in spawned workers
-import stats  # noqa: E402
 from agent import Agent, AgentConfig, ModelConfig, QNetwork, ReplayBuffer, linear_epsilon, param_count  # noqa: E402
+from report import make_plots, print_table, summarize  # noqa: E402
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name, write_json  # noqa: E402
 
 ENV_ID = "LunarLander-v3"
-SOLVED = 200.0  # LunarLander's "solved" return (gymnasium docs)
 EVAL_SEED_BASE = 1_000_000  # evaluation episodes use seeds 1e6 + i: the same episodes for every run
 
 
@@ -311,112 +310,6 @@ def _settings(spec: dict) -> dict:
 
 def _train_job_star(packed):
     return train_job(*packed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics and plots (parent process)
-
-
-def summarize(results: list[dict], reps: int, seed: int) -> dict:
-    by_variant: dict[str, list[dict]] = {}
-    for r in sorted(results, key=lambda r: r["seed"]):
-        by_variant.setdefault(r["variant"], []).append(r)
-    out = {"variants": {}, "curves": {}, "probability_of_improvement": {}}
-    for name, runs in by_variant.items():
-        steps = runs[0]["eval_steps"]
-        if any(r["eval_steps"] != steps for r in runs):
-            raise UserError(f"variant {name}: its runs were evaluated at different steps; "
-                            "re-run them with the same --total-steps and --eval-every")
-        final = [r["final_return"] for r in runs]
-        curve = np.array([[np.mean(x) for x in r["eval_returns"]] for r in runs])  # (runs, points)
-        out["variants"][name] = {
-            **stats.iqm_with_ci(final, reps, seed), "final_returns": final,
-            "seeds": [r["seed"] for r in runs],
-            "mean": float(np.mean(final)), "std": float(np.std(final, ddof=1)) if len(final) > 1 else 0.0,
-            "env_steps_per_second": float(np.mean([r["env_steps_per_second"] for r in runs])),
-            "minutes_per_run": float(np.mean([r["seconds"] for r in runs]) / 60)}
-        out["curves"][name] = {"steps": steps, **stats.iqm_curve(curve, reps, seed)}
-    if "bbf" in by_variant:
-        bbf = out["variants"]["bbf"]["final_returns"]
-        for name, v in out["variants"].items():
-            if name != "bbf":
-                poi = stats.probability_of_improvement_with_ci(bbf, v["final_returns"], reps, seed)
-                out["probability_of_improvement"][f"bbf_vs_{name}"] = poi
-    every = [r["final_return"] for r in results]
-    lo, hi = min(every) - 20, max(every) + 20
-    out["profiles"] = {"thresholds": np.linspace(lo, hi, 121).tolist()}
-    for name, v in out["variants"].items():
-        thresholds = out["profiles"]["thresholds"]
-        out["profiles"][name] = stats.performance_profile_with_ci(v["final_returns"], thresholds, reps, seed)
-    out["env_steps"] = max(r["env_steps"] for r in results)
-    out["seeds"] = sorted({r["seed"] for r in results})
-    out["env_steps_per_second"] = float(np.mean([r["env_steps_per_second"] for r in results]))
-    return out
-
-
-def make_plots(s: dict, log: RunLogger) -> None:
-    try:
-        import matplotlib
-    except ImportError:  # e.g. a bare compute node: the numbers are in summary.json, plots can follow
-        print("matplotlib is not installed: plots skipped; make them later with --summarize-only",
-              file=sys.stderr)
-        return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {name: f"C{i}" for i, name in enumerate(s["variants"])}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, c in s["curves"].items():
-        ax.plot(c["steps"], c["iqm"], color=colors[name], label=name)
-        ax.fill_between(c["steps"], c["ci_low"], c["ci_high"], color=colors[name], alpha=0.2)
-    ax.axhline(SOLVED, color="grey", ls="--", lw=1)
-    ax.set(xlabel="environment steps", ylabel="IQM evaluation return", title="IQM learning curves (95% CI)")
-    ax.legend()
-    log.save_figure("learning_curves", fig)
-
-    names = list(s["variants"])
-    fig, ax = plt.subplots(figsize=(6, 0.5 * len(names) + 1.5))
-    for i, name in enumerate(names):
-        v = s["variants"][name]
-        ax.errorbar(v["iqm"], i, xerr=[[v["iqm"] - v["ci_low"]], [v["ci_high"] - v["iqm"]]], fmt="o",
-                    color=colors[name], capsize=4)
-    ax.axvline(SOLVED, color="grey", ls="--", lw=1)
-    ax.set_yticks(range(len(names)), names)
-    ax.set(xlabel=f"IQM return at {s['env_steps']:,} steps (95% CI)", title="Final performance")
-    log.save_figure("final_iqm", fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    tau = s["profiles"]["thresholds"]
-    for name in names:
-        p = s["profiles"][name]
-        ax.step(tau, p["fraction"], where="post", color=colors[name], label=name)
-        ax.fill_between(tau, p["ci_low"], p["ci_high"], step="post", color=colors[name], alpha=0.15)
-    ax.axvline(SOLVED, color="grey", ls="--", lw=1)
-    ax.set(xlabel="return threshold", ylabel="fraction of runs above", title="Performance profiles (95% CI)")
-    ax.legend()
-    log.save_figure("performance_profiles", fig)
-
-    if s["probability_of_improvement"]:
-        pairs = list(s["probability_of_improvement"].items())
-        fig, ax = plt.subplots(figsize=(6, 0.5 * len(pairs) + 1.5))
-        for i, (_, p) in enumerate(pairs):
-            ax.errorbar(p["poi"], i, xerr=[[p["poi"] - p["ci_low"]], [p["ci_high"] - p["poi"]]], fmt="o",
-                        color="C0", capsize=4)
-        ax.axvline(0.5, color="grey", ls="--", lw=1)
-        ax.set_yticks(range(len(pairs)), [pair.replace("_vs_", " > ") for pair, _ in pairs])
-        ax.set(xlim=(0, 1), xlabel="P(BBF > variant) (95% CI)", title="Probability of improvement")
-        log.save_figure("probability_of_improvement", fig)
-
-
-def print_table(s: dict) -> None:
-    print(f"\nfinal evaluation return at {s['env_steps']:,} env steps, {len(s['seeds'])} seeds", flush=True)
-    print(f"{'variant':<17}{'IQM':>8}  {'95% CI':<18}{'mean +- std':<18}{'steps/s/worker':>15}{'min/run':>9}")
-    for name, v in s["variants"].items():
-        ci = f"[{v['ci_low']:.1f}, {v['ci_high']:.1f}]"
-        print(f"{name:<17}{v['iqm']:>8.1f}  {ci:<18}{v['mean']:>7.1f} +- {v['std']:<7.1f}"
-              f"{v['env_steps_per_second']:>15.0f}{v['minutes_per_run']:>9.2f}")
-    for pair, p in s["probability_of_improvement"].items():
-        print(f"P({pair.replace('_vs_', ' > ')}) = {p['poi']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]")
 
 
 # ---------------------------------------------------------------------------------------------
