@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sample import load_model, pick_device  # noqa: E402
-from textdata import load_text, split_tokens  # noqa: E402
+from textdata import encode_prompt, load_text, split_tokens  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name, write_json  # noqa: E402
@@ -145,15 +145,7 @@ def main() -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     model, vocab, ckpt = load_model(args.ckpt, device)
-    try:
-        prompt_ids = vocab.encode(args.prompt)
-    except ValueError as e:
-        raise UserError(f"--prompt: {e}") from None
-    if len(prompt_ids) > model.config.block_size:
-        raise UserError(
-            f"--prompt is {len(prompt_ids)} tokens, longer than the model's context "
-            f"(block_size {model.config.block_size})"
-        )
+    prompt_ids = encode_prompt(vocab, args.prompt, model.config.block_size)
 
     # data: held-out chunks of the training text's validation split
     text_path = args.text or ckpt["args"].get("text")

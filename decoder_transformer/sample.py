@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 from model import DecoderLM, ModelConfig
-from textdata import Vocab, load_checkpoint
+from textdata import Vocab, encode_prompt, load_checkpoint
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name
 
@@ -90,15 +90,7 @@ def main() -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     model, vocab, ckpt = load_model(args.ckpt, device)
-    try:
-        prompt_ids = vocab.encode(args.prompt)
-    except ValueError as e:
-        raise UserError(f"--prompt: {e}; the vocabulary is {vocab.chars!r}") from None
-    if len(prompt_ids) > model.config.block_size:
-        raise UserError(
-            f"--prompt is {len(prompt_ids)} tokens, longer than the model's context "
-            f"(block_size {model.config.block_size}); shorten it"
-        )
+    prompt_ids = encode_prompt(vocab, args.prompt, model.config.block_size)
     log = RunLogger(
         "decoder_transformer",
         run_name("sample", args.seed),

@@ -120,6 +120,18 @@ def tiled_windows(data: torch.Tensor, block_size: int) -> tuple[torch.Tensor, to
     return x, y
 
 
+def encode_prompt(vocab: Vocab, prompt: str, block_size: int) -> list[int]:
+    """The prompt's token ids, or a UserError naming what is wrong with it."""
+    try:
+        ids = vocab.encode(prompt)
+    except ValueError as e:
+        raise UserError(f"--prompt: {e}; the vocabulary is {vocab.chars!r}") from None
+    if len(ids) > block_size:
+        raise UserError(f"--prompt is {len(ids)} tokens, longer than the model's context "
+                        f"(block_size {block_size}); shorten it")
+    return ids
+
+
 def load_checkpoint(path: str, device="cpu") -> dict:
     """A checkpoint written by train.py; UserError if it is missing or not one of ours."""
     if not Path(path).is_file():
