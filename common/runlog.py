@@ -53,7 +53,8 @@ def clearml_server_configured() -> bool:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=5)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -68,7 +69,8 @@ class RunLogger:
         existing = self.run_dir.is_dir() and any(self.run_dir.iterdir())
         if existing and not resume:
             if out:
-                raise UserError(f"{self.run_dir} already holds a run; choose another --out (nothing was written)")
+                raise UserError(f"{self.run_dir} already holds a run; choose another --out "
+                                "(nothing was written)")
             self.run_dir = self.run_dir.with_name(f"{name}-{os.getpid()}")  # same second, same name
         self.task = self._start_clearml(clearml, clearml_queue, experiment, self.run_dir.name, config)
         try:
@@ -101,12 +103,14 @@ class RunLogger:
     def _start_clearml(mode, queue, project, task_name, config):
         if mode == "off":
             if queue:
-                raise UserError("--clearml-queue needs a ClearML server; it cannot be used with --clearml off")
+                raise UserError("--clearml-queue needs a ClearML server; it cannot be used with "
+                                "--clearml off")
             return None
         configured = clearml_server_configured()
         if mode == "online" and not configured:
-            raise UserError("--clearml online needs a ClearML server: run `clearml-init` or set CLEARML_API_HOST, "
-                            "CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY (or use --clearml offline)")
+            raise UserError("--clearml online needs a ClearML server: run `clearml-init` or set "
+                            "CLEARML_API_HOST, CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY "
+                            "(or use --clearml offline)")
         offline = mode == "offline" or (mode == "auto" and not configured)
         if queue and offline:
             raise UserError("--clearml-queue needs a configured ClearML server (see `clearml-init`)")
@@ -147,7 +151,8 @@ class RunLogger:
         path = self.run_dir / f"{name}.png"
         fig.savefig(path, dpi=120, bbox_inches="tight")
         if self.task is not None:
-            self.task.get_logger().report_matplotlib_figure(name, name, figure=fig, iteration=0, report_image=True)
+            self.task.get_logger().report_matplotlib_figure(name, name, figure=fig, iteration=0,
+                                                            report_image=True)
         plt.close(fig)
         return path
 

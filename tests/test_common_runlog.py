@@ -145,7 +145,8 @@ def check_demo(args):
 
 
 def test_parse_args_types_and_defaults():
-    args = parse_args(DemoArgs, ["--lr", "0.5", "--depths", "1", "8", "--compile", "--model", "resnet"], check_demo)
+    argv = ["--lr", "0.5", "--depths", "1", "8", "--compile", "--model", "resnet"]
+    args = parse_args(DemoArgs, argv, check_demo)
     assert args == DemoArgs(lr=0.5, depth=4, model="resnet", depths=[1, 8], compile=True, out=None)
     assert parse_args(DemoArgs, []) == DemoArgs()
 
