@@ -26,7 +26,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from padim import (  # noqa: E402
-    TOTAL_CHANNELS,
     FeatureExtractor,
     ModelConfig,
     OnlineGaussian,
@@ -42,9 +41,11 @@ from padim import (  # noqa: E402
 from padim_io import (  # noqa: E402
     CATEGORIES,
     backbone_weights,
+    check_image_size,
     find_category,
     image_batches,
     load_test_set,
+    n_features_of,
     pick_device,
     verify_images,
 )
@@ -76,20 +77,10 @@ class Args:
     clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
 
 
-def n_features_of(text: str) -> int:
-    return TOTAL_CHANNELS if text == "all" else int(text)
-
-
 def check_args(args: Args) -> None:
     if args.category not in (*CATEGORIES, "all"):
         raise ValueError(f"--category must be one of {', '.join(CATEGORIES)} or all (got {args.category!r})")
-    try:
-        n = n_features_of(args.n_features)
-    except ValueError:
-        raise ValueError(f"--n-features must be an integer in 2..{TOTAL_CHANNELS} or 'all' "
-                         f"(got {args.n_features!r})") from None
-    if not 2 <= n <= TOTAL_CHANNELS:
-        raise ValueError(f"--n-features must be in 2..{TOTAL_CHANNELS} or 'all' (got {n})")
+    n = n_features_of(args.n_features, low=2)
     if not all(1 <= k <= n for k in args.ks):
         raise ValueError(f"--ks must each be in 1..{n} (the number of ranked channels; got {args.ks})")
     for flag, value, low in (("--folds", args.folds, 2), ("--n-repeats", args.n_repeats, 1),
@@ -97,8 +88,7 @@ def check_args(args: Args) -> None:
                              ("--batch-size", args.batch_size, 1)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low} (got {value})")
-    if args.image_size < 64 or args.image_size % 16:
-        raise ValueError(f"--image-size must be a multiple of 16, at least 64 (got {args.image_size})")
+    check_image_size(args.image_size)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out (the folder of the run to continue)")
 

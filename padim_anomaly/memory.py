@@ -29,7 +29,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from padim import (  # noqa: E402
-    TOTAL_CHANNELS,
     FeatureExtractor,
     ModelConfig,
     OnlineGaussian,
@@ -43,11 +42,13 @@ from padim_io import (  # noqa: E402
     CATEGORIES,
     PeakMemory,
     backbone_weights,
+    check_image_size,
     find_category,
     fit_statistics,
     image_batches,
     live_mib,
     load_test_set,
+    n_features_of,
     pick_device,
     score_images,
     verify_images,
@@ -77,28 +78,17 @@ class Args:
     clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
 
 
-def n_features_of(text: str) -> int:
-    return TOTAL_CHANNELS if text == "all" else int(text)
-
-
 def check_args(args: Args) -> None:
     if args.category not in CATEGORIES:
         raise ValueError(f"--category must be one of {', '.join(CATEGORIES)} (got {args.category!r})")
-    try:
-        n = n_features_of(args.n_features)
-    except ValueError:
-        raise ValueError(f"--n-features must be an integer in 1..{TOTAL_CHANNELS} or 'all' "
-                         f"(got {args.n_features!r})") from None
-    if not 1 <= n <= TOTAL_CHANNELS:
-        raise ValueError(f"--n-features must be in 1..{TOTAL_CHANNELS} or 'all' (got {n})")
+    n_features_of(args.n_features)  # raises on a bad value
     if min(args.ns) < 2:
         raise ValueError(f"--ns must each be >= 2 (a covariance needs two samples; got {args.ns})")
     if not set(args.methods) <= {"online", "batch"} or not args.methods:
         raise ValueError(f"--methods must be online and/or batch (got {args.methods})")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    if args.image_size < 64 or args.image_size % 16:
-        raise ValueError(f"--image-size must be a multiple of 16, at least 64 (got {args.image_size})")
+    check_image_size(args.image_size)
 
 
 def model_config(args: Args) -> ModelConfig:

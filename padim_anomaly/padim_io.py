@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from padim import (
+    TOTAL_CHANNELS,
     ModelConfig,
     OnlineGaussian,
     anomaly_map,
@@ -40,6 +41,24 @@ MVTEC_URLS = {  # MVTec's official per-category archives (.tar.xz); MVTec publis
     "metal_nut": _ARCHIVES + "420937637-1629952063/metal_nut.tar.xz",
 }
 CATEGORIES = tuple(MVTEC_URLS)
+
+
+def n_features_of(text: str, low: int = 1) -> int:
+    """`--n-features` as a channel count: an integer in low..448 or 'all'; a ValueError names the flag."""
+    try:
+        n = TOTAL_CHANNELS if text == "all" else int(text)
+    except ValueError:
+        raise ValueError(f"--n-features must be an integer in {low}..{TOTAL_CHANNELS} or 'all' "
+                         f"(got {text!r})") from None
+    if not low <= n <= TOTAL_CHANNELS:
+        raise ValueError(f"--n-features must be in {low}..{TOTAL_CHANNELS} (ResNet18 layer1-3 have "
+                         f"{TOTAL_CHANNELS} channels) or 'all' (got {n})")
+    return n
+
+
+def check_image_size(size: int) -> None:
+    if size < 64 or size % 16:
+        raise ValueError(f"--image-size must be a multiple of 16, at least 64 (got {size})")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 LICENSE_NOTE = ("MVTec AD is licensed CC BY-NC-SA 4.0 (non-commercial use only); "
                 "downloading it means you accept the license")

@@ -28,10 +28,12 @@ from padim_io import (  # noqa: E402
     CATEGORIES,
     PeakMemory,
     backbone_weights,
+    check_image_size,
     find_category,
     fit_statistics,
     image_batches,
     load_test_set,
+    n_features_of,
     pick_device,
     save_model,
     score_images,
@@ -60,23 +62,11 @@ class Args:
     clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
 
 
-def n_features_of(text: str) -> int:
-    return TOTAL_CHANNELS if text == "all" else int(text)
-
-
 def check_args(args: Args) -> None:
     if args.category not in CATEGORIES:
         raise ValueError(f"--category must be one of {', '.join(CATEGORIES)} (got {args.category!r})")
-    try:
-        n = n_features_of(args.n_features)
-    except ValueError:
-        raise ValueError(f"--n-features must be an integer in 1..{TOTAL_CHANNELS} or 'all' "
-                         f"(got {args.n_features!r})") from None
-    if not 1 <= n <= TOTAL_CHANNELS:
-        raise ValueError(f"--n-features must be in 1..{TOTAL_CHANNELS} (ResNet18 layer1-3 have "
-                         f"{TOTAL_CHANNELS} channels) or 'all' (got {n})")
-    if args.image_size < 64 or args.image_size % 16:
-        raise ValueError(f"--image-size must be a multiple of 16, at least 64 (got {args.image_size})")
+    n_features_of(args.n_features)  # raises on a bad value
+    check_image_size(args.image_size)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
     if args.n_figure < 0:
