@@ -315,10 +315,13 @@ def main() -> None:
     def evaluate_and_save(it: int) -> None:
         nonlocal best_val
         losses = {f"{s}/loss": mean_loss(model, *eval_sets[s], args.batch_size, autocast) for s in eval_sets}
+        improved = losses["val/loss"] < best_val
         best_val = min(best_val, losses["val/loss"])
         log.log(it, losses)
         tqdm.write(f"step {it}: train loss {losses['train/loss']:.4f}, val loss {losses['val/loss']:.4f}")
         save_checkpoint(log.path("ckpt.pt"), model, optimizer, vocab, args, it, True, best_val, interval)
+        if improved:  # small data overfits (nanoGPT keeps only its best checkpoint for the same reason)
+            save_checkpoint(log.path("best.pt"), model, optimizer, vocab, args, it, True, best_val, interval)
 
     # training loop
     train_seconds, steps_timed = 0.0, 0

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 FOLDER = Path(__file__).resolve().parent.parent / "decoder_transformer"
 TINY = [
@@ -85,6 +86,10 @@ def test_train_writes_a_run_and_lowers_the_loss(trained):
     assert summary["val_loss_2x_context"] is not None  # rope runs at twice the training context
     assert (trained / "ckpt.pt").is_file() and (trained / "config.json").is_file()
     assert (trained / "loss_curves.png").stat().st_size > 10_000
+    best = torch.load(trained / "best.pt", weights_only=False)
+    best_step = min((r for r in rows(trained) if "val/loss" in r), key=lambda r: r["val/loss"])
+    assert best["iter"] == best_step["step"]
+    assert best["best_val_loss"] == pytest.approx(best_step["val/loss"])
 
 
 def test_resume_continues_the_same_run_exactly(text_file, tmp_path):
@@ -124,7 +129,6 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(text_file, tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
     assert "checkpoint saved" in stderr and "Traceback" not in stderr
-    import torch
 
     stopped_at = torch.load(out / "ckpt.pt", weights_only=False)["iter"]
     assert 0 < stopped_at < 100000
