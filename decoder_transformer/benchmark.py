@@ -28,8 +28,8 @@ from typing import Literal
 
 import torch
 from model import DecoderLM, ModelConfig
-from sample import load_model, pick_device
-from textdata import Vocab, get_batch, load_text, split_tokens, tiled_windows
+from sample import load_model
+from textdata import Vocab, get_batch, load_text, pick_device, split_tokens, tiled_windows
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name
 

@@ -26,8 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sample import load_model, pick_device  # noqa: E402
-from textdata import encode_prompt, load_text, split_tokens  # noqa: E402
+from sample import load_model  # noqa: E402
+from textdata import encode_prompt, load_text, pick_device, split_tokens  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name, write_json  # noqa: E402

@@ -18,7 +18,7 @@ from typing import Literal
 import numpy as np
 import torch
 from model import DecoderLM, ModelConfig
-from textdata import Vocab, encode_prompt, load_checkpoint
+from textdata import Vocab, encode_prompt, load_checkpoint, pick_device
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name
 
@@ -71,14 +71,6 @@ def load_model(path: str, device: str) -> tuple[DecoderLM, Vocab, dict]:
             f"{path}: weights do not match the checkpoint's model config ({str(e)[:200]})"
         ) from None
     return model.to(device).eval(), Vocab(**ckpt["vocab"]), ckpt
-
-
-def pick_device(choice: str) -> str:
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible to torch")
-    return choice
 
 
 def main() -> None:

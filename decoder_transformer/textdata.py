@@ -132,6 +132,15 @@ def encode_prompt(vocab: Vocab, prompt: str, block_size: int) -> list[int]:
     return ids
 
 
+def pick_device(choice: str) -> str:
+    """`--device auto` -> cuda, then mps, then cpu; UserError when cuda is asked for but absent."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to torch")
+    return choice
+
+
 def load_checkpoint(path: str, device="cpu") -> dict:
     """A checkpoint written by train.py; UserError if it is missing or not one of ours."""
     if not Path(path).is_file():

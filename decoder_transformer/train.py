@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from model import DecoderLM, ModelConfig  # noqa: E402
-from textdata import Vocab, get_batch, load_checkpoint, load_text, split_tokens, tiled_windows
+from textdata import Vocab, get_batch, load_checkpoint, load_text, pick_device, split_tokens, tiled_windows
 from tqdm import tqdm  # noqa: E402
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name, write_json
@@ -138,14 +138,6 @@ def learning_rate(it: int, args: Args) -> float:
         return args.min_lr
     progress = (it - args.warmup_iters) / max(1, decay_iters - args.warmup_iters)
     return args.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
-
-
-def pick_device(choice: str) -> str:
-    if choice == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is visible to torch")
-    return choice
 
 
 @torch.no_grad()
