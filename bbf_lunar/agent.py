@@ -193,18 +193,25 @@ class ReplayBuffer:
         k = mask.sum(axis=1)  # (B,) window length, >= 1
         returns = (mask * self.rewards[window] * gamma ** offsets[None, :]).sum(axis=1)
         last = window[np.arange(len(idx)), k - 1]  # (B,) index of the window's final transition
-        discount = np.where(self.terminated[last], 0.0, gamma ** k)
+        discount = np.where(self.terminated[last], 0.0, gamma**k)
         return returns.astype(np.float32), self.next_obs[last], discount.astype(np.float32)
 
     def sample(self, batch_size: int, n: int, gamma: float, rng: np.random.Generator) -> dict:
         idx = rng.integers(0, self.size, size=batch_size)
         returns, bootstrap_obs, discount = self.n_step(idx, n, gamma)
-        return {"obs": self.obs[idx], "actions": self.actions[idx], "returns": returns,
-                "bootstrap_obs": bootstrap_obs, "discount": discount}
+        return {
+            "obs": self.obs[idx],
+            "actions": self.actions[idx],
+            "returns": returns,
+            "bootstrap_obs": bootstrap_obs,
+            "discount": discount,
+        }
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in
-                ("obs", "next_obs", "actions", "rewards", "terminated", "truncated", "ptr", "size")}
+        return {
+            k: getattr(self, k)
+            for k in ("obs", "next_obs", "actions", "rewards", "terminated", "truncated", "ptr", "size")
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
@@ -241,8 +248,13 @@ class Agent:
         self.num_resets = 0
 
     def _make_optimizer(self):
-        return torch.optim.AdamW(self.online.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
-                                 eps=self.cfg.adam_eps, foreach=True)
+        return torch.optim.AdamW(
+            self.online.parameters(),
+            lr=self.cfg.lr,
+            weight_decay=self.cfg.weight_decay,
+            eps=self.cfg.adam_eps,
+            foreach=True,
+        )
 
     @property
     def n_step(self) -> int:
@@ -292,9 +304,14 @@ class Agent:
         self.num_resets += 1
 
     def state_dict(self) -> dict:
-        return {"online": self.online.state_dict(), "target": self.target.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "grad_steps": self.grad_steps,
-                "steps_since_reset": self.steps_since_reset, "num_resets": self.num_resets}
+        return {
+            "online": self.online.state_dict(),
+            "target": self.target.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "grad_steps": self.grad_steps,
+            "steps_since_reset": self.steps_since_reset,
+            "num_resets": self.num_resets,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.online.load_state_dict(state["online"])
@@ -314,6 +331,17 @@ def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["ModelConfig", "AgentConfig", "Agent", "ReplayBuffer", "QNetwork", "shrink_and_perturb_",
-           "n_step_at", "gamma_at", "exponential_anneal", "double_dqn_loss", "linear_epsilon",
-           "param_count"]
+__all__ = [
+    "ModelConfig",
+    "AgentConfig",
+    "Agent",
+    "ReplayBuffer",
+    "QNetwork",
+    "shrink_and_perturb_",
+    "n_step_at",
+    "gamma_at",
+    "exponential_anneal",
+    "double_dqn_loss",
+    "linear_epsilon",
+    "param_count",
+]

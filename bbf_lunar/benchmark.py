@@ -36,8 +36,9 @@ class Args:
 def check_args(a: Args) -> None:
     unknown = [v for v in bbf_run.variant_list(a.variants) if v not in bbf_run.VARIANTS]
     if unknown:
-        raise ValueError(f"--variants: unknown {', '.join(unknown)}; "
-                         f"choose from {', '.join(bbf_run.VARIANTS)}")
+        raise ValueError(
+            f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(bbf_run.VARIANTS)}"
+        )
     if min(a.steps, a.rounds, a.total_steps) < 1 or a.warmup < 0:
         raise ValueError("--steps, --rounds and --total-steps must be >= 1, --warmup >= 0")
 
@@ -46,21 +47,31 @@ def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
     variants = bbf_run.variant_list(args.variants)
     total = args.warmup + args.steps
-    base = replace(bbf_run.Args(), total_steps=total, eval_every=total, eval_episodes=1,
-                   learning_starts=args.warmup, checkpoint_every=10 * total)
+    base = replace(
+        bbf_run.Args(),
+        total_steps=total,
+        eval_every=total,
+        eval_episodes=1,
+        learning_starts=args.warmup,
+        checkpoint_every=10 * total,
+    )
     rates: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for v in variants:
                 spec = bbf_run.job_spec(base, v, args.seed, Path(tmp) / f"{v}_{r}")
                 rates[v].append(bbf_run.train_job(spec)["env_steps_per_second"])
-    print(f"\nenv steps/s per worker (one torch thread), median of {args.rounds} rounds of {total} steps "
-          f"({args.warmup} random + {args.steps} learning; includes 2 one-episode evaluations)")
+    print(
+        f"\nenv steps/s per worker (one torch thread), median of {args.rounds} rounds of {total} steps "
+        f"({args.warmup} random + {args.steps} learning; includes 2 one-episode evaluations)"
+    )
     ref = float(np.median(rates[variants[-1]]))
     for v in variants:
         sps = float(np.median(rates[v]))
-        print(f"{v:<17}{sps:>8.0f} steps/s   x{sps / ref:.2f} vs {variants[-1]}   "
-              f"{args.total_steps / sps / 60:>5.1f} min per {args.total_steps:,}-step run")
+        print(
+            f"{v:<17}{sps:>8.0f} steps/s   x{sps / ref:.2f} vs {variants[-1]}   "
+            f"{args.total_steps / sps / 60:>5.1f} min per {args.total_steps:,}-step run"
+        )
 
 
 if __name__ == "__main__":

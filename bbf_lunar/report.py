@@ -25,16 +25,21 @@ def summarize(results: list[dict], reps: int, seed: int) -> dict:
     for name, runs in by_variant.items():
         steps = runs[0]["eval_steps"]
         if any(r["eval_steps"] != steps for r in runs):
-            raise UserError(f"variant {name}: its runs were evaluated at different steps; "
-                            "re-run them with the same --total-steps and --eval-every")
+            raise UserError(
+                f"variant {name}: its runs were evaluated at different steps; "
+                "re-run them with the same --total-steps and --eval-every"
+            )
         final = [r["final_return"] for r in runs]
         curve = np.array([[np.mean(x) for x in r["eval_returns"]] for r in runs])  # (runs, points)
         out["variants"][name] = {
-            **stats.iqm_with_ci(final, reps, seed), "final_returns": final,
+            **stats.iqm_with_ci(final, reps, seed),
+            "final_returns": final,
             "seeds": [r["seed"] for r in runs],
-            "mean": float(np.mean(final)), "std": float(np.std(final, ddof=1)) if len(final) > 1 else 0.0,
+            "mean": float(np.mean(final)),
+            "std": float(np.std(final, ddof=1)) if len(final) > 1 else 0.0,
             "env_steps_per_second": float(np.mean([r["env_steps_per_second"] for r in runs])),
-            "minutes_per_run": float(np.mean([r["seconds"] for r in runs]) / 60)}
+            "minutes_per_run": float(np.mean([r["seconds"] for r in runs]) / 60),
+        }
         out["curves"][name] = {"steps": steps, **stats.iqm_curve(curve, reps, seed)}
     if "bbf" in by_variant:
         bbf = out["variants"]["bbf"]["final_returns"]
@@ -58,8 +63,10 @@ def make_plots(s: dict, log: RunLogger) -> None:
     try:
         import matplotlib
     except ImportError:  # e.g. a bare compute node: the numbers are in summary.json, plots can follow
-        print("matplotlib is not installed: plots skipped; make them later with --summarize-only",
-              file=sys.stderr)
+        print(
+            "matplotlib is not installed: plots skipped; make them later with --summarize-only",
+            file=sys.stderr,
+        )
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -78,8 +85,14 @@ def make_plots(s: dict, log: RunLogger) -> None:
     fig, ax = plt.subplots(figsize=(6, 0.5 * len(names) + 1.5))
     for i, name in enumerate(names):
         v = s["variants"][name]
-        ax.errorbar(v["iqm"], i, xerr=[[v["iqm"] - v["ci_low"]], [v["ci_high"] - v["iqm"]]], fmt="o",
-                    color=colors[name], capsize=4)
+        ax.errorbar(
+            v["iqm"],
+            i,
+            xerr=[[v["iqm"] - v["ci_low"]], [v["ci_high"] - v["iqm"]]],
+            fmt="o",
+            color=colors[name],
+            capsize=4,
+        )
     ax.axvline(SOLVED, color="grey", ls="--", lw=1)
     ax.set_yticks(range(len(names)), names)
     ax.set(xlabel=f"IQM return at {s['env_steps']:,} steps (95% CI)", title="Final performance")
@@ -100,8 +113,14 @@ def make_plots(s: dict, log: RunLogger) -> None:
         pairs = list(s["probability_of_improvement"].items())
         fig, ax = plt.subplots(figsize=(6, 0.5 * len(pairs) + 1.5))
         for i, (_, p) in enumerate(pairs):
-            ax.errorbar(p["poi"], i, xerr=[[p["poi"] - p["ci_low"]], [p["ci_high"] - p["poi"]]], fmt="o",
-                        color="C0", capsize=4)
+            ax.errorbar(
+                p["poi"],
+                i,
+                xerr=[[p["poi"] - p["ci_low"]], [p["ci_high"] - p["poi"]]],
+                fmt="o",
+                color="C0",
+                capsize=4,
+            )
         ax.axvline(0.5, color="grey", ls="--", lw=1)
         ax.set_yticks(range(len(pairs)), [pair.replace("_vs_", " > ") for pair, _ in pairs])
         ax.set(xlim=(0, 1), xlabel="P(BBF > variant) (95% CI)", title="Probability of improvement")
@@ -113,7 +132,9 @@ def print_table(s: dict) -> None:
     print(f"{'variant':<17}{'IQM':>8}  {'95% CI':<18}{'mean +- std':<18}{'steps/s/worker':>15}{'min/run':>9}")
     for name, v in s["variants"].items():
         ci = f"[{v['ci_low']:.1f}, {v['ci_high']:.1f}]"
-        print(f"{name:<17}{v['iqm']:>8.1f}  {ci:<18}{v['mean']:>7.1f} +- {v['std']:<7.1f}"
-              f"{v['env_steps_per_second']:>15.0f}{v['minutes_per_run']:>9.2f}")
+        print(
+            f"{name:<17}{v['iqm']:>8.1f}  {ci:<18}{v['mean']:>7.1f} +- {v['std']:<7.1f}"
+            f"{v['env_steps_per_second']:>15.0f}{v['minutes_per_run']:>9.2f}"
+        )
     for pair, p in s["probability_of_improvement"].items():
         print(f"P({pair.replace('_vs_', ' > ')}) = {p['poi']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]")

@@ -87,8 +87,15 @@ VARIANTS = {
     "no_gamma_anneal": lambda a: {"gamma_start": a.gamma_end},
     "no_resets": lambda a: {"reset_every": 0},
     "small_net": lambda a: dict(SMALL_NET),
-    "dqn": lambda a: {**SMALL_NET, "replay_ratio": 0.25, "n_max": 1, "n_min": 1, "gamma_start": 0.99,
-                      "gamma_end": 0.99, "reset_every": 0},
+    "dqn": lambda a: {
+        **SMALL_NET,
+        "replay_ratio": 0.25,
+        "n_max": 1,
+        "n_min": 1,
+        "gamma_start": 0.99,
+        "gamma_end": 0.99,
+        "reset_every": 0,
+    },
 }
 
 
@@ -99,10 +106,22 @@ def variant_list(text: str) -> list[str]:
 def check_args(a: Args) -> None:
     unknown = [v for v in variant_list(a.variants) if v not in VARIANTS]
     if unknown or not variant_list(a.variants):
-        raise ValueError(f"--variants: unknown {', '.join(unknown) or '(none given)'}; "
-                         f"choose from {', '.join(VARIANTS)}")
-    for name in ("seeds", "workers", "total_steps", "eval_every", "eval_episodes", "batch_size", "width",
-                 "n_max", "n_min", "checkpoint_every", "bootstrap_reps"):
+        raise ValueError(
+            f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}"
+        )
+    for name in (
+        "seeds",
+        "workers",
+        "total_steps",
+        "eval_every",
+        "eval_episodes",
+        "batch_size",
+        "width",
+        "n_max",
+        "n_min",
+        "checkpoint_every",
+        "bootstrap_reps",
+    ):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(a, name)})")
     for name in ("replay_ratio", "lr", "tau"):
@@ -116,8 +135,9 @@ def check_args(a: Args) -> None:
         if not 0 <= getattr(a, name) <= 1:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(a, name)})")
     if min(a.blocks, a.anneal_steps, a.reset_every, a.eps_decay_steps, a.weight_decay) < 0:
-        raise ValueError("--blocks, --anneal-steps, --reset-every, --eps-decay-steps and --weight-decay "
-                         "must be >= 0")
+        raise ValueError(
+            "--blocks, --anneal-steps, --reset-every, --eps-decay-steps and --weight-decay must be >= 0"
+        )
     if (a.resume or a.summarize_only) and not a.out:
         raise ValueError("--resume and --summarize-only need --out <run folder>")
 
@@ -125,14 +145,33 @@ def check_args(a: Args) -> None:
 def job_spec(a: Args, variant: str, seed: int, job_dir: Path) -> dict:
     """Everything one worker needs, as plain data (it crosses a process boundary and is saved)."""
     s = {**asdict(a), "residual": True, "layer_norm": True, **VARIANTS[variant](a)}
-    model = ModelConfig(width=s["width"], num_blocks=s["blocks"], residual=s["residual"],
-                        layer_norm=s["layer_norm"])
+    model = ModelConfig(
+        width=s["width"], num_blocks=s["blocks"], residual=s["residual"], layer_norm=s["layer_norm"]
+    )
     agent_fields = {f.name for f in fields(AgentConfig)}
     agent = AgentConfig(**{k: v for k, v in s.items() if k in agent_fields})
-    run = {k: s[k] for k in ("total_steps", "eval_every", "eval_episodes", "learning_starts", "replay_ratio",
-                             "eps_start", "eps_end", "eps_decay_steps", "checkpoint_every")}
-    return {"variant": variant, "seed": seed, "job_dir": str(job_dir), "model": asdict(model),
-            "agent": asdict(agent), "run": run}
+    run = {
+        k: s[k]
+        for k in (
+            "total_steps",
+            "eval_every",
+            "eval_episodes",
+            "learning_starts",
+            "replay_ratio",
+            "eps_start",
+            "eps_end",
+            "eps_decay_steps",
+            "checkpoint_every",
+        )
+    }
+    return {
+        "variant": variant,
+        "seed": seed,
+        "job_dir": str(job_dir),
+        "model": asdict(model),
+        "agent": asdict(agent),
+        "run": run,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,8 +209,11 @@ class PlainProgress:
         self.n += k
 
     def set_postfix(self, refresh=True, **kw):
-        print(f"{self.desc}: {self.n}/{self.total} steps, " + ", ".join(f"{k}={v}" for k, v in kw.items()),
-              file=sys.stderr, flush=True)
+        print(
+            f"{self.desc}: {self.n}/{self.total} steps, " + ", ".join(f"{k}={v}" for k, v in kw.items()),
+            file=sys.stderr,
+            flush=True,
+        )
 
     def close(self):
         pass
@@ -200,8 +242,15 @@ def train_job(spec: dict, slots=None) -> dict:
     rng = np.random.default_rng(seed)
     agent = Agent(ModelConfig(**spec["model"]), AgentConfig(**spec["agent"]))
     buffer = ReplayBuffer(run["total_steps"], agent.model_cfg.obs_dim)  # BBF keeps the whole run in replay
-    state = {"env_step": 0, "updates_owed": 0.0, "eval_steps": [], "eval_returns": [], "seconds": 0.0,
-             "episodes": 0, "resumes": 0}
+    state = {
+        "env_step": 0,
+        "updates_owed": 0.0,
+        "eval_steps": [],
+        "eval_returns": [],
+        "seconds": 0.0,
+        "episodes": 0,
+        "resumes": 0,
+    }
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
         agent.load_state_dict(ckpt["agent"])
@@ -229,9 +278,16 @@ def train_job(spec: dict, slots=None) -> dict:
     t0, session_start_step = time.perf_counter(), state["env_step"]
     last_eval = record_eval() if state["env_step"] == 0 else float(np.mean(state["eval_returns"][-1]))
     position = slots.get() if slots is not None else 0
-    bar = tqdm(total=run["total_steps"], initial=state["env_step"], position=position, leave=False,
-               desc=f"{variant} seed {seed}", unit="step", dynamic_ncols=True,
-               mininterval=2.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line every 30 s
+    bar = tqdm(
+        total=run["total_steps"],
+        initial=state["env_step"],
+        position=position,
+        leave=False,
+        desc=f"{variant} seed {seed}",
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=2.0 if sys.stderr.isatty() else 30.0,
+    )  # a log file gets a line every 30 s
     episode_return, episode_length, losses = 0.0, 0, []
     try:
         while state["env_step"] < run["total_steps"]:
@@ -248,9 +304,18 @@ def train_job(spec: dict, slots=None) -> dict:
             state["env_step"] = step = step + 1
             if terminated or truncated:
                 state["episodes"] += 1
-                progress.write(json.dumps({"step": step, "train/return": episode_return,
-                                           "train/length": episode_length, "train/n": agent.n_step,
-                                           "train/gamma": agent.gamma}) + "\n")
+                progress.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "train/return": episode_return,
+                            "train/length": episode_length,
+                            "train/n": agent.n_step,
+                            "train/gamma": agent.gamma,
+                        }
+                    )
+                    + "\n"
+                )
                 obs, _ = env.reset()
                 episode_return, episode_length = 0.0, 0
 
@@ -265,8 +330,16 @@ def train_job(spec: dict, slots=None) -> dict:
             if step % 1000 == 0:
                 bar.update(step - bar.n)
                 if losses:
-                    progress.write(json.dumps({"step": step, "train/loss": float(np.mean(losses)),
-                                               "train/grad_steps": agent.grad_steps}) + "\n")
+                    progress.write(
+                        json.dumps(
+                            {
+                                "step": step,
+                                "train/loss": float(np.mean(losses)),
+                                "train/grad_steps": agent.grad_steps,
+                            }
+                        )
+                        + "\n"
+                    )
                     losses = []
             if step % run["eval_every"] == 0 or step == run["total_steps"]:
                 last_eval = record_eval()
@@ -274,8 +347,14 @@ def train_job(spec: dict, slots=None) -> dict:
             if step % run["checkpoint_every"] == 0 and step < run["total_steps"]:
                 seconds = state["seconds"]
                 state["seconds"] = seconds + time.perf_counter() - t0
-                save_checkpoint(ckpt_path, agent=agent.state_dict(), buffer=buffer.state_dict(), state=state,
-                                numpy_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state())
+                save_checkpoint(
+                    ckpt_path,
+                    agent=agent.state_dict(),
+                    buffer=buffer.state_dict(),
+                    state=state,
+                    numpy_rng=rng.bit_generator.state,
+                    torch_rng=torch.get_rng_state(),
+                )
                 state["seconds"] = seconds
     finally:
         bar.close()
@@ -285,13 +364,21 @@ def train_job(spec: dict, slots=None) -> dict:
 
     # save: the result file marks the job done; the checkpoint is no longer needed
     seconds = state["seconds"] + time.perf_counter() - t0
-    result = {"variant": variant, "seed": seed, "eval_steps": state["eval_steps"],
-              "eval_returns": state["eval_returns"],
-              "final_return": float(np.mean(state["eval_returns"][-1])),
-              "env_steps": state["env_step"], "grad_steps": agent.grad_steps, "resets": agent.num_resets,
-              "episodes": state["episodes"], "seconds": seconds,
-              "env_steps_per_second": (state["env_step"] - session_start_step) / (time.perf_counter() - t0),
-              "resumed": state["resumes"], "spec": spec}
+    result = {
+        "variant": variant,
+        "seed": seed,
+        "eval_steps": state["eval_steps"],
+        "eval_returns": state["eval_returns"],
+        "final_return": float(np.mean(state["eval_returns"][-1])),
+        "env_steps": state["env_step"],
+        "grad_steps": agent.grad_steps,
+        "resets": agent.num_resets,
+        "episodes": state["episodes"],
+        "seconds": seconds,
+        "env_steps_per_second": (state["env_step"] - session_start_step) / (time.perf_counter() - t0),
+        "resumed": state["resumes"],
+        "spec": spec,
+    }
     write_json(job_dir / "result.json", result)
     ckpt_path.unlink(missing_ok=True)
     return result
@@ -299,8 +386,9 @@ def train_job(spec: dict, slots=None) -> dict:
 
 def job_cost(spec: dict) -> float:
     """Rough relative cost: gradient steps x weights per layer (fixed overhead of 0.2 per step)."""
-    return spec["run"]["replay_ratio"] * (spec["model"]["width"] ** 2 * (2 * spec["model"]["num_blocks"] + 1)
-                                          / 128 ** 2 / 5 + 0.2)
+    return spec["run"]["replay_ratio"] * (
+        spec["model"]["width"] ** 2 * (2 * spec["model"]["num_blocks"] + 1) / 128**2 / 5 + 0.2
+    )
 
 
 def _settings(spec: dict) -> dict:
@@ -319,12 +407,20 @@ def main() -> None:
     # setup
     args = parse_args(Args, check=check_args, description=__doc__)
     if args.summarize_only and not (Path(args.out) / "jobs").is_dir():
-        raise UserError(f"--summarize-only: no jobs/ folder in {args.out}; "
-                        "point --out at the folder of an earlier run")
+        raise UserError(
+            f"--summarize-only: no jobs/ folder in {args.out}; point --out at the folder of an earlier run"
+        )
     variants = variant_list(args.variants)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    log = RunLogger("bbf_lunar", run_name("bbf", args.seed), asdict(args), out=args.out, clearml=args.clearml,
-                    clearml_queue=args.clearml_queue, resume=args.resume or args.summarize_only)
+    log = RunLogger(
+        "bbf_lunar",
+        run_name("bbf", args.seed),
+        asdict(args),
+        out=args.out,
+        clearml=args.clearml,
+        clearml_queue=args.clearml_queue,
+        resume=args.resume or args.summarize_only,
+    )
     jobs_dir = log.path("jobs")
 
     # jobs: finished ones are kept, the rest train (resuming from their checkpoints)
@@ -336,19 +432,29 @@ def main() -> None:
         for spec in specs:
             saved = Path(spec["job_dir"]) / "spec.json"
             if saved.exists() and _settings(json.loads(saved.read_text())) != _settings(spec):
-                raise UserError(f"{saved.parent} was started with other settings; use the original flags "
-                                "or a new --out")
-        results = [json.loads((Path(s["job_dir"]) / "result.json").read_text()) for s in specs
-                   if (Path(s["job_dir"]) / "result.json").exists()]
+                raise UserError(
+                    f"{saved.parent} was started with other settings; use the original flags or a new --out"
+                )
+        results = [
+            json.loads((Path(s["job_dir"]) / "result.json").read_text())
+            for s in specs
+            if (Path(s["job_dir"]) / "result.json").exists()
+        ]
         pending = [s for s in specs if not (Path(s["job_dir"]) / "result.json").exists()]
         pending.sort(key=job_cost, reverse=True)  # longest first, so the pool finishes together
         for v in variants:
             spec = next(s for s in specs if s["variant"] == v)
             grad = max(0, args.total_steps - args.learning_starts) * spec["run"]["replay_ratio"]
-            print(f"{v:<17} {param_count(QNetwork(ModelConfig(**spec['model']))):>7,} params, "
-                  f"{grad:,.0f} gradient steps/run, model {spec['model']}, agent {spec['agent']}", flush=True)
-        print(f"{len(specs)} jobs ({len(specs) - len(pending)} already done), {args.workers} workers -> "
-              f"{log.run_dir}", flush=True)
+            print(
+                f"{v:<17} {param_count(QNetwork(ModelConfig(**spec['model']))):>7,} params, "
+                f"{grad:,.0f} gradient steps/run, model {spec['model']}, agent {spec['agent']}",
+                flush=True,
+            )
+        print(
+            f"{len(specs)} jobs ({len(specs) - len(pending)} already done), {args.workers} workers -> "
+            f"{log.run_dir}",
+            flush=True,
+        )
 
     # loop: one job per (variant, seed), in a pool of single-threaded workers
     if pending:
@@ -363,8 +469,11 @@ def main() -> None:
                 with ctx.Pool(min(args.workers, len(pending))) as pool:
                     for result in pool.imap_unordered(_train_job_star, [(s, slots) for s in pending]):
                         results.append(result)
-                        print(f"done {result['variant']} seed {result['seed']}: final return "
-                              f"{result['final_return']:.1f} ({result['seconds'] / 60:.1f} min)", flush=True)
+                        print(
+                            f"done {result['variant']} seed {result['seed']}: final return "
+                            f"{result['final_return']:.1f} ({result['seconds'] / 60:.1f} min)",
+                            flush=True,
+                        )
                     pool.close()
                     pool.join()
     if not results:
@@ -373,8 +482,15 @@ def main() -> None:
     # evaluate: IQM, bootstrap CIs, probability of improvement, profiles
     s = summarize(results, args.bootstrap_reps, args.seed)
     for j, step in enumerate(next(iter(s["curves"].values()))["steps"]):
-        log.log(step, {f"eval/{k}_{name}": c[k][j] for name, c in s["curves"].items() if j < len(c["steps"])
-                       for k in ("iqm", "ci_low", "ci_high")})
+        log.log(
+            step,
+            {
+                f"eval/{k}_{name}": c[k][j]
+                for name, c in s["curves"].items()
+                if j < len(c["steps"])
+                for k in ("iqm", "ci_low", "ci_high")
+            },
+        )
 
     # save
     make_plots(s, log)

@@ -27,14 +27,14 @@ def iqm(scores) -> float:
     sorted pooled scores (scipy.stats.trim_mean(x, 0.25) on all runs and tasks together)."""
     x = np.sort(np.asarray(scores, dtype=np.float64).ravel())
     cut = int(0.25 * len(x))
-    return float(x[cut:len(x) - cut].mean())
+    return float(x[cut : len(x) - cut].mean())
 
 
 def _iqm_last_axis(x: np.ndarray) -> np.ndarray:
     """IQM over the last axis for a stack of replicates: (..., n) -> (...)."""
     x = np.sort(x, axis=-1)
     cut = int(0.25 * x.shape[-1])
-    return x[..., cut:x.shape[-1] - cut].mean(axis=-1)
+    return x[..., cut : x.shape[-1] - cut].mean(axis=-1)
 
 
 def stratified_resample(x: np.ndarray, reps: int, rng: np.random.Generator) -> np.ndarray:
@@ -77,8 +77,9 @@ def probability_of_improvement(x_scores, y_scores) -> float:
     return float(np.mean(greater + 0.5 * equal))
 
 
-def probability_of_improvement_with_ci(x_scores, y_scores, reps: int = 2000, seed: int = 0,
-                                       level: float = 0.95) -> dict:
+def probability_of_improvement_with_ci(
+    x_scores, y_scores, reps: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict:
     """{"poi", "ci_low", "ci_high"}; X and Y runs are resampled independently (stratified by task)."""
     x, y = _as_matrix(x_scores), _as_matrix(y_scores)
     rng = np.random.default_rng(seed)
@@ -96,8 +97,9 @@ def performance_profile(scores, thresholds) -> np.ndarray:
     return (x[None, :] > tau[:, None]).mean(axis=1)
 
 
-def performance_profile_with_ci(scores, thresholds, reps: int = 2000, seed: int = 0,
-                                level: float = 0.95) -> dict:
+def performance_profile_with_ci(
+    scores, thresholds, reps: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict:
     """{"fraction", "ci_low", "ci_high"}: lists over thresholds, bootstrap over runs."""
     x = _as_matrix(scores)
     replicates = stratified_resample(x, reps, np.random.default_rng(seed)).reshape(reps, -1)
@@ -105,12 +107,16 @@ def performance_profile_with_ci(scores, thresholds, reps: int = 2000, seed: int 
     fractions = (replicates[:, None, :] > tau[None, :, None]).mean(axis=2)  # (reps, thresholds)
     alpha = 100 * (1 - level) / 2
     low, high = np.percentile(fractions, [alpha, 100 - alpha], axis=0)
-    return {"fraction": performance_profile(x, tau).tolist(), "ci_low": low.tolist(),
-            "ci_high": high.tolist()}
+    return {
+        "fraction": performance_profile(x, tau).tolist(),
+        "ci_low": low.tolist(),
+        "ci_high": high.tolist(),
+    }
 
 
-def bootstrap_ci(statistic: Callable[[np.ndarray], float], scores, reps: int = 2000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    statistic: Callable[[np.ndarray], float], scores, reps: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Generic stratified-bootstrap percentile interval for any statistic of a (runs, tasks) matrix."""
     x = _as_matrix(scores)
     replicates = stratified_resample(x, reps, np.random.default_rng(seed))

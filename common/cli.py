@@ -48,6 +48,7 @@ def _unwrap_optional(tp):
 def _none_or(convert):
     def parse(text):
         return None if text.lower() == "none" else convert(text)
+
     parse.__name__ = convert.__name__
     return parse
 
@@ -56,8 +57,9 @@ def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser
     doc = (cls.__doc__ or "").strip()
     if doc.startswith(cls.__name__ + "("):  # the signature dataclass writes when there is no docstring
         doc = ""
-    parser = argparse.ArgumentParser(description=description or doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=description or doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
     for f in dataclasses.fields(cls):

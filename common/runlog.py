@@ -53,24 +53,34 @@ def clearml_server_configured() -> bool:
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 class RunLogger:
-    def __init__(self, experiment: str, name: str, config: dict, out: str | None = None,
-                 clearml: str = "auto", clearml_queue: str | None = None, resume: bool = False):
+    def __init__(
+        self,
+        experiment: str,
+        name: str,
+        config: dict,
+        out: str | None = None,
+        clearml: str = "auto",
+        clearml_queue: str | None = None,
+        resume: bool = False,
+    ):
         if clearml not in CLEARML_MODES:
             raise UserError(f"--clearml must be one of {', '.join(CLEARML_MODES)} (got {clearml!r})")
         self.run_dir = Path(out) if out else REPO_ROOT / "runs" / experiment / name
         existing = self.run_dir.is_dir() and any(self.run_dir.iterdir())
         if existing and not resume:
             if out:
-                raise UserError(f"{self.run_dir} already holds a run; choose another --out "
-                                "(nothing was written)")
+                raise UserError(
+                    f"{self.run_dir} already holds a run; choose another --out (nothing was written)"
+                )
             self.run_dir = self.run_dir.with_name(f"{name}-{os.getpid()}")  # same second, same name
         self.task = self._start_clearml(clearml, clearml_queue, experiment, self.run_dir.name, config)
         try:
@@ -83,11 +93,19 @@ class RunLogger:
         self._t0 = time.time()
         self._metrics = open(self.run_dir / "metrics.jsonl", "a")
         if not (self.run_dir / "config.json").exists():
-            write_json(self.run_dir / "config.json", {
-                "experiment": experiment, "run_name": self.run_dir.name, "args": config,
-                "started": datetime.now().isoformat(timespec="seconds"), "git_commit": _git_commit(),
-                "python": platform.python_version(), "host": platform.node(), "versions": self._versions(),
-            })
+            write_json(
+                self.run_dir / "config.json",
+                {
+                    "experiment": experiment,
+                    "run_name": self.run_dir.name,
+                    "args": config,
+                    "started": datetime.now().isoformat(timespec="seconds"),
+                    "git_commit": _git_commit(),
+                    "python": platform.python_version(),
+                    "host": platform.node(),
+                    "versions": self._versions(),
+                },
+            )
 
     @staticmethod
     def _versions() -> dict:
@@ -103,14 +121,17 @@ class RunLogger:
     def _start_clearml(mode, queue, project, task_name, config):
         if mode == "off":
             if queue:
-                raise UserError("--clearml-queue needs a ClearML server; it cannot be used with "
-                                "--clearml off")
+                raise UserError(
+                    "--clearml-queue needs a ClearML server; it cannot be used with --clearml off"
+                )
             return None
         configured = clearml_server_configured()
         if mode == "online" and not configured:
-            raise UserError("--clearml online needs a ClearML server: run `clearml-init` or set "
-                            "CLEARML_API_HOST, CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY "
-                            "(or use --clearml offline)")
+            raise UserError(
+                "--clearml online needs a ClearML server: run `clearml-init` or set "
+                "CLEARML_API_HOST, CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY "
+                "(or use --clearml offline)"
+            )
         offline = mode == "offline" or (mode == "auto" and not configured)
         if queue and offline:
             raise UserError("--clearml-queue needs a configured ClearML server (see `clearml-init`)")
@@ -123,9 +144,14 @@ class RunLogger:
         if offline:
             Task.set_offline(True)
             Task._report_subprocess_enabled = False  # else close() waits ~11 s for the reporter process
-        task = Task.init(project_name=project, task_name=task_name, reuse_last_task_id=False,
-                         auto_connect_frameworks=False, auto_connect_arg_parser=False,
-                         auto_resource_monitoring=not offline)
+        task = Task.init(
+            project_name=project,
+            task_name=task_name,
+            reuse_last_task_id=False,
+            auto_connect_frameworks=False,
+            auto_connect_arg_parser=False,
+            auto_resource_monitoring=not offline,
+        )
         task.connect(config, name="Args")
         if queue:
             # Enqueue this task for a clearml-agent and exit here; on the agent the call is a no-op.
@@ -151,8 +177,9 @@ class RunLogger:
         path = self.run_dir / f"{name}.png"
         fig.savefig(path, dpi=120, bbox_inches="tight")
         if self.task is not None:
-            self.task.get_logger().report_matplotlib_figure(name, name, figure=fig, iteration=0,
-                                                            report_image=True)
+            self.task.get_logger().report_matplotlib_figure(
+                name, name, figure=fig, iteration=0, report_image=True
+            )
         plt.close(fig)
         return path
 
@@ -170,8 +197,11 @@ class RunLogger:
             self.task.close()
             self.task = None
             if offline_folder:
-                print(f"ClearML offline session: {offline_folder}.zip "
-                      "(upload later with Task.import_offline_session)", file=sys.stderr)
+                print(
+                    f"ClearML offline session: {offline_folder}.zip "
+                    "(upload later with Task.import_offline_session)",
+                    file=sys.stderr,
+                )
         print(f"run folder: {self.run_dir}", file=sys.stderr)
 
     def __enter__(self):

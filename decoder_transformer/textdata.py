@@ -127,8 +127,10 @@ def encode_prompt(vocab: Vocab, prompt: str, block_size: int) -> list[int]:
     except ValueError as e:
         raise UserError(f"--prompt: {e}; the vocabulary is {vocab.chars!r}") from None
     if len(ids) > block_size:
-        raise UserError(f"--prompt is {len(ids)} tokens, longer than the model's context "
-                        f"(block_size {block_size}); shorten it")
+        raise UserError(
+            f"--prompt is {len(ids)} tokens, longer than the model's context "
+            f"(block_size {block_size}); shorten it"
+        )
     return ids
 
 

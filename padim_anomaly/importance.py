@@ -83,9 +83,13 @@ def check_args(args: Args) -> None:
     n = n_features_of(args.n_features, low=2)
     if not all(1 <= k <= n for k in args.ks):
         raise ValueError(f"--ks must each be in 1..{n} (the number of ranked channels; got {args.ks})")
-    for flag, value, low in (("--folds", args.folds, 2), ("--n-repeats", args.n_repeats, 1),
-                             ("--n-random", args.n_random, 1), ("--pixel-stride", args.pixel_stride, 1),
-                             ("--batch-size", args.batch_size, 1)):
+    for flag, value, low in (
+        ("--folds", args.folds, 2),
+        ("--n-repeats", args.n_repeats, 1),
+        ("--n-random", args.n_random, 1),
+        ("--pixel-stride", args.pixel_stride, 1),
+        ("--batch-size", args.batch_size, 1),
+    ):
         if value < low:
             raise ValueError(f"{flag} must be >= {low} (got {value})")
     check_image_size(args.image_size)
@@ -111,7 +115,7 @@ def fit(embeddings: torch.Tensor, epsilon: float, chunk: int = 32):
     """Online Gaussian over cached (N, C, P) embeddings -> mean (C, P), inverse covariance (P, C, C)."""
     stats = OnlineGaussian(embeddings.shape[1], embeddings.shape[2], device=embeddings.device)
     for start in range(0, len(embeddings), chunk):
-        stats.update(embeddings[start:start + chunk])
+        stats.update(embeddings[start : start + chunk])
     mean, covariance = stats.finalize(epsilon)
     return mean, invert_covariance_(covariance)
 
@@ -120,7 +124,7 @@ def evaluate(embeddings, masks, labels, mean, inv_covariance, config, batch_size
     """Image and pixel AUROC (all pixels) of a fitted model on cached validation embeddings."""
     maps = []
     for start in range(0, len(embeddings), batch_size):
-        squared, _ = mahalanobis_terms(embeddings[start:start + batch_size], mean, inv_covariance)
+        squared, _ = mahalanobis_terms(embeddings[start : start + batch_size], mean, inv_covariance)
         distance = squared.clamp_min(0).sqrt()  # (B, P)
         maps.append(anomaly_map(distance, config.grid, config.image_size, config.sigma).cpu())
     maps = torch.cat(maps)
@@ -152,8 +156,11 @@ def permutation_importance(embeddings, masks, labels, mean, inv_covariance, conf
     channels = tqdm(range(n_channels), desc="permutation importance", unit="ch", leave=False, disable=None)
     for channel in channels:
         order = torch.from_numpy(np.stack([rng.permutation(n_images) for _ in range(n_repeats)]))  # (R, V)
-        image, pixel = scores(permuted_squared_distance(squared, weighted, inv_diagonal, embeddings, channel,
-                                                        order.to(embeddings.device)))
+        image, pixel = scores(
+            permuted_squared_distance(
+                squared, weighted, inv_diagonal, embeddings, channel, order.to(embeddings.device)
+            )
+        )
         image_drop[channel] = base_image.numpy() - image.numpy()
         pixel_drop[channel] = base_pixel.numpy() - pixel.numpy()
     return float(base_image[0]), float(base_pixel[0]), image_drop, pixel_drop
@@ -163,13 +170,16 @@ def make_folds(n_train: int, test_types: list[str], n_folds: int, seed: int):
     """[(train indices, validation test indices)] per fold."""
     counts = {t: test_types.count(t) for t in set(test_types)}
     if min(counts.values()) < n_folds:
-        raise UserError(f"every test type needs at least {n_folds} images for {n_folds}-fold stratified CV "
-                        f"(have {counts}); lower --folds")
+        raise UserError(
+            f"every test type needs at least {n_folds} images for {n_folds}-fold stratified CV "
+            f"(have {counts}); lower --folds"
+        )
     if n_train < 2 * n_folds:
         raise UserError(f"{n_train} training images are too few for {n_folds} folds")
     train_folds = KFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(n_train))
-    test_folds = StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(len(test_types)),
-                                                                                 test_types)
+    test_folds = StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(
+        np.zeros(len(test_types)), test_types
+    )
     return [(fit_index, val_index) for (fit_index, _), (_, val_index) in zip(train_folds, test_folds)]
 
 
@@ -182,12 +192,26 @@ def ranking_figure(image_mean, image_std, channels, name):
     x = np.arange(len(order))
     ax.errorbar(x, image_mean[order], yerr=image_std[order], fmt=".", ms=3, lw=0.6, capsize=0)
     ax.axhline(0, color="k", lw=0.6)
-    top = "\n".join(f"{rank + 1}. {channel_name(int(channels[i]))}  {image_mean[i]:+.4f}"
-                    for rank, i in enumerate(order[:10]))
-    ax.text(0.99, 0.97, "top 10\n" + top, transform=ax.transAxes, ha="right", va="top", fontsize=7,
-            family="monospace", bbox={"facecolor": "white", "alpha": 0.8, "lw": 0.5})
-    ax.set(xlabel="channel rank", ylabel="image AUROC drop (mean +- std)",
-           title=f"{name}: permutation importance of embedding channels (folds x repeats)")
+    top = "\n".join(
+        f"{rank + 1}. {channel_name(int(channels[i]))}  {image_mean[i]:+.4f}"
+        for rank, i in enumerate(order[:10])
+    )
+    ax.text(
+        0.99,
+        0.97,
+        "top 10\n" + top,
+        transform=ax.transAxes,
+        ha="right",
+        va="top",
+        fontsize=7,
+        family="monospace",
+        bbox={"facecolor": "white", "alpha": 0.8, "lw": 0.5},
+    )
+    ax.set(
+        xlabel="channel rank",
+        ylabel="image AUROC drop (mean +- std)",
+        title=f"{name}: permutation importance of embedding channels (folds x repeats)",
+    )
     fig.tight_layout()
     return fig
 
@@ -200,11 +224,19 @@ def subsets_figure(subsets, full, name):
     for shift, choice, color in styles:
         mean = [subsets[str(k)][choice]["mean"] for k in ks]
         std = [subsets[str(k)][choice]["std"] for k in ks]
-        ax.errorbar(np.array(ks) + shift * dodge, mean, yerr=std, marker="o", capsize=3, color=color,
-                    label=f"{choice}-k")
+        ax.errorbar(
+            np.array(ks) + shift * dodge,
+            mean,
+            yerr=std,
+            marker="o",
+            capsize=3,
+            color=color,
+            label=f"{choice}-k",
+        )
     ax.axhline(full["mean"], color="gray", ls="--", label=f"all {full['n_channels']} channels")
-    ax.set(xlabel="k (channels kept)", ylabel="image AUROC (CV mean +- std)",
-           title=f"{name}: channel subsets")
+    ax.set(
+        xlabel="k (channels kept)", ylabel="image AUROC (CV mean +- std)", title=f"{name}: channel subsets"
+    )
     ax.legend()
     fig.tight_layout()
     return fig
@@ -221,7 +253,7 @@ def run_category(name, category, test_set, extractor, config, args, device, log,
     test_embeddings = []
     for start in range(0, len(test_images), args.batch_size):
         with torch.no_grad():
-            batch = test_images[start:start + args.batch_size].to(device)
+            batch = test_images[start : start + args.batch_size].to(device)
             test_embeddings.append(extractor(batch).flatten(2))  # (B, C, P)
     test_embeddings = torch.cat(test_embeddings)  # (N_test, C, P)
     folds = make_folds(len(category.train), category.test_types, args.folds, args.seed)
@@ -238,17 +270,34 @@ def run_category(name, category, test_set, extractor, config, args, device, log,
         mean, inv_covariance = fit(train_embeddings[fit_index], config.epsilon)
         rng = np.random.default_rng([args.seed, k])
         base_image, base_pixel, image_drop, pixel_drop = permutation_importance(
-            test_embeddings[val_index], test_masks[val_index], labels[val_index], mean, inv_covariance,
-            config, args.n_repeats, args.pixel_stride, rng)
+            test_embeddings[val_index],
+            test_masks[val_index],
+            labels[val_index],
+            mean,
+            inv_covariance,
+            config,
+            args.n_repeats,
+            args.pixel_stride,
+            rng,
+        )
         del mean, inv_covariance
-        result = {"fold": k, "n_fit": len(fit_index), "n_val": len(val_index), "base_image_auroc": base_image,
-                  "base_pixel_auroc_strided": base_pixel, "image_drop": image_drop.tolist(),
-                  "pixel_drop": pixel_drop.tolist(), "seconds": time.perf_counter() - start}
+        result = {
+            "fold": k,
+            "n_fit": len(fit_index),
+            "n_val": len(val_index),
+            "base_image_auroc": base_image,
+            "base_pixel_auroc_strided": base_pixel,
+            "image_drop": image_drop.tolist(),
+            "pixel_drop": pixel_drop.tolist(),
+            "seconds": time.perf_counter() - start,
+        }
         write_json(path, result)
         results.append(result)
         log.log(k, {f"{name}/base_image_auroc": base_image, f"{name}/base_pixel_auroc": base_pixel})
-        print(f"{name} fold {k}: baseline image AUROC {base_image:.4f}, pixel AUROC {base_pixel:.4f} "
-              f"(stride {args.pixel_stride}); {result['seconds']:.0f} s")
+        print(
+            f"{name} fold {k}: baseline image AUROC {base_image:.4f}, pixel AUROC {base_pixel:.4f} "
+            f"(stride {args.pixel_stride}); {result['seconds']:.0f} s"
+        )
 
     image_drops = np.stack([np.array(r["image_drop"]) for r in results])  # (folds, C, R)
     pixel_drops = np.stack([np.array(r["pixel_drop"]) for r in results])
@@ -258,15 +307,24 @@ def run_category(name, category, test_set, extractor, config, args, device, log,
     pixel_std = pixel_drops.transpose(1, 0, 2).reshape(len(channels), -1).std(axis=1)
     ranking = np.argsort(-image_mean)
     importance = {
-        "category": name, "metric": "drop in AUROC when the channel is shuffled across validation images",
-        "folds": args.folds, "n_repeats": args.n_repeats, "pixel_stride": args.pixel_stride,
+        "category": name,
+        "metric": "drop in AUROC when the channel is shuffled across validation images",
+        "folds": args.folds,
+        "n_repeats": args.n_repeats,
+        "pixel_stride": args.pixel_stride,
         "base_image_auroc": [r["base_image_auroc"] for r in results],
         "ranking": [int(channels[i]) for i in ranking],
-        "channels": {str(int(channels[i])): {
-            "name": channel_name(int(channels[i])), "rank": int(np.where(ranking == i)[0][0]) + 1,
-            "image_mean": float(image_mean[i]), "image_std": float(image_std[i]),
-            "pixel_mean": float(pixel_mean[i]), "pixel_std": float(pixel_std[i]),
-        } for i in range(len(channels))},
+        "channels": {
+            str(int(channels[i])): {
+                "name": channel_name(int(channels[i])),
+                "rank": int(np.where(ranking == i)[0][0]) + 1,
+                "image_mean": float(image_mean[i]),
+                "image_std": float(image_std[i]),
+                "pixel_mean": float(pixel_mean[i]),
+                "pixel_std": float(pixel_std[i]),
+            }
+            for i in range(len(channels))
+        },
     }
     write_json(log.path(f"{prefix}importance.json"), importance)
     log.save_figure(f"{prefix}importance_ranking", ranking_figure(image_mean, image_std, channels, name))
@@ -284,29 +342,48 @@ def run_category(name, category, test_set, extractor, config, args, device, log,
             for kk in args.ks:
                 choices[f"{kk}/top"] = [fold_ranking[:kk]]
                 choices[f"{kk}/bottom"] = [fold_ranking[-kk:]]
-                choices[f"{kk}/random"] = [np.random.default_rng([args.seed + r, kk, k]).choice(
-                    len(channels), kk, replace=False) for r in range(args.n_random)]
+                choices[f"{kk}/random"] = [
+                    np.random.default_rng([args.seed + r, kk, k]).choice(len(channels), kk, replace=False)
+                    for r in range(args.n_random)
+                ]
             for key, subsets in choices.items():
                 for subset in subsets:
                     index = torch.from_numpy(np.sort(subset)).to(device)
                     rows = torch.from_numpy(fit_index).to(device)
                     mean, inv_covariance = fit(train_embeddings[rows[:, None], index], config.epsilon)
                     rows = torch.from_numpy(val_index).to(device)
-                    image, pixel = evaluate(test_embeddings[rows[:, None], index], test_masks[val_index],
-                                            labels[val_index], mean, inv_covariance, config)
+                    image, pixel = evaluate(
+                        test_embeddings[rows[:, None], index],
+                        test_masks[val_index],
+                        labels[val_index],
+                        mean,
+                        inv_covariance,
+                        config,
+                    )
                     kk, choice = key.split("/")
                     scores[kk][choice].append(image)
                     pixel_scores[kk][choice].append(pixel)
                     bar.update(1)
-    subsets = {kk: {choice: {"mean": float(np.mean(v)), "std": float(np.std(v)), "n": len(v),
-                             "pixel_mean": float(np.mean(pixel_scores[kk][choice])),
-                             "pixel_std": float(np.std(pixel_scores[kk][choice]))}
-                    for choice, v in by_choice.items()} for kk, by_choice in scores.items()}
+    subsets = {
+        kk: {
+            choice: {
+                "mean": float(np.mean(v)),
+                "std": float(np.std(v)),
+                "n": len(v),
+                "pixel_mean": float(np.mean(pixel_scores[kk][choice])),
+                "pixel_std": float(np.std(pixel_scores[kk][choice])),
+            }
+            for choice, v in by_choice.items()
+        }
+        for kk, by_choice in scores.items()
+    }
     write_json(log.path(f"{prefix}subsets.json"), subsets)
     full_summary = {"mean": float(np.mean(full)), "std": float(np.std(full)), "n_channels": len(channels)}
     log.save_figure(f"{prefix}subsets_auroc", subsets_figure(subsets, full_summary, name))
-    print(f"{name}: all {len(channels)} channels, image AUROC {full_summary['mean']:.4f} "
-          f"+- {full_summary['std']:.4f} over folds")
+    print(
+        f"{name}: all {len(channels)} channels, image AUROC {full_summary['mean']:.4f} "
+        f"+- {full_summary['std']:.4f} over folds"
+    )
     for kk, by_choice in subsets.items():
         cells = [f"{c} {v['mean']:.4f} +- {v['std']:.4f}" for c, v in by_choice.items()]
         print(f"  k={kk:>3}: " + "  ".join(cells))
@@ -321,8 +398,11 @@ def main() -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    config = ModelConfig(n_features=n_features_of(args.n_features), image_size=args.image_size,
-                         resize=round(args.image_size * 8 / 7))
+    config = ModelConfig(
+        n_features=n_features_of(args.n_features),
+        image_size=args.image_size,
+        resize=round(args.image_size * 8 / 7),
+    )
     names = list(CATEGORIES) if args.category == "all" else [args.category]
 
     # data: every category found and every file checked before a run folder exists
@@ -335,10 +415,19 @@ def main() -> None:
     # model
     backbone, weights_source = backbone_weights(args.weights, args.seed)
     extractor = FeatureExtractor(backbone, choose_channels(config.n_features, args.seed)).to(device)
-    log = RunLogger("padim_anomaly", run_name(f"importance_{args.category}", args.seed), asdict(args),
-                    out=args.out, clearml=args.clearml, clearml_queue=args.clearml_queue, resume=args.resume)
-    print(f"weights: {weights_source} | device {device} | ranking {config.n_features} channels | "
-          f"{args.folds} folds x {args.n_repeats} repeats | k = {args.ks}, {args.n_random} random sets each")
+    log = RunLogger(
+        "padim_anomaly",
+        run_name(f"importance_{args.category}", args.seed),
+        asdict(args),
+        out=args.out,
+        clearml=args.clearml,
+        clearml_queue=args.clearml_queue,
+        resume=args.resume,
+    )
+    print(
+        f"weights: {weights_source} | device {device} | ranking {config.n_features} channels | "
+        f"{args.folds} folds x {args.n_repeats} repeats | k = {args.ks}, {args.n_random} random sets each"
+    )
 
     # loop over categories
     summary = {"weights": args.weights, "weights_source": weights_source, "n_features": config.n_features}

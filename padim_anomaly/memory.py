@@ -92,8 +92,11 @@ def check_args(args: Args) -> None:
 
 
 def model_config(args: Args) -> ModelConfig:
-    return ModelConfig(n_features=n_features_of(args.n_features), image_size=args.image_size,
-                       resize=round(args.image_size * 8 / 7))
+    return ModelConfig(
+        n_features=n_features_of(args.n_features),
+        image_size=args.image_size,
+        resize=round(args.image_size * 8 / 7),
+    )
 
 
 def build_extractor(args: Args, config: ModelConfig, device):
@@ -116,13 +119,24 @@ def fit_worker(args: Args, method: str, n: int) -> dict:
         extractor(next(image_batches(paths[:1], config, 1)).to(device))
     with PeakMemory(device) as meter:
         start = time.perf_counter()
-        fit_statistics(extractor, image_batches(paths, config, args.batch_size), n, method, config.epsilon,
-                       device, desc=f"{method} N={n}")
+        fit_statistics(
+            extractor,
+            image_batches(paths, config, args.batch_size),
+            n,
+            method,
+            config.epsilon,
+            device,
+            desc=f"{method} N={n}",
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-    return {"peak_mib": meter.peak_mib, "seconds": seconds, "images_per_second": n / seconds,
-            "method": meter.method}
+    return {
+        "peak_mib": meter.peak_mib,
+        "seconds": seconds,
+        "images_per_second": n / seconds,
+        "method": meter.method,
+    }
 
 
 @torch.no_grad()
@@ -153,8 +167,10 @@ def profile_worker(args: Args) -> dict:
         extractor(next(image_batches(category.train, config, args.batch_size)).to(device))
     record(meter)
     with stage("embedding_storage") as meter:  # every training embedding kept, then concatenated
-        stored = [extractor(images.to(device)).flatten(2) for images in
-                  image_batches(category.train, config, args.batch_size)]
+        stored = [
+            extractor(images.to(device)).flatten(2)
+            for images in image_batches(category.train, config, args.batch_size)
+        ]
         embeddings = torch.cat(stored)  # (N, C, P)
         del stored
     record(meter)
@@ -168,8 +184,9 @@ def profile_worker(args: Args) -> dict:
         inv_covariance = invert_covariance_(covariance)
     record(meter)
     with stage("scoring") as meter:  # one batch of test images: Mahalanobis for all patches, maps
-        distance = mahalanobis(extractor(test_images[:args.batch_size].to(device)).flatten(2), mean,
-                               inv_covariance)
+        distance = mahalanobis(
+            extractor(test_images[: args.batch_size].to(device)).flatten(2), mean, inv_covariance
+        )
         anomaly_map(distance, config.grid, config.image_size, config.sigma)
     record(meter)
     del inv_covariance, covariance
@@ -178,30 +195,36 @@ def profile_worker(args: Args) -> dict:
     batch_mean, batch_covariance = fit_gaussian_batch(embeddings, config.epsilon)
     online = OnlineGaussian(embeddings.shape[1], embeddings.shape[2], device=embeddings.device)
     for start in range(0, n, args.batch_size):
-        online.update(embeddings[start:start + args.batch_size])
+        online.update(embeddings[start : start + args.batch_size])
     online_mean, online_covariance = online.finalize(config.epsilon)
     del embeddings
 
     def relative(a, b):
         return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
-    agreement = {"n_train": n, "mean_max_relative_difference": relative(online_mean, batch_mean),
-                 "covariance_max_relative_difference": relative(online_covariance, batch_covariance),
-                 "definition": "max |online - batch| / max |batch| over all entries"}
+    agreement = {
+        "n_train": n,
+        "mean_max_relative_difference": relative(online_mean, batch_mean),
+        "covariance_max_relative_difference": relative(online_covariance, batch_covariance),
+        "definition": "max |online - batch| / max |batch| over all entries",
+    }
     timings = {}
     fitted = {"batch": (batch_mean, batch_covariance), "online": (online_mean, online_covariance)}
     for name, (m, c) in fitted.items():
         inverse = invert_covariance_(c)
         start = time.perf_counter()
-        maps, scores = score_images(extractor, test_images, m, inverse, config, device, args.batch_size,
-                                    desc=f"score ({name})")
+        maps, scores = score_images(
+            extractor, test_images, m, inverse, config, device, args.batch_size, desc=f"score ({name})"
+        )
         timings[name] = len(test_images) / (time.perf_counter() - start)
         agreement[f"{name}_image_auroc"] = float(roc_auc_score(labels, scores.numpy()))
         pixel = roc_auc_score(test_masks.flatten().numpy(), maps.flatten().numpy())
         agreement[f"{name}_pixel_auroc"] = float(pixel)
         if name == "online":  # the Mahalanobis map alone: all patches of a batch in one batched product
-            test_embeddings = [extractor(test_images[i:i + args.batch_size].to(device)).flatten(2)
-                               for i in range(0, len(test_images), args.batch_size)]
+            test_embeddings = [
+                extractor(test_images[i : i + args.batch_size].to(device)).flatten(2)
+                for i in range(0, len(test_images), args.batch_size)
+            ]
             start = time.perf_counter()
             for embedding in test_embeddings:
                 anomaly_map(mahalanobis(embedding, m, inverse), config.grid, config.image_size, config.sigma)
@@ -212,10 +235,16 @@ def profile_worker(args: Args) -> dict:
         del inverse, c
     agreement["aurocs_identical_to_4_decimals"] = all(
         round(agreement[f"online_{k}_auroc"], 4) == round(agreement[f"batch_{k}_auroc"], 4)
-        for k in ("image", "pixel"))
-    return {"stages": stages, "stage_added_mib": added, "agreement": agreement,
-            "scoring_images_per_second": timings["online"],
-            "mahalanobis_map_images_per_second": timings["mahalanobis"], "method": PeakMemory(device).method}
+        for k in ("image", "pixel")
+    )
+    return {
+        "stages": stages,
+        "stage_added_mib": added,
+        "agreement": agreement,
+        "scoring_images_per_second": timings["online"],
+        "mahalanobis_map_images_per_second": timings["mahalanobis"],
+        "method": PeakMemory(device).method,
+    }
 
 
 def in_fresh_process(function, *arguments):
@@ -236,8 +265,12 @@ def memory_figure(fit, ns, floor_mib, name):
         speed = [fit[method][str(n)]["images_per_second"] for n in ns]
         right.plot(ns, speed, "o-", color=color, label=method)
     left.axhline(floor_mib, color="gray", ls="--", label="covariances alone (P*C*C float32)")
-    left.set(xscale="log", xlabel="training images N", ylabel="peak memory above start (MiB)",
-             title=f"{name}: fit memory")
+    left.set(
+        xscale="log",
+        xlabel="training images N",
+        ylabel="peak memory above start (MiB)",
+        title=f"{name}: fit memory",
+    )
     right.set(xscale="log", xlabel="training images N", ylabel="images / s", title="fit throughput")
     left.legend()
     right.legend()
@@ -260,32 +293,50 @@ def main() -> None:
         # glibc raises its mmap threshold after each large free, so later buffers come from the heap and
         # stay in the RSS after they are freed; a fixed threshold returns them (read at worker start-up)
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
-    log = RunLogger("padim_anomaly", run_name(f"memory_{args.category}", args.seed), asdict(args),
-                    out=args.out, clearml=args.clearml, clearml_queue=args.clearml_queue)
-    n_positions = config.grid ** 2
-    floor_mib = n_positions * config.n_features ** 2 * 4 / 2**20
-    print(f"{args.category}: {len(category.train)} train images | weights: {weights_source} | "
-          f"device {device} | {config.n_features} channels x {n_positions} positions: "
-          f"covariances {floor_mib:.0f} MiB")
+    log = RunLogger(
+        "padim_anomaly",
+        run_name(f"memory_{args.category}", args.seed),
+        asdict(args),
+        out=args.out,
+        clearml=args.clearml,
+        clearml_queue=args.clearml_queue,
+    )
+    n_positions = config.grid**2
+    floor_mib = n_positions * config.n_features**2 * 4 / 2**20
+    print(
+        f"{args.category}: {len(category.train)} train images | weights: {weights_source} | "
+        f"device {device} | {config.n_features} channels x {n_positions} positions: "
+        f"covariances {floor_mib:.0f} MiB"
+    )
 
     # 1-2. stage profile and agreement
-    profile = {"stages": {}, "stage_added_mib": {}, "agreement": {}, "scoring_images_per_second": None,
-               "mahalanobis_map_images_per_second": None, "method": PeakMemory(device).method}
+    profile = {
+        "stages": {},
+        "stage_added_mib": {},
+        "agreement": {},
+        "scoring_images_per_second": None,
+        "mahalanobis_map_images_per_second": None,
+        "method": PeakMemory(device).method,
+    }
     biggest = []
     if args.profile:
         profile = in_fresh_process(profile_worker, args)
-        print(f"stage profile (batch fit, N = {len(category.train)}), MiB above the fit's start "
-              f"[{profile['method']}]:")
+        print(
+            f"stage profile (batch fit, N = {len(category.train)}), MiB above the fit's start "
+            f"[{profile['method']}]:"
+        )
         for name, peak in profile["stages"].items():
             print(f"  {name:<20} peak {peak:8.0f}   adds {profile['stage_added_mib'][name]:8.0f}")
         biggest = sorted(profile["stage_added_mib"], key=profile["stage_added_mib"].get, reverse=True)[:3]
         a = profile["agreement"]
         print(f"biggest consumers: {', '.join(biggest)}")
-        print(f"online vs batch: mean rel. diff {a['mean_max_relative_difference']:.2e}, covariance "
-              f"{a['covariance_max_relative_difference']:.2e}; image AUROC {a['online_image_auroc']:.4f} vs "
-              f"{a['batch_image_auroc']:.4f}, pixel {a['online_pixel_auroc']:.4f} vs "
-              f"{a['batch_pixel_auroc']:.4f}; scoring {profile['scoring_images_per_second']:.1f} images/s "
-              f"(Mahalanobis map alone {profile['mahalanobis_map_images_per_second']:.1f} images/s)")
+        print(
+            f"online vs batch: mean rel. diff {a['mean_max_relative_difference']:.2e}, covariance "
+            f"{a['covariance_max_relative_difference']:.2e}; image AUROC {a['online_image_auroc']:.4f} vs "
+            f"{a['batch_image_auroc']:.4f}, pixel {a['online_pixel_auroc']:.4f} vs "
+            f"{a['batch_pixel_auroc']:.4f}; scoring {profile['scoring_images_per_second']:.1f} images/s "
+            f"(Mahalanobis map alone {profile['mahalanobis_map_images_per_second']:.1f} images/s)"
+        )
     agreement = profile["agreement"]
 
     # 3. batch vs online for growing N, each in a fresh process
@@ -295,41 +346,71 @@ def main() -> None:
             result = in_fresh_process(fit_worker, args, method, n)
             fit[method][str(n)] = {k: v for k, v in result.items() if k != "method"}
             log.log(step, {f"{method}/peak_mib": result["peak_mib"], f"{method}/seconds": result["seconds"]})
-        print(f"N={n:>5}: " + " | ".join(f"{method} {fit[method][str(n)]['peak_mib']:7.0f} MiB "
-                                         f"{fit[method][str(n)]['images_per_second']:5.1f} img/s"
-                                         for method in args.methods))
+        print(
+            f"N={n:>5}: "
+            + " | ".join(
+                f"{method} {fit[method][str(n)]['peak_mib']:7.0f} MiB "
+                f"{fit[method][str(n)]['images_per_second']:5.1f} img/s"
+                for method in args.methods
+            )
+        )
 
     # targets, computed from the numbers above
     smallest, largest = str(min(args.ns)), str(max(args.ns))
-    checks = {f"{method}_peak_largest_over_smallest_n": fit[method][largest]["peak_mib"]
-              / fit[method][smallest]["peak_mib"] for method in args.methods}
-    print(f"peak at N={largest} / peak at N={smallest}: " + ", ".join(f"{k} {v:.3f}"
-                                                                      for k, v in checks.items()))
+    checks = {
+        f"{method}_peak_largest_over_smallest_n": fit[method][largest]["peak_mib"]
+        / fit[method][smallest]["peak_mib"]
+        for method in args.methods
+    }
+    print(
+        f"peak at N={largest} / peak at N={smallest}: " + ", ".join(f"{k} {v:.3f}" for k, v in checks.items())
+    )
     if set(args.methods) == {"online", "batch"}:
         online, batch = fit["online"], fit["batch"]
         checks["online_over_batch_peak"] = {n: online[n]["peak_mib"] / batch[n]["peak_mib"] for n in online}
         checks["online_over_batch_throughput"] = {
-            n: online[n]["images_per_second"] / batch[n]["images_per_second"] for n in online}
-        checks["online_over_batch_throughput_all"] = (sum(batch[n]["seconds"] for n in batch)
-                                                      / sum(online[n]["seconds"] for n in online))
+            n: online[n]["images_per_second"] / batch[n]["images_per_second"] for n in online
+        }
+        checks["online_over_batch_throughput_all"] = sum(batch[n]["seconds"] for n in batch) / sum(
+            online[n]["seconds"] for n in online
+        )
         ratios = ", ".join(f"N={n} {r:.2f}" for n, r in checks["online_over_batch_peak"].items())
-        print(f"online/batch peak: {ratios} | throughput online/batch (all N): "
-              f"{checks['online_over_batch_throughput_all']:.2f}")
+        print(
+            f"online/batch peak: {ratios} | throughput online/batch (all N): "
+            f"{checks['online_over_batch_throughput_all']:.2f}"
+        )
 
     # save
-    memory = {"stages": profile["stages"], "stage_added_mib": profile["stage_added_mib"],
-              "biggest_consumers": biggest, "fit": fit, "agreement": agreement,
-              "method": profile["method"] + ("; glibc MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB"
-                                             if args.fixed_malloc_threshold else ""),
-              "scoring_images_per_second": profile["scoring_images_per_second"], "checks": checks,
-              "mahalanobis_map_images_per_second": profile["mahalanobis_map_images_per_second"],
-              "covariance_floor_mib": floor_mib, "n_features": config.n_features,
-              "batch_size": args.batch_size, "weights": args.weights, "weights_source": weights_source,
-              "device": str(device)}
+    memory = {
+        "stages": profile["stages"],
+        "stage_added_mib": profile["stage_added_mib"],
+        "biggest_consumers": biggest,
+        "fit": fit,
+        "agreement": agreement,
+        "method": profile["method"]
+        + ("; glibc MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB" if args.fixed_malloc_threshold else ""),
+        "scoring_images_per_second": profile["scoring_images_per_second"],
+        "checks": checks,
+        "mahalanobis_map_images_per_second": profile["mahalanobis_map_images_per_second"],
+        "covariance_floor_mib": floor_mib,
+        "n_features": config.n_features,
+        "batch_size": args.batch_size,
+        "weights": args.weights,
+        "weights_source": weights_source,
+        "device": str(device),
+    }
     write_json(log.path("memory.json"), memory)
     log.save_figure("memory_vs_n", memory_figure(fit, args.ns, floor_mib, args.category))
-    keys = ("biggest_consumers", "method", "agreement", "checks", "scoring_images_per_second",
-            "mahalanobis_map_images_per_second", "weights", "device")
+    keys = (
+        "biggest_consumers",
+        "method",
+        "agreement",
+        "checks",
+        "scoring_images_per_second",
+        "mahalanobis_map_images_per_second",
+        "weights",
+        "device",
+    )
     log.write_summary({k: memory[k] for k in keys})
     log.close()
 

@@ -168,17 +168,18 @@ def invert_covariance_(covariance: torch.Tensor, chunk: int = 256) -> torch.Tens
     Cholesky is computed in float64 for stability with near-singular covariances (C > N).
     """
     for start in range(0, covariance.shape[0], chunk):
-        block = covariance[start:start + chunk].double()
+        block = covariance[start : start + chunk].double()
         inverse = torch.cholesky_inverse(torch.linalg.cholesky(block))
-        covariance[start:start + chunk] = inverse.to(covariance.dtype)
+        covariance[start : start + chunk] = inverse.to(covariance.dtype)
     return covariance
 
 
 # ---------------------------------------------------------------- scoring
 
 
-def mahalanobis_terms(embedding: torch.Tensor, mean: torch.Tensor,
-                      inv_covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mahalanobis_terms(
+    embedding: torch.Tensor, mean: torch.Tensor, inv_covariance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared distance and the whitened residual for every patch of every image, in one batched op.
 
     embedding (B, C, P), mean (C, P), inv_covariance (P, C, C) ->
@@ -231,8 +232,14 @@ def image_scores(maps: torch.Tensor) -> torch.Tensor:
     return maps.flatten(1).amax(dim=1)
 
 
-def permuted_squared_distance(squared: torch.Tensor, weighted: torch.Tensor, inv_diagonal: torch.Tensor,
-                              embedding: torch.Tensor, channel: int, order: torch.Tensor) -> torch.Tensor:
+def permuted_squared_distance(
+    squared: torch.Tensor,
+    weighted: torch.Tensor,
+    inv_diagonal: torch.Tensor,
+    embedding: torch.Tensor,
+    channel: int,
+    order: torch.Tensor,
+) -> torch.Tensor:
     """Squared distances after channel `channel` of image i is replaced by that of image order[i].
 
     Only one coordinate moves (x -> x + d e_c), so d2' = d2 + 2 d w_c + d^2 inv_cov[c, c]: exact, O(B P)

@@ -48,20 +48,27 @@ def n_features_of(text: str, low: int = 1) -> int:
     try:
         n = TOTAL_CHANNELS if text == "all" else int(text)
     except ValueError:
-        raise ValueError(f"--n-features must be an integer in {low}..{TOTAL_CHANNELS} or 'all' "
-                         f"(got {text!r})") from None
+        raise ValueError(
+            f"--n-features must be an integer in {low}..{TOTAL_CHANNELS} or 'all' (got {text!r})"
+        ) from None
     if not low <= n <= TOTAL_CHANNELS:
-        raise ValueError(f"--n-features must be in {low}..{TOTAL_CHANNELS} (ResNet18 layer1-3 have "
-                         f"{TOTAL_CHANNELS} channels) or 'all' (got {n})")
+        raise ValueError(
+            f"--n-features must be in {low}..{TOTAL_CHANNELS} (ResNet18 layer1-3 have "
+            f"{TOTAL_CHANNELS} channels) or 'all' (got {n})"
+        )
     return n
 
 
 def check_image_size(size: int) -> None:
     if size < 64 or size % 16:
         raise ValueError(f"--image-size must be a multiple of 16, at least 64 (got {size})")
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
-LICENSE_NOTE = ("MVTec AD is licensed CC BY-NC-SA 4.0 (non-commercial use only); "
-                "downloading it means you accept the license")
+LICENSE_NOTE = (
+    "MVTec AD is licensed CC BY-NC-SA 4.0 (non-commercial use only); "
+    "downloading it means you accept the license"
+)
 
 
 # ---------------------------------------------------------------- the dataset on disk
@@ -95,8 +102,10 @@ def download_category(name: str, data_dir: Path, timeout: float = 60.0) -> None:
         raise UserError(f"cannot create {target} for the MVTec AD download: {e.strerror}") from None
     print(f"downloading MVTec AD '{name}' from {MVTEC_URLS[name]} ({LICENSE_NOTE})")
     try:
-        with urllib.request.urlopen(MVTEC_URLS[name], timeout=timeout) as response, \
-                open(f"{archive}.part", "wb") as out:
+        with (
+            urllib.request.urlopen(MVTEC_URLS[name], timeout=timeout) as response,
+            open(f"{archive}.part", "wb") as out,
+        ):
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}.tar.xz", disable=None) as bar:
                 while chunk := response.read(1 << 20):
@@ -112,7 +121,8 @@ def download_category(name: str, data_dir: Path, timeout: float = 60.0) -> None:
         raise UserError(
             f"MVTec AD '{name}' is not in {target / name} and the download from {MVTEC_URLS[name]} failed "
             f"({reason}); download {name}.tar.xz from {MVTEC_PAGE} (accepting its CC BY-NC-SA 4.0 license) "
-            f"and unpack it into {target}, or point --data-dir at a folder holding mvtec_ad/{name}") from None
+            f"and unpack it into {target}, or point --data-dir at a folder holding mvtec_ad/{name}"
+        ) from None
 
 
 def find_category(name: str, data_dir: str | Path, download: bool = True) -> Category:
@@ -123,8 +133,10 @@ def find_category(name: str, data_dir: str | Path, download: bool = True) -> Cat
     root = data_dir / "mvtec_ad" / name
     if not root.exists():
         if not download:
-            raise UserError(f"MVTec AD '{name}' is not in {root}; download {name}.tar.xz from {MVTEC_PAGE} "
-                            f"and unpack it into {root.parent}, or run without --no-download")
+            raise UserError(
+                f"MVTec AD '{name}' is not in {root}; download {name}.tar.xz from {MVTEC_PAGE} "
+                f"and unpack it into {root.parent}, or run without --no-download"
+            )
         download_category(name, data_dir)
     where = f"(expected the MVTec AD layout {root}/{{train/good, test/<type>, ground_truth/<type>}})"
     for sub in ("train/good", "test", "ground_truth"):
@@ -160,8 +172,9 @@ def _open(path: Path, mode: str) -> Image.Image:
         with Image.open(path) as image:
             return image.convert(mode)
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise UserError(f"cannot decode the image {path} ({e.__class__.__name__}: {e}); "
-                        "replace or remove the file") from None
+        raise UserError(
+            f"cannot decode the image {path} ({e.__class__.__name__}: {e}); replace or remove the file"
+        ) from None
 
 
 def load_image(path: Path, config: ModelConfig) -> torch.Tensor:
@@ -178,8 +191,10 @@ def load_mask(path: Path | None, image_path: Path, config: ModelConfig) -> torch
     mask = _open(path, "L")
     with Image.open(image_path) as image:
         if image.size != mask.size:
-            raise UserError(f"the mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
-                            f"{image.size[0]}x{image.size[1]}; masks must match their images")
+            raise UserError(
+                f"the mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
+                f"{image.size[0]}x{image.size[1]}; masks must match their images"
+            )
     mask = TF.resize(mask, config.resize, interpolation=TF.InterpolationMode.NEAREST)
     return TF.to_tensor(TF.center_crop(mask, config.image_size))[0] > 0.5
 
@@ -203,14 +218,15 @@ def verify_images(paths: list[Path]) -> None:
             with Image.open(path) as image:
                 image.verify()
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise UserError(f"cannot decode the image {path} ({e.__class__.__name__}: {e}); "
-                            "replace or remove the file") from None
+            raise UserError(
+                f"cannot decode the image {path} ({e.__class__.__name__}: {e}); replace or remove the file"
+            ) from None
 
 
 def image_batches(paths: list[Path], config: ModelConfig, batch_size: int):
     """Streams (B, 3, S, S) batches from disk: only one batch of images is ever held."""
     for start in range(0, len(paths), batch_size):
-        yield torch.stack([load_image(p, config) for p in paths[start:start + batch_size]])
+        yield torch.stack([load_image(p, config) for p in paths[start : start + batch_size]])
 
 
 # ---------------------------------------------------------------- backbone weights and devices
@@ -243,19 +259,30 @@ def backbone_weights(weights: str, seed: int) -> tuple[torch.nn.Module, str]:
                 f"could not load torchvision's ImageNet ResNet18 weights ({api.url}): not in the torch hub "
                 f"cache ({torch.hub.get_dir()}/checkpoints) and the download failed "
                 f"({getattr(e, 'reason', e)}); "
-                "use --weights none (random init) or --weights PATH (a local ResNet18 state dict)") from None
+                "use --weights none (random init) or --weights PATH (a local ResNet18 state dict)"
+            ) from None
         return resnet18_backbone(state), "torchvision ResNet18_Weights.IMAGENET1K_V1"
     path = Path(weights)
     if not path.is_file():
-        raise UserError(f"--weights {weights}: no such file (use imagenet, none, or the path of a ResNet18 "
-                        "state dict saved with torch.save(model.state_dict(), PATH))")
+        raise UserError(
+            f"--weights {weights}: no such file (use imagenet, none, or the path of a ResNet18 "
+            "state dict saved with torch.save(model.state_dict(), PATH))"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         return resnet18_backbone(state), f"state dict {path}"
-    except (RuntimeError, OSError, ValueError, TypeError, KeyError, AttributeError, EOFError,
-            pickle.UnpicklingError) as e:
+    except (
+        RuntimeError,
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        EOFError,
+        pickle.UnpicklingError,
+    ) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise UserError(f"--weights {path} is not a torchvision ResNet18 state dict ({first_line})") from None
 
@@ -263,8 +290,9 @@ def backbone_weights(weights: str, seed: int) -> tuple[torch.nn.Module, str]:
 # ---------------------------------------------------------------- fitting and scoring loops
 
 
-def fit_statistics(extractor, batches, n_images: int, method: str, epsilon: float, device,
-                   desc: str = "fit") -> tuple[torch.Tensor, torch.Tensor]:
+def fit_statistics(
+    extractor, batches, n_images: int, method: str, epsilon: float, device, desc: str = "fit"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stream image batches through the backbone -> mean (C, P) and inverse covariance (P, C, C).
 
     method "online": running statistics, one batch of embeddings at a time.
@@ -294,12 +322,20 @@ def fit_statistics(extractor, batches, n_images: int, method: str, epsilon: floa
 
 
 @torch.no_grad()
-def score_images(extractor, images: torch.Tensor, mean, inv_covariance, config: ModelConfig, device,
-                 batch_size: int, desc: str = "score") -> tuple[torch.Tensor, torch.Tensor]:
+def score_images(
+    extractor,
+    images: torch.Tensor,
+    mean,
+    inv_covariance,
+    config: ModelConfig,
+    device,
+    batch_size: int,
+    desc: str = "score",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, S, S) -> anomaly maps (N, S, S) and image scores (N,), on the CPU."""
     maps = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=None):
-        embedding = extractor(images[start:start + batch_size].to(device)).flatten(2)  # (B, C, P)
+        embedding = extractor(images[start : start + batch_size].to(device)).flatten(2)  # (B, C, P)
         distance = mahalanobis(embedding, mean, inv_covariance)  # (B, P)
         maps.append(anomaly_map(distance, config.grid, config.image_size, config.sigma).cpu())
     maps = torch.cat(maps)
@@ -311,9 +347,14 @@ def score_images(extractor, images: torch.Tensor, mean, inv_covariance, config: 
 
 def save_model(path: Path, config: ModelConfig, extractor, mean, inv_covariance, extra: dict) -> None:
     """Atomic: temporary file, then rename. Holds everything needed to score without the training data."""
-    state = {"config": asdict(config), "channels": extractor.channels.cpu(),
-             "backbone": {k: v.cpu() for k, v in extractor.state_dict().items()},
-             "mean": mean.cpu(), "inv_covariance": inv_covariance.cpu(), **extra}
+    state = {
+        "config": asdict(config),
+        "channels": extractor.channels.cpu(),
+        "backbone": {k: v.cpu() for k, v in extractor.state_dict().items()},
+        "mean": mean.cpu(),
+        "inv_covariance": inv_covariance.cpu(),
+        **extra,
+    }
     tmp = Path(f"{path}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)

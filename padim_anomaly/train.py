@@ -113,8 +113,11 @@ def main() -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    config = ModelConfig(n_features=n_features_of(args.n_features), image_size=args.image_size,
-                         resize=round(args.image_size * 8 / 7))
+    config = ModelConfig(
+        n_features=n_features_of(args.n_features),
+        image_size=args.image_size,
+        resize=round(args.image_size * 8 / 7),
+    )
 
     # data: every file checked before a run folder exists
     category = find_category(args.category, args.data_dir, args.download)
@@ -126,55 +129,106 @@ def main() -> None:
     backbone, weights_source = backbone_weights(args.weights, args.seed)
     channels = choose_channels(config.n_features, args.seed)
     extractor = FeatureExtractor(backbone, channels).to(device)
-    n_positions = config.grid ** 2
-    stats_mib = n_positions * config.n_features ** 2 * 4 / 2**20
-    log = RunLogger("padim_anomaly", run_name(f"padim_{args.category}", args.seed), asdict(args),
-                    out=args.out, clearml=args.clearml, clearml_queue=args.clearml_queue)
-    print(f"{args.category}: {len(category.train)} train, {len(category.test)} test ({int(labels.sum())} "
-          f"defective) | weights: {weights_source} | device {device}")
-    print(f"embedding {config.n_features} of {TOTAL_CHANNELS} channels on a {config.grid}x{config.grid} grid "
-          f"({n_positions} positions); covariances {n_positions}x{config.n_features}x{config.n_features} "
-          f"= {stats_mib:.0f} MiB in float32; stats: {args.stats}")
+    n_positions = config.grid**2
+    stats_mib = n_positions * config.n_features**2 * 4 / 2**20
+    log = RunLogger(
+        "padim_anomaly",
+        run_name(f"padim_{args.category}", args.seed),
+        asdict(args),
+        out=args.out,
+        clearml=args.clearml,
+        clearml_queue=args.clearml_queue,
+    )
+    print(
+        f"{args.category}: {len(category.train)} train, {len(category.test)} test ({int(labels.sum())} "
+        f"defective) | weights: {weights_source} | device {device}"
+    )
+    print(
+        f"embedding {config.n_features} of {TOTAL_CHANNELS} channels on a {config.grid}x{config.grid} grid "
+        f"({n_positions} positions); covariances {n_positions}x{config.n_features}x{config.n_features} "
+        f"= {stats_mib:.0f} MiB in float32; stats: {args.stats}"
+    )
 
     # fit
     with PeakMemory(device) as meter:
         start = time.perf_counter()
         batches = image_batches(category.train, config, args.batch_size)
-        mean, inv_covariance = fit_statistics(extractor, batches, len(category.train), args.stats,
-                                              config.epsilon, device, desc=f"{args.category} train")
+        mean, inv_covariance = fit_statistics(
+            extractor,
+            batches,
+            len(category.train),
+            args.stats,
+            config.epsilon,
+            device,
+            desc=f"{args.category} train",
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         fit_seconds = time.perf_counter() - start
 
     # evaluate
     start = time.perf_counter()
-    maps, scores = score_images(extractor, test_images, mean, inv_covariance, config, device,
-                                args.batch_size, desc=f"{args.category} test")
+    maps, scores = score_images(
+        extractor,
+        test_images,
+        mean,
+        inv_covariance,
+        config,
+        device,
+        args.batch_size,
+        desc=f"{args.category} test",
+    )
     score_seconds = time.perf_counter() - start
     image_auroc = roc_auc_score(labels, scores.numpy())
     pixel_auroc = roc_auc_score(test_masks.flatten().numpy(), maps.flatten().numpy())
-    log.log(0, {"eval/image_auroc": image_auroc, "eval/pixel_auroc": pixel_auroc,
-                "charts/fit_images_per_second": len(category.train) / fit_seconds,
-                "charts/score_images_per_second": len(category.test) / score_seconds})
-    print(f"image AUROC {image_auroc:.4f} | pixel AUROC {pixel_auroc:.4f} | fit {fit_seconds:.1f} s, "
-          f"peak {meter.peak_mib:.0f} MiB | scoring {len(category.test) / score_seconds:.1f} images/s")
+    log.log(
+        0,
+        {
+            "eval/image_auroc": image_auroc,
+            "eval/pixel_auroc": pixel_auroc,
+            "charts/fit_images_per_second": len(category.train) / fit_seconds,
+            "charts/score_images_per_second": len(category.test) / score_seconds,
+        },
+    )
+    print(
+        f"image AUROC {image_auroc:.4f} | pixel AUROC {pixel_auroc:.4f} | fit {fit_seconds:.1f} s, "
+        f"peak {meter.peak_mib:.0f} MiB | scoring {len(category.test) / score_seconds:.1f} images/s"
+    )
 
     # save
     if args.n_figure:
         rows = figure_rows(category.test_types, args.n_figure, args.seed)
-        log.save_figure("anomaly_maps", anomaly_figure(test_images, test_masks, maps, scores,
-                                                       category.test_types, rows))
-    save_model(log.path("model.pt"), config, extractor, mean, inv_covariance,
-               {"weights": args.weights, "weights_source": weights_source, "category": args.category})
-    log.write_summary({
-        "category": args.category, "image_auroc": image_auroc, "pixel_auroc": pixel_auroc,
-        "fit_seconds": fit_seconds, "fit_peak_memory_mib": meter.peak_mib, "memory_method": meter.method,
-        "fit_images_per_second": len(category.train) / fit_seconds,
-        "score_images_per_second": len(category.test) / score_seconds,
-        "n_train": len(category.train), "n_test": len(category.test), "n_features": config.n_features,
-        "weights": args.weights, "weights_source": weights_source, "stats": args.stats,
-        "seed": args.seed, "device": str(device),
-    })
+        log.save_figure(
+            "anomaly_maps", anomaly_figure(test_images, test_masks, maps, scores, category.test_types, rows)
+        )
+    save_model(
+        log.path("model.pt"),
+        config,
+        extractor,
+        mean,
+        inv_covariance,
+        {"weights": args.weights, "weights_source": weights_source, "category": args.category},
+    )
+    log.write_summary(
+        {
+            "category": args.category,
+            "image_auroc": image_auroc,
+            "pixel_auroc": pixel_auroc,
+            "fit_seconds": fit_seconds,
+            "fit_peak_memory_mib": meter.peak_mib,
+            "memory_method": meter.method,
+            "fit_images_per_second": len(category.train) / fit_seconds,
+            "score_images_per_second": len(category.test) / score_seconds,
+            "n_train": len(category.train),
+            "n_test": len(category.test),
+            "n_features": config.n_features,
+            "weights": args.weights,
+            "weights_source": weights_source,
+            "stats": args.stats,
+            "seed": args.seed,
+            "device": str(device),
+        }
+    )
     log.close()
 
 

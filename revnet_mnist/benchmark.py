@@ -35,7 +35,7 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from common import RunLogger, default_data_dir, parse_args, run_main, run_name, write_json  # noqa: E402
 
-MIB = 2 ** 20
+MIB = 2**20
 LR, WEIGHT_DECAY = 1e-3, 5e-5  # train.py's defaults; the values don't change the cost of a step
 
 
@@ -100,8 +100,9 @@ class Contestants:
         self.nets, self.batches = nets, batches
         self.optimizers = {m: Adam(net.parameters(), weight_decay=WEIGHT_DECAY) for m, net in nets.items()}
         self.reference = TorchResNet(nets["resnet"])  # copies the numpy resnet's starting weights
-        self.torch_optimizer = torch.optim.AdamW(self.reference.parameters(), lr=LR,
-                                                 weight_decay=WEIGHT_DECAY)
+        self.torch_optimizer = torch.optim.AdamW(
+            self.reference.parameters(), lr=LR, weight_decay=WEIGHT_DECAY
+        )
         self.torch_batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
 
     def __call__(self, model: str, i: int) -> None:
@@ -130,26 +131,32 @@ def numerics(depth: int, width: int, x: np.ndarray, labels: np.ndarray, dtype: s
     same over all parameters as one vector; and the stack's input rebuilt from its output,
     max |x' - x| / max |x|. In float32 one rebuilt pre-activation landing across a ReLU's kink is
     enough to move the worst parameter's error far above the rebuild error."""
-    nets = {m: Network(ModelConfig(m, depth, width, dtype=dtype), np.random.default_rng(seed))
-            for m in ("revnet", "resnet")}
+    nets = {
+        m: Network(ModelConfig(m, depth, width, dtype=dtype), np.random.default_rng(seed))
+        for m in ("revnet", "resnet")
+    }
     nets["revnet"].load_state_dict(nets["resnet"].state_dict())
     grads = {}
     for m, net in nets.items():
         _, dlogits = softmax_cross_entropy(net.forward(x.astype(dtype)), labels)
         net.backward(dlogits)
         grads[m] = {name: g.copy() for name, _, g in net.parameters()}
-    grad_error = max(float(np.linalg.norm(grads["revnet"][k] - g) / np.linalg.norm(g))
-                     for k, g in grads["resnet"].items())
+    grad_error = max(
+        float(np.linalg.norm(grads["revnet"][k] - g) / np.linalg.norm(g)) for k, g in grads["resnet"].items()
+    )
     squared_diff = sum(float(np.sum((grads["revnet"][k] - g) ** 2)) for k, g in grads["resnet"].items())
-    squared_norm = sum(float(np.sum(g ** 2)) for g in grads["resnet"].values())
+    squared_norm = sum(float(np.sum(g**2)) for g in grads["resnet"].values())
     net = nets["revnet"]
     h = net.stem.forward(x.astype(dtype), store=False)
-    x1, x2 = h[:, :net.half], h[:, net.half:]
+    x1, x2 = h[:, : net.half], h[:, net.half :]
     r1, r2 = net.body_inverse(*net.body_forward(x1, x2))
     rebuilt = np.concatenate([r1, r2], axis=1)
     rebuild_error = float(np.abs(rebuilt - h).max() / np.abs(h).max())
-    return {"grad_rel_error": grad_error, "grad_rel_error_all": (squared_diff / squared_norm) ** 0.5,
-            "reconstruction_rel_error": rebuild_error}
+    return {
+        "grad_rel_error": grad_error,
+        "grad_rel_error_all": (squared_diff / squared_norm) ** 0.5,
+        "reconstruction_rel_error": rebuild_error,
+    }
 
 
 def plot(result: dict, depths: list[int]):
@@ -157,12 +164,27 @@ def plot(result: dict, depths: list[int]):
     for m in MODELS:
         ax_mem.plot(depths, [result["memory_mib"][m][str(d)] for d in depths], marker="o", label=m)
         ax_time.plot(depths, [1e3 * result["step_seconds"][m][str(d)] for d in depths], marker="o", label=m)
-    ax_time.plot(depths, [1e3 * result["torch_step_seconds"][str(d)] for d in depths], marker="s", ls="--",
-                 label="resnet (torch)")
-    ax_mem.set(xscale="log", ylim=(0, None), xlabel="depth (blocks)", ylabel="peak step memory (MiB)",
-               title=f"memory per training step (batch {result['batch_size']})")
-    ax_time.set(xscale="log", yscale="log", xlabel="depth (blocks)", ylabel="median step time (ms)",
-                title="time per training step")
+    ax_time.plot(
+        depths,
+        [1e3 * result["torch_step_seconds"][str(d)] for d in depths],
+        marker="s",
+        ls="--",
+        label="resnet (torch)",
+    )
+    ax_mem.set(
+        xscale="log",
+        ylim=(0, None),
+        xlabel="depth (blocks)",
+        ylabel="peak step memory (MiB)",
+        title=f"memory per training step (batch {result['batch_size']})",
+    )
+    ax_time.set(
+        xscale="log",
+        yscale="log",
+        xlabel="depth (blocks)",
+        ylabel="median step time (ms)",
+        title="time per training step",
+    )
     for ax in (ax_mem, ax_time):
         ax.xaxis.set_minor_locator(NullLocator())  # only the measured depths are labelled
         ax.set_xticks(depths, [str(d) for d in depths])
@@ -181,30 +203,48 @@ def main() -> None:
         images, all_labels = load_split(args.data_dir, "train", allow_download=False)
         x_all = normalise(images, "float64")
     else:
-        print(f"no MNIST training files in {args.data_dir}: random batches "
-              "(a step's cost does not depend on the pixels)")
+        print(
+            f"no MNIST training files in {args.data_dir}: random batches "
+            "(a step's cost does not depend on the pixels)"
+        )
         rng, n = np.random.default_rng(args.seed), 4 * args.batch_size
         x_all, all_labels = rng.standard_normal((n, 784)), rng.integers(0, 10, n)
     threadpool_limits(args.threads, user_api="blas")  # numpy's BLAS and torch get the same threads
     torch.set_num_threads(args.threads)
     blas_threads = max((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=1)
     torch.manual_seed(args.seed)
-    print(f"batch {args.batch_size}, width {args.width}, float32, {blas_threads} BLAS and torch threads, "
-          f"{'MNIST' if real else 'random'} batches")
-    log = RunLogger("revnet_mnist", run_name("benchmark", args.seed), asdict(args), out=args.out,
-                    clearml=args.clearml, clearml_queue=args.clearml_queue)
+    print(
+        f"batch {args.batch_size}, width {args.width}, float32, {blas_threads} BLAS and torch threads, "
+        f"{'MNIST' if real else 'random'} batches"
+    )
+    log = RunLogger(
+        "revnet_mnist",
+        run_name("benchmark", args.seed),
+        asdict(args),
+        out=args.out,
+        clearml=args.clearml,
+        clearml_queue=args.clearml_queue,
+    )
 
     rng = np.random.default_rng(args.seed)
     batches = [rng.choice(len(x_all), args.batch_size, replace=False) for _ in range(4)]
     batches = [(x_all[b].astype(np.float32), all_labels[b]) for b in batches]
-    result = {"batch_size": args.batch_size, "width": args.width, "threads": blas_threads,
-              "data": "mnist" if real else "random", "memory_mib": {m: {} for m in MODELS},
-              "step_seconds": {m: {} for m in MODELS}, "torch_step_seconds": {},
-              "params": {m: {} for m in MODELS}, "numerics": {"float64": {}, "float32": {}}}
+    result = {
+        "batch_size": args.batch_size,
+        "width": args.width,
+        "threads": blas_threads,
+        "data": "mnist" if real else "random",
+        "memory_mib": {m: {} for m in MODELS},
+        "step_seconds": {m: {} for m in MODELS},
+        "torch_step_seconds": {},
+        "params": {m: {} for m in MODELS},
+        "numerics": {"float64": {}, "float32": {}},
+    }
     for depth in args.depths:
         # build: every model starts from the same seed; torch copies the numpy resnet's weights
-        nets = {m: Network(ModelConfig(m, depth, args.width), np.random.default_rng(args.seed))
-                for m in MODELS}
+        nets = {
+            m: Network(ModelConfig(m, depth, args.width), np.random.default_rng(args.seed)) for m in MODELS
+        }
         step = Contestants(nets, batches)
 
         # memory: a warm-up step, then the max over traced steps
@@ -232,16 +272,19 @@ def main() -> None:
 
         mem, sec = result["memory_mib"], result["step_seconds"]
         d = str(depth)
-        print(f"depth {depth:3d}: memory MiB revnet {mem['revnet'][d]:7.2f}  resnet {mem['resnet'][d]:7.2f}  "
-              f"mlp {mem['mlp'][d]:7.2f} (revnet/resnet {mem['revnet'][d] / mem['resnet'][d]:.3f}) | step ms "
-              f"revnet {1e3 * sec['revnet'][d]:6.2f}  resnet {1e3 * sec['resnet'][d]:6.2f}  "
-              f"mlp {1e3 * sec['mlp'][d]:6.2f}  torch {1e3 * result['torch_step_seconds'][d]:6.2f} "
-              f"(revnet/resnet {sec['revnet'][d] / sec['resnet'][d]:.2f}, "
-              f"resnet/torch {sec['resnet'][d] / result['torch_step_seconds'][d]:.2f}) | grad err "
-              f"f64 {result['numerics']['float64'][d]['grad_rel_error']:.1e} "
-              f"f32 {result['numerics']['float32'][d]['grad_rel_error']:.1e}, rebuild err "
-              f"f64 {result['numerics']['float64'][d]['reconstruction_rel_error']:.1e} "
-              f"f32 {result['numerics']['float32'][d]['reconstruction_rel_error']:.1e}", flush=True)
+        print(
+            f"depth {depth:3d}: memory MiB revnet {mem['revnet'][d]:7.2f}  resnet {mem['resnet'][d]:7.2f}  "
+            f"mlp {mem['mlp'][d]:7.2f} (revnet/resnet {mem['revnet'][d] / mem['resnet'][d]:.3f}) | step ms "
+            f"revnet {1e3 * sec['revnet'][d]:6.2f}  resnet {1e3 * sec['resnet'][d]:6.2f}  "
+            f"mlp {1e3 * sec['mlp'][d]:6.2f}  torch {1e3 * result['torch_step_seconds'][d]:6.2f} "
+            f"(revnet/resnet {sec['revnet'][d] / sec['resnet'][d]:.2f}, "
+            f"resnet/torch {sec['resnet'][d] / result['torch_step_seconds'][d]:.2f}) | grad err "
+            f"f64 {result['numerics']['float64'][d]['grad_rel_error']:.1e} "
+            f"f32 {result['numerics']['float32'][d]['grad_rel_error']:.1e}, rebuild err "
+            f"f64 {result['numerics']['float64'][d]['reconstruction_rel_error']:.1e} "
+            f"f32 {result['numerics']['float32'][d]['reconstruction_rel_error']:.1e}",
+            flush=True,
+        )
 
     # ratios the targets are stated in
     mem, sec = result["memory_mib"], result["step_seconds"]
@@ -252,8 +295,9 @@ def main() -> None:
         f"resnet_memory_depth{d1}_over_depth{d0}": mem["resnet"][d1] / mem["resnet"][d0],
         "revnet_over_resnet_memory": {d: mem["revnet"][d] / mem["resnet"][d] for d in mem["revnet"]},
         "revnet_over_resnet_time": {d: sec["revnet"][d] / sec["resnet"][d] for d in sec["revnet"]},
-        "numpy_resnet_over_torch_time": {d: sec["resnet"][d] / result["torch_step_seconds"][d]
-                                         for d in sec["revnet"]},
+        "numpy_resnet_over_torch_time": {
+            d: sec["resnet"][d] / result["torch_step_seconds"][d] for d in sec["revnet"]
+        },
     }
     for key, value in result["ratios"].items():
         shown = {k: round(v, 3) for k, v in value.items()} if isinstance(value, dict) else round(value, 3)

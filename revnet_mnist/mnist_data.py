@@ -52,8 +52,10 @@ def download(raw: Path, name: str) -> Path:
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise UserError(f"MNIST file {name}(.gz) is missing from {raw} and that folder is not writable "
-                        f"({e.strerror}); put the four MNIST idx files there or pass --data-dir") from None
+        raise UserError(
+            f"MNIST file {name}(.gz) is missing from {raw} and that folder is not writable "
+            f"({e.strerror}); put the four MNIST idx files there or pass --data-dir"
+        ) from None
     target = raw / f"{name}.gz"
     errors = []
     for mirror in MIRRORS:
@@ -70,9 +72,11 @@ def download(raw: Path, name: str) -> Path:
         tmp.write_bytes(payload)
         os.replace(tmp, target)
         return target
-    raise UserError(f"MNIST file {name}.gz is not in {raw} and could not be downloaded "
-                    f"({'; '.join(errors)}); with no network, copy the four MNIST idx files there "
-                    "or pass --data-dir")
+    raise UserError(
+        f"MNIST file {name}.gz is not in {raw} and could not be downloaded "
+        f"({'; '.join(errors)}); with no network, copy the four MNIST idx files there "
+        "or pass --data-dir"
+    )
 
 
 def read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
@@ -83,13 +87,16 @@ def read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
         raise UserError(f"cannot read {path}: {e}; delete it to download it again") from None
     header = 4 + 4 * dims
     if len(data) < header or struct.unpack(">I", data[:4])[0] != magic:
-        raise UserError(f"{path} is not an MNIST idx file (expected magic number {magic}); "
-                        "delete it to download it again")
+        raise UserError(
+            f"{path} is not an MNIST idx file (expected magic number {magic}); delete it to download it again"
+        )
     shape = struct.unpack(f">{dims}I", data[4:header])
     expected = header + int(np.prod(shape))
     if len(data) != expected:
-        raise UserError(f"{path} is truncated or corrupt ({len(data)} bytes, header says {expected}); "
-                        "delete it to download it again")
+        raise UserError(
+            f"{path} is truncated or corrupt ({len(data)} bytes, header says {expected}); "
+            "delete it to download it again"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 

@@ -43,11 +43,20 @@ class ModelConfig:
 class Linear:
     """y = x W + b, He-initialised; `scale` shrinks the init of a residual branch's last layer."""
 
-    def __init__(self, fan_in: int, fan_out: int, rng: np.random.Generator, dtype, scale: float = 1.0,
-                 input_grad: bool = True):
+    def __init__(
+        self,
+        fan_in: int,
+        fan_out: int,
+        rng: np.random.Generator,
+        dtype,
+        scale: float = 1.0,
+        input_grad: bool = True,
+    ):
         std = scale * math.sqrt(2.0 / fan_in)  # He et al. 2015, for ReLU inputs
-        self.params = {"W": (rng.standard_normal((fan_in, fan_out)) * std).astype(dtype),
-                       "b": np.zeros(fan_out, dtype=dtype)}
+        self.params = {
+            "W": (rng.standard_normal((fan_in, fan_out)) * std).astype(dtype),
+            "b": np.zeros(fan_out, dtype=dtype),
+        }
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self.input_grad = input_grad  # the stem's input is the data: no dx needed
         self.x = None
@@ -106,8 +115,11 @@ def branch(features: int, depth: int, rng: np.random.Generator, dtype) -> Sequen
     The last layer starts small (1/sqrt(2 depth), two branches per block) so that the sum of
     2 depth residual branches keeps the activations' scale at any depth.
     """
-    return Sequential(Linear(features, features, rng, dtype), ReLU(),
-                      Linear(features, features, rng, dtype, scale=1.0 / math.sqrt(2 * depth)))
+    return Sequential(
+        Linear(features, features, rng, dtype),
+        ReLU(),
+        Linear(features, features, rng, dtype, scale=1.0 / math.sqrt(2 * depth)),
+    )
 
 
 class ReversibleBlock:
@@ -186,8 +198,11 @@ class Network:
 
     def parameters(self) -> list[tuple[str, np.ndarray, np.ndarray]]:
         """(name, parameter, gradient buffer) triples, e.g. ('blocks.3.G.2.W', W, dW)."""
-        return [(f"{name}.{key}", layer.params[key], layer.grads[key])
-                for name, layer in self.linears().items() for key in layer.params]
+        return [
+            (f"{name}.{key}", layer.params[key], layer.grads[key])
+            for name, layer in self.linears().items()
+            for key in layer.params
+        ]
 
     def num_params(self) -> int:
         return sum(p.size for _, p, _ in self.parameters())
@@ -208,7 +223,7 @@ class Network:
             for block in self.blocks:
                 h = block.forward(h, store=train)
         else:
-            x1, x2 = h[:, :self.half], h[:, self.half:]  # two (B, width/2) views
+            x1, x2 = h[:, : self.half], h[:, self.half :]  # two (B, width/2) views
             for block in self.blocks:
                 x1, x2 = block.forward(x1, x2, store=train and not self.reversible)
             if train and self.reversible:
@@ -225,7 +240,7 @@ class Network:
             for block in reversed(self.blocks):
                 dh = block.backward(dh)
         else:
-            d1, d2 = dh[:, :self.half], dh[:, self.half:]
+            d1, d2 = dh[:, : self.half], dh[:, self.half :]
             if self.reversible:
                 y1, y2 = self.top
                 self.top = None
@@ -284,7 +299,7 @@ class Optimizer:
         self.steps = 0
 
     def _scratch(self, p: np.ndarray) -> np.ndarray:
-        return self.scratch[:p.size].reshape(p.shape)
+        return self.scratch[: p.size].reshape(p.shape)
 
     def _decay(self, name: str, p: np.ndarray, lr: float) -> None:
         if self.weight_decay and name.endswith(".W"):
@@ -333,8 +348,8 @@ class Adam(Optimizer):
 
     def step(self, lr: float) -> None:
         self.steps += 1
-        correction1 = 1 - self.beta1 ** self.steps
-        correction2 = 1 - self.beta2 ** self.steps
+        correction1 = 1 - self.beta1**self.steps
+        correction2 = 1 - self.beta2**self.steps
         for (name, p, g), m, v in zip(self.parameters, self.m, self.v):
             self._decay(name, p, lr)
             s = self._scratch(p)
@@ -367,8 +382,9 @@ def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int
     return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_step(network: Network, optimizer: Optimizer, x: np.ndarray, labels: np.ndarray,
-               lr: float) -> tuple[float, int]:
+def train_step(
+    network: Network, optimizer: Optimizer, x: np.ndarray, labels: np.ndarray, lr: float
+) -> tuple[float, int]:
     """One forward, backward and update; returns (loss, correct predictions in the batch)."""
     logits = network.forward(x, train=True)
     loss, dlogits = softmax_cross_entropy(logits, labels)

@@ -35,7 +35,7 @@ from tqdm import tqdm  # noqa: E402
 
 from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name  # noqa: E402
 
-MIB = 2 ** 20
+MIB = 2**20
 
 
 @dataclass
@@ -96,8 +96,8 @@ def measured_step(network, optimizer, x, labels, lr):
 def evaluate(network: Network, x: np.ndarray, labels: np.ndarray, batch: int = 1000) -> float:
     correct = 0
     for i in range(0, len(x), batch):
-        predicted = network.forward(x[i:i + batch], train=False).argmax(axis=1)
-        correct += int((predicted == labels[i:i + batch]).sum())
+        predicted = network.forward(x[i : i + batch], train=False).argmax(axis=1)
+        correct += int((predicted == labels[i : i + batch]).sum())
     return correct / len(x)
 
 
@@ -121,8 +121,10 @@ def load_checkpoint(path, network, optimizer) -> dict:
         with np.load(path) as ckpt:
             meta = json.loads(str(ckpt["meta"]))
             if meta["model_config"] != asdict(network.config):
-                raise UserError(f"--resume: {path} holds {meta['model_config']}, "
-                                f"not {asdict(network.config)}; pass the same flags as the run it continues")
+                raise UserError(
+                    f"--resume: {path} holds {meta['model_config']}, "
+                    f"not {asdict(network.config)}; pass the same flags as the run it continues"
+                )
             network.load_state_dict({k[6:]: ckpt[k] for k in ckpt.files if k.startswith("param/")})
             optimizer.load_state({k[4:]: ckpt[k] for k in ckpt.files if k.startswith("opt/")})
             return meta
@@ -153,7 +155,7 @@ def main() -> None:
     train_images, train_labels = load_split(args.data_dir, "train")
     test_images, test_labels = load_split(args.data_dir, "t10k")
     if args.limit_train is not None:
-        train_images, train_labels = train_images[:args.limit_train], train_labels[:args.limit_train]
+        train_images, train_labels = train_images[: args.limit_train], train_labels[: args.limit_train]
     if len(train_images) < args.batch_size:
         raise UserError(f"only {len(train_images)} training images in {args.data_dir}; need >= --batch-size")
     x_train, x_test = normalise(train_images, args.dtype), normalise(test_images, args.dtype)
@@ -177,12 +179,21 @@ def main() -> None:
         meta = load_checkpoint(checkpoint, network, optimizer)
         start_epoch, history = meta["epoch"], meta["history"]
         order_rng.bit_generator.state = meta["order_rng"]
-    print(f"{args.model}: depth {args.depth}, width {args.width}, {network.num_params():,} parameters, "
-          f"{args.dtype}; {len(x_train):,} train / {len(x_test):,} test images, "
-          f"{steps_per_epoch} steps per epoch, {total_steps} steps, warmup {warmup_steps}")
+    print(
+        f"{args.model}: depth {args.depth}, width {args.width}, {network.num_params():,} parameters, "
+        f"{args.dtype}; {len(x_train):,} train / {len(x_test):,} test images, "
+        f"{steps_per_epoch} steps per epoch, {total_steps} steps, warmup {warmup_steps}"
+    )
 
-    log = RunLogger("revnet_mnist", run_name(args.model, args.seed), asdict(args), out=args.out,
-                    clearml=args.clearml, clearml_queue=args.clearml_queue, resume=args.resume)
+    log = RunLogger(
+        "revnet_mnist",
+        run_name(args.model, args.seed),
+        asdict(args),
+        out=args.out,
+        clearml=args.clearml,
+        clearml_queue=args.clearml_queue,
+        resume=args.resume,
+    )
     if not history:  # evaluation at step 0
         history.append({"epoch": 0, "test_accuracy": evaluate(network, x_test, test_labels)})
         log.log(0, {"test/accuracy": history[0]["test_accuracy"]})
@@ -196,7 +207,7 @@ def main() -> None:
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for i in bar:
             step = epoch * steps_per_epoch + i
-            batch = order[i * args.batch_size:(i + 1) * args.batch_size]
+            batch = order[i * args.batch_size : (i + 1) * args.batch_size]
             x, labels = x_train[batch], train_labels[batch]
             lr = learning_rate(step, total_steps, args.lr, warmup_steps)
             # memory: trace a few steps after the first, so one-time allocations don't count
@@ -221,20 +232,44 @@ def main() -> None:
         # evaluate and log
         test_accuracy = evaluate(network, x_test, test_labels)
         train_loss, train_accuracy = loss_sum / seen, correct_sum / seen
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_accuracy,
-                        "test_accuracy": test_accuracy})
-        log.log((epoch + 1) * steps_per_epoch, {
-            "train/epoch_loss": train_loss, "train/accuracy": train_accuracy, "test/accuracy": test_accuracy,
-            "memory/peak_step_mib": peak_step_bytes / MIB, "memory/peak_rss_mib": peak_rss_mib(),
-            "time/epoch_seconds": epoch_seconds[-1]})
-        print(f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, "
-              f"train acc {100 * train_accuracy:.2f}%, test acc {100 * test_accuracy:.2f}%, "
-              f"{epoch_seconds[-1]:.1f} s")
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "train_accuracy": train_accuracy,
+                "test_accuracy": test_accuracy,
+            }
+        )
+        log.log(
+            (epoch + 1) * steps_per_epoch,
+            {
+                "train/epoch_loss": train_loss,
+                "train/accuracy": train_accuracy,
+                "test/accuracy": test_accuracy,
+                "memory/peak_step_mib": peak_step_bytes / MIB,
+                "memory/peak_rss_mib": peak_rss_mib(),
+                "time/epoch_seconds": epoch_seconds[-1],
+            },
+        )
+        print(
+            f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, "
+            f"train acc {100 * train_accuracy:.2f}%, test acc {100 * test_accuracy:.2f}%, "
+            f"{epoch_seconds[-1]:.1f} s"
+        )
 
         # checkpoint
-        save_checkpoint(log.path("checkpoint.npz"), network, optimizer, {
-            "epoch": epoch + 1, "history": history, "order_rng": order_rng.bit_generator.state,
-            "model_config": asdict(config), "args": asdict(args)})
+        save_checkpoint(
+            log.path("checkpoint.npz"),
+            network,
+            optimizer,
+            {
+                "epoch": epoch + 1,
+                "history": history,
+                "order_rng": order_rng.bit_generator.state,
+                "model_config": asdict(config),
+                "args": asdict(args),
+            },
+        )
 
     # save
     log.save_figure("curves", plot_curves(history))
@@ -246,14 +281,22 @@ def main() -> None:
         "peak_rss_mib": peak_rss_mib(),
         "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
         "step_seconds_median": float(np.median(step_seconds)) if step_seconds else None,
-        "params": network.num_params(), "model": args.model, "depth": args.depth, "width": args.width,
-        "dtype": args.dtype, "epochs": args.epochs, "batch_size": args.batch_size,
-        "train_images": len(x_train), "seed": args.seed,
+        "params": network.num_params(),
+        "model": args.model,
+        "depth": args.depth,
+        "width": args.width,
+        "dtype": args.dtype,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "train_images": len(x_train),
+        "seed": args.seed,
     }
     log.write_summary(summary)
-    print(f"test accuracy {100 * summary['test_accuracy']:.2f}%, peak step memory "
-          f"{summary['peak_step_memory_mib'] or float('nan'):.2f} MiB, peak RSS "
-          f"{summary['peak_rss_mib']:.0f} MiB, {summary['seconds_per_epoch'] or float('nan'):.1f} s/epoch")
+    print(
+        f"test accuracy {100 * summary['test_accuracy']:.2f}%, peak step memory "
+        f"{summary['peak_step_memory_mib'] or float('nan'):.2f} MiB, peak RSS "
+        f"{summary['peak_rss_mib']:.0f} MiB, {summary['seconds_per_epoch'] or float('nan'):.1f} s/epoch"
+    )
     log.close()
 
 

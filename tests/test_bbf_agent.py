@@ -88,7 +88,7 @@ def test_schedules_at_known_points():
     assert [A.n_step_at(t, 10, 3, 10_000) for t in (0, 5_000, 10_000, 50_000)] == [10, 5, 3, 3]
     assert A.n_step_at(2_000, 10, 3, 10_000) == 8  # 10 * 0.3 ** 0.2 = 7.86
     gammas = [A.gamma_at(t, 0.97, 0.997, 10_000) for t in (0, 5_000, 10_000, 30_000)]
-    assert gammas == pytest.approx([0.97, 1 - 0.03 * 0.1 ** 0.5, 0.997, 0.997])
+    assert gammas == pytest.approx([0.97, 1 - 0.03 * 0.1**0.5, 0.997, 0.997])
     assert A.gamma_at(123, 0.99, 0.99, 10_000) == 0.99 and A.n_step_at(5, 1, 1, 10) == 1
     assert A.linear_epsilon(0, 1.0, 0.01, 100) == 1.0 and A.linear_epsilon(50, 1.0, 0.0, 100) == 0.5
     assert A.linear_epsilon(500, 1.0, 0.01, 100) == pytest.approx(0.01)
@@ -109,8 +109,9 @@ def test_shrink_and_perturb_arithmetic():
 
 def test_reset_perturbs_encoder_reinitialises_head_and_restarts_the_clocks():
     torch.manual_seed(0)
-    agent = A.Agent(A.ModelConfig(obs_dim=2, width=16, num_blocks=1),
-                    A.AgentConfig(batch_size=8, reset_every=5))
+    agent = A.Agent(
+        A.ModelConfig(obs_dim=2, width=16, num_blocks=1), A.AgentConfig(batch_size=8, reset_every=5)
+    )
     buffer = filled_buffer(list(np.linspace(-1, 1, 40)), capacity=64, terminated={20})
     rng = np.random.default_rng(0)
     for _ in range(4):
@@ -147,8 +148,13 @@ def test_double_dqn_loss_uses_online_argmax_and_target_value():
         def forward(self, x):
             return self.scale * (x.flip(1) if self.flip else x)
 
-    batch = {"obs": torch.tensor([[1.0, 5.0]]), "actions": torch.tensor([1]), "returns": torch.tensor([1.0]),
-             "bootstrap_obs": torch.tensor([[3.0, 1.0]]), "discount": torch.tensor([0.5])}
+    batch = {
+        "obs": torch.tensor([[1.0, 5.0]]),
+        "actions": torch.tensor([1]),
+        "returns": torch.tensor([1.0]),
+        "bootstrap_obs": torch.tensor([[3.0, 1.0]]),
+        "discount": torch.tensor([0.5]),
+    }
     # online picks a' = 0 at [3, 1]; target values it at 2 * 1 = 2 (not its own max 6): td = 1 + .5 * 2 = 2
     loss, q = A.double_dqn_loss(Fixed(1.0, False), Fixed(2.0, True), batch)
     assert q.tolist() == [5.0] and loss.item() == pytest.approx(3.0 - 0.5)  # Huber, |error| = 3
@@ -159,8 +165,9 @@ def test_dueling_head_is_value_plus_centred_advantage():
     x = torch.randn(5, 3)
     q = head(x)
     torch.testing.assert_close(q.mean(dim=1, keepdim=True), head.value(x))
-    torch.testing.assert_close(q - q.mean(dim=1, keepdim=True),
-                               head.advantage(x) - head.advantage(x).mean(dim=1, keepdim=True))
+    torch.testing.assert_close(
+        q - q.mean(dim=1, keepdim=True), head.advantage(x) - head.advantage(x).mean(dim=1, keepdim=True)
+    )
 
 
 def test_update_reduces_td_error_on_a_fixed_batch():

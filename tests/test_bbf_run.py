@@ -10,14 +10,32 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "bbf_lunar" / "run.py"
-TINY = ["--total-steps", "400", "--eval-every", "200", "--learning-starts", "100", "--eval-episodes", "2",
-        "--anneal-steps", "50", "--reset-every", "150", "--checkpoint-every", "200",
-        "--bootstrap-reps", "200", "--clearml", "off"]
+TINY = [
+    "--total-steps",
+    "400",
+    "--eval-every",
+    "200",
+    "--learning-starts",
+    "100",
+    "--eval-episodes",
+    "2",
+    "--anneal-steps",
+    "50",
+    "--reset-every",
+    "150",
+    "--checkpoint-every",
+    "200",
+    "--bootstrap-reps",
+    "200",
+    "--clearml",
+    "off",
+]
 
 
 def run(*flags, timeout=300):
-    return subprocess.run([sys.executable, str(RUN), *flags], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(RUN), *flags], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +75,9 @@ def test_run_writes_summary_plots_and_job_results(finished):
 def test_same_seed_same_returns_in_process_or_pool(finished, tmp_path):
     out, _ = finished
     again = tmp_path / "again"
-    proc = run("--seeds", "1", "--seed", "1", "--variants", "dqn", "--workers", "1", "--out", str(again),
-               *TINY)
+    proc = run(
+        "--seeds", "1", "--seed", "1", "--variants", "dqn", "--workers", "1", "--out", str(again), *TINY
+    )
     assert proc.returncode == 0, proc.stderr
     first = json.loads((out / "jobs" / "dqn_seed1" / "result.json").read_text())
     second = json.loads((again / "jobs" / "dqn_seed1" / "result.json").read_text())
@@ -69,8 +88,9 @@ def test_resume_of_a_finished_run_only_resummarises(finished):
     out, _ = finished
     (out / "final_iqm.png").unlink()
     before = json.loads((out / "summary.json").read_text())
-    proc = run("--seeds", "2", "--variants", "bbf,dqn", "--workers", "2", "--out", str(out), "--resume",
-               *TINY)
+    proc = run(
+        "--seeds", "2", "--variants", "bbf,dqn", "--workers", "2", "--out", str(out), "--resume", *TINY
+    )
     assert proc.returncode == 0, proc.stderr
     assert "4 jobs (4 already done)" in proc.stdout and "done bbf" not in proc.stdout
     assert (out / "final_iqm.png").exists()
@@ -91,8 +111,16 @@ def test_interrupted_job_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     R = importlib.util.module_from_spec(spec_)
     sys.modules["bbf_lunar_run"] = R
     spec_.loader.exec_module(R)
-    args = R.Args(total_steps=600, eval_every=200, checkpoint_every=200, learning_starts=100, eval_episodes=1,
-                  width=16, blocks=1, workers=1)
+    args = R.Args(
+        total_steps=600,
+        eval_every=200,
+        checkpoint_every=200,
+        learning_starts=100,
+        eval_episodes=1,
+        width=16,
+        blocks=1,
+        workers=1,
+    )
     spec = R.job_spec(args, "bbf", 3, tmp_path / "job")
     real_evaluate, calls = R.evaluate, []
 
@@ -114,13 +142,19 @@ def test_interrupted_job_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     assert saved["final_return"] == result["final_return"]
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--variants", "bbf,rainbow"], "--variants: unknown rainbow"),
-    (["--seeds", "0"], "--seeds must be >= 1"),
-    (["--replay-ratio", "0"], "--replay-ratio must be > 0"),
-    (["--eval-every", "500", "--total-steps", "400"], "--eval-every (500) must be <= --total-steps (400)"),
-    (["--summarize-only"], "need --out"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--variants", "bbf,rainbow"], "--variants: unknown rainbow"),
+        (["--seeds", "0"], "--seeds must be >= 1"),
+        (["--replay-ratio", "0"], "--replay-ratio must be > 0"),
+        (
+            ["--eval-every", "500", "--total-steps", "400"],
+            "--eval-every (500) must be <= --total-steps (400)",
+        ),
+        (["--summarize-only"], "need --out"),
+    ],
+)
 def test_bad_arguments_exit_2_with_a_message_and_write_nothing(tmp_path, flags, message):
     out = tmp_path / "run"
     if "--summarize-only" in flags:

@@ -47,8 +47,13 @@ def test_iqm_ci_on_hand_computable_arrays():
 def test_iqm_ci_agrees_with_scipy_bootstrap_and_is_seeded():
     x = np.random.default_rng(3).normal(100, 50, size=12)
     ours = S.iqm_with_ci(x, reps=20000, seed=0)
-    theirs = scipy.stats.bootstrap((x,), lambda s, axis: scipy.stats.trim_mean(s, 0.25, axis=axis),
-                                   n_resamples=20000, method="percentile", random_state=0).confidence_interval
+    theirs = scipy.stats.bootstrap(
+        (x,),
+        lambda s, axis: scipy.stats.trim_mean(s, 0.25, axis=axis),
+        n_resamples=20000,
+        method="percentile",
+        random_state=0,
+    ).confidence_interval
     assert ours["ci_low"] == pytest.approx(theirs.low, abs=4.0)  # Monte Carlo error of two bootstraps
     assert ours["ci_high"] == pytest.approx(theirs.high, abs=4.0)
     assert ours["ci_low"] < ours["iqm"] < ours["ci_high"]

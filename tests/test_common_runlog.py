@@ -122,8 +122,11 @@ def test_clearml_offline_session_zip_without_server(tmp_path):
     with zipfile.ZipFile(f"{folder}.zip") as zf:
         events = json.loads(zf.read("metrics.jsonl"))
         task = json.loads(zf.read("task.json"))
-    scalars = [(e["iter"], e["metric"], e["variant"], e["value"]) for e in events
-               if e["type"] == "training_stats_scalar"]
+    scalars = [
+        (e["iter"], e["metric"], e["variant"], e["value"])
+        for e in events
+        if e["type"] == "training_stats_scalar"
+    ]
     assert scalars == [(0, "train", "loss", 3.0), (1, "train", "loss", 2.0), (2, "train", "loss", 1.5)]
     assert task["name"] == "run"
     assert str(folder).startswith(str(tmp_path))
@@ -151,12 +154,15 @@ def test_parse_args_types_and_defaults():
     assert parse_args(DemoArgs, []) == DemoArgs()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--lr", "-1"], "--lr must be > 0 (got -1.0)"),
-    (["--model", "vgg"], "invalid choice: 'vgg'"),
-    (["--depth", "two"], "invalid int value: 'two'"),
-    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "-1"], "--lr must be > 0 (got -1.0)"),
+        (["--model", "vgg"], "invalid choice: 'vgg'"),
+        (["--depth", "two"], "invalid int value: 'two'"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
 def test_bad_flags_exit_2_with_message(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(DemoArgs, argv, check_demo)
@@ -167,7 +173,8 @@ def test_bad_flags_exit_2_with_message(argv, message, capsys):
 def test_script_help_and_user_error_in_subprocess(tmp_path):
     """Field comments become --help text; a UserError is one line on stderr, exit 1, no traceback."""
     script = tmp_path / "demo.py"
-    script.write_text(textwrap.dedent('''
+    script.write_text(
+        textwrap.dedent('''
         """Demo entry script."""
         from dataclasses import dataclass
         from common import UserError, parse_args, run_main
@@ -182,11 +189,14 @@ def test_script_help_and_user_error_in_subprocess(tmp_path):
 
         if __name__ == "__main__":
             run_main(main)
-    '''))
-    helped = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True,
-                            cwd=REPO_ROOT)
+    ''')
+    )
+    helped = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=REPO_ROOT
+    )
     assert "where the data lives (default: nowhere)" in helped.stdout
-    failed = subprocess.run([sys.executable, str(script), "--data-dir", "/x"], capture_output=True, text=True,
-                            cwd=REPO_ROOT)
+    failed = subprocess.run(
+        [sys.executable, str(script), "--data-dir", "/x"], capture_output=True, text=True, cwd=REPO_ROOT
+    )
     assert failed.returncode == 1
     assert failed.stderr.strip() == "error: no data in /x"

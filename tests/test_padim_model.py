@@ -87,11 +87,19 @@ def test_anomaly_map_is_upsample_then_gaussian_blur():
     rng = np.random.default_rng(3)
     distance = torch.from_numpy(rng.uniform(size=(2, 16 * 16))).float()
     maps = padim.anomaly_map(distance, grid=16, image_size=64, sigma=4.0)
-    upsampled = F.interpolate(distance.view(2, 1, 16, 16), size=(64, 64), mode="bilinear",
-                              align_corners=False)[:, 0].double().numpy()
+    upsampled = (
+        F.interpolate(distance.view(2, 1, 16, 16), size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+        .double()
+        .numpy()
+    )
     # scipy's 'mirror' is torch's 'reflect'; truncate=4 gives the same 33-tap kernel
-    expected = gaussian_filter1d(gaussian_filter1d(upsampled, 4.0, axis=1, mode="mirror", truncate=4.0),
-                                 4.0, axis=2, mode="mirror", truncate=4.0)
+    expected = gaussian_filter1d(
+        gaussian_filter1d(upsampled, 4.0, axis=1, mode="mirror", truncate=4.0),
+        4.0,
+        axis=2,
+        mode="mirror",
+        truncate=4.0,
+    )
     assert np.abs(maps.numpy() - expected).max() < 1e-5
     assert torch.equal(padim.image_scores(maps), maps.flatten(1).max(dim=1).values)
 

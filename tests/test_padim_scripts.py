@@ -36,10 +36,10 @@ def paint(image, rng, kind):
     mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
     r, c = rng.integers(12, SIZE - 24, size=2)
     if kind == "spot":
-        mask[r:r + 12, c:c + 12] = 255
+        mask[r : r + 12, c : c + 12] = 255
         image[mask > 0] = (250, 40, 40)
     else:
-        mask[r:r + 3, c:c + 20] = 255
+        mask[r : r + 3, c : c + 20] = 255
         image[mask > 0] = (10, 10, 10)
     return image, mask
 
@@ -70,25 +70,50 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def run(script, *args, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "padim_anomaly" / script), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "MPLBACKEND": "Agg", **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "padim_anomaly" / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "MPLBACKEND": "Agg", **(env or {})},
+    )
 
 
 def test_train_online_and_batch_agree_and_detect_painted_defects(data_dir, tmp_path):
     summaries = {}
     for stats in ("online", "batch"):
         out = tmp_path / stats
-        result = run("train.py", "--data-dir", data_dir, "--out", out, "--n-features", "20", "--stats", stats,
-                     "--batch-size", "5", *TINY)
+        result = run(
+            "train.py",
+            "--data-dir",
+            data_dir,
+            "--out",
+            out,
+            "--n-features",
+            "20",
+            "--stats",
+            stats,
+            "--batch-size",
+            "5",
+            *TINY,
+        )
         assert result.returncode == 0, result.stderr
         summaries[stats] = json.loads((out / "summary.json").read_text())
         assert (out / "anomaly_maps.png").stat().st_size > 1000
         model = torch.load(out / "model.pt", weights_only=True)
         assert model["channels"].shape == (20,) and model["inv_covariance"].shape == (16 * 16, 20, 20)
     online, batch = summaries["online"], summaries["batch"]
-    for key in ("image_auroc", "pixel_auroc", "fit_seconds", "fit_peak_memory_mib", "n_train", "n_features",
-                "weights", "stats"):
+    for key in (
+        "image_auroc",
+        "pixel_auroc",
+        "fit_seconds",
+        "fit_peak_memory_mib",
+        "n_train",
+        "n_features",
+        "weights",
+        "stats",
+    ):
         assert key in online
     assert online["n_train"] == 12 and online["n_features"] == 20 and online["stats"] == "online"
     assert online["image_auroc"] > 0.8 and online["pixel_auroc"] > 0.8  # chance is 0.5
@@ -98,8 +123,22 @@ def test_train_online_and_batch_agree_and_detect_painted_defects(data_dir, tmp_p
 
 def test_importance_writes_rankings_and_subsets_and_resumes(data_dir, tmp_path):
     out = tmp_path / "importance"
-    args = ["--data-dir", data_dir, "--out", out, "--n-features", "16", "--n-repeats", "2", "--ks", "2", "4",
-            "--n-random", "2", *TINY]
+    args = [
+        "--data-dir",
+        data_dir,
+        "--out",
+        out,
+        "--n-features",
+        "16",
+        "--n-repeats",
+        "2",
+        "--ks",
+        "2",
+        "4",
+        "--n-random",
+        "2",
+        *TINY,
+    ]
     result = run("importance.py", *args)
     assert result.returncode == 0, result.stderr
     importance = json.loads((out / "importance.json").read_text())
@@ -124,8 +163,21 @@ def test_importance_writes_rankings_and_subsets_and_resumes(data_dir, tmp_path):
 
 def test_memory_profiles_stages_and_compares_methods(data_dir, tmp_path):
     out = tmp_path / "memory"
-    result = run("memory.py", "--data-dir", data_dir, "--out", out, "--ns", "4", "8", "--n-features", "8",
-                 "--batch-size", "4", *TINY)
+    result = run(
+        "memory.py",
+        "--data-dir",
+        data_dir,
+        "--out",
+        out,
+        "--ns",
+        "4",
+        "8",
+        "--n-features",
+        "8",
+        "--batch-size",
+        "4",
+        *TINY,
+    )
     assert result.returncode == 0, result.stderr
     memory = json.loads((out / "memory.json").read_text())
     stages = {"feature_extraction", "embedding_storage", "mean", "covariance", "inverse", "scoring"}
@@ -168,12 +220,15 @@ def no_test_folder(category):
     shutil.rmtree(category / "test")
 
 
-@pytest.mark.parametrize("breakage, message", [
-    (corrupt_image, "cannot decode the image"),
-    (small_mask, "masks must match their images"),
-    (empty_train, "no training images"),
-    (no_test_folder, "missing folder"),
-])
+@pytest.mark.parametrize(
+    "breakage, message",
+    [
+        (corrupt_image, "cannot decode the image"),
+        (small_mask, "masks must match their images"),
+        (empty_train, "no training images"),
+        (no_test_folder, "missing folder"),
+    ],
+)
 def test_broken_data_gives_one_line_and_no_run_folder(data_dir, tmp_path, breakage, message):
     copy = broken_copy(data_dir, tmp_path, breakage)
     out = tmp_path / "run"
@@ -184,12 +239,15 @@ def test_broken_data_gives_one_line_and_no_run_folder(data_dir, tmp_path, breaka
     assert not out.exists()
 
 
-@pytest.mark.parametrize("script, args, code, message", [
-    ("train.py", ["--n-features", "500"], 2, "--n-features must be in 1..448"),
-    ("train.py", ["--category", "banana"], 2, "--category must be one of"),
-    ("importance.py", ["--ks", "5", "50", "--n-features", "20"], 2, "--ks must each be in 1..20"),
-    ("memory.py", ["--category", "bottle"], 1, "is not in"),  # no such category folder; --no-download
-])
+@pytest.mark.parametrize(
+    "script, args, code, message",
+    [
+        ("train.py", ["--n-features", "500"], 2, "--n-features must be in 1..448"),
+        ("train.py", ["--category", "banana"], 2, "--category must be one of"),
+        ("importance.py", ["--ks", "5", "50", "--n-features", "20"], 2, "--ks must each be in 1..20"),
+        ("memory.py", ["--category", "bottle"], 1, "is not in"),  # no such category folder; --no-download
+    ],
+)
 def test_bad_arguments_and_missing_category(tmp_path, script, args, code, message):
     out = tmp_path / "run"
     result = run(script, "--data-dir", tmp_path / "empty", "--out", out, *TINY, *args)

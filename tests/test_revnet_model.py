@@ -187,6 +187,7 @@ def test_reversible_gradients_equal_stored_activation_gradients(depth):
 
 def torch_forward(net: Network, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """The same network written with torch ops on the same weights, for autograd."""
+
     def linear(name, h):
         return h @ weights[f"{name}.W"] + weights[f"{name}.b"]
 
@@ -195,7 +196,7 @@ def torch_forward(net: Network, x: torch.Tensor, weights: dict[str, torch.Tensor
         for i in range(net.config.depth):
             h = linear(f"blocks.{i}.1", torch.relu(h))
     else:
-        x1, x2 = h[:, :net.half], h[:, net.half:]
+        x1, x2 = h[:, : net.half], h[:, net.half :]
         for i in range(net.config.depth):
             x1 = x1 + linear(f"blocks.{i}.F.2", torch.relu(linear(f"blocks.{i}.F.0", x2)))
             x2 = x2 + linear(f"blocks.{i}.G.2", torch.relu(linear(f"blocks.{i}.G.0", x1)))
@@ -239,9 +240,14 @@ def test_adam_matches_torch_adamw_with_decay_on_weights_only():
     params = net.parameters()
     adam = Adam(params, weight_decay=0.1)
     tensors = {name: torch.tensor(p.copy(), requires_grad=True) for name, p, _ in params}
-    torch_adam = torch.optim.AdamW([{"params": [t for n, t in tensors.items() if n.endswith(".W")]},
-                                    {"params": [t for n, t in tensors.items() if n.endswith(".b")],
-                                     "weight_decay": 0.0}], lr=0.01, weight_decay=0.1)
+    torch_adam = torch.optim.AdamW(
+        [
+            {"params": [t for n, t in tensors.items() if n.endswith(".W")]},
+            {"params": [t for n, t in tensors.items() if n.endswith(".b")], "weight_decay": 0.0},
+        ],
+        lr=0.01,
+        weight_decay=0.1,
+    )
     for _ in range(3):
         for name, p, g in params:
             g[...] = rng.standard_normal(p.shape)

@@ -37,7 +37,7 @@ def make_mnist(root: Path, n_train=320, n_test=100, gz=True, seed=0) -> Path:
         images = rng.integers(0, 60, (n, 28, 28))
         for i, c in enumerate(labels):
             row, col = 2 + 9 * (c // 4), 2 + 6 * (c % 4)
-            images[i, row:row + 6, col:col + 6] = 255
+            images[i, row : row + 6, col : col + 6] = 255
         for kind, array, magic in (("images-idx3", images, 2051), ("labels-idx1", labels, 2049)):
             payload = idx_bytes(array, magic)
             name = f"{split}-{kind}-ubyte"
@@ -49,8 +49,9 @@ def make_mnist(root: Path, n_train=320, n_test=100, gz=True, seed=0) -> Path:
 
 
 def run(script: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(FOLDER / script), *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(FOLDER / script), *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,16 @@ def test_train_end_to_end_writes_summary_metrics_plot_and_checkpoint(data_dir, t
     result = run("train.py", "--model", model, "--epochs", "2", "--data-dir", data_dir, "--out", out, *SMALL)
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("test_accuracy", "peak_step_memory_mib", "peak_rss_mib", "seconds_per_epoch", "params",
-                "model", "depth", "width"):
+    for key in (
+        "test_accuracy",
+        "peak_step_memory_mib",
+        "peak_rss_mib",
+        "seconds_per_epoch",
+        "params",
+        "model",
+        "depth",
+        "width",
+    ):
         assert summary[key] is not None, key
     assert [summary[k] for k in ("model", "depth", "width", "train_images")] == [model, 2, 32, 320]
     assert summary["test_accuracy"] >= 0.8  # the made-up digits are easy; chance is 0.1
@@ -100,15 +109,32 @@ def test_train_resumes_from_its_checkpoint(data_dir, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     accuracies = [r["test/accuracy"] for r in rows if "test/accuracy" in r]
     assert accuracies[:2] == [accuracies[0], epoch1] and len(accuracies) == 3
-    mismatch = run("train.py", "--epochs", "3", "--resume", "--width", "64", "--data-dir", data_dir,
-                   "--out", out, *SMALL[2:])
+    mismatch = run(
+        "train.py",
+        "--epochs",
+        "3",
+        "--resume",
+        "--width",
+        "64",
+        "--data-dir",
+        data_dir,
+        "--out",
+        out,
+        *SMALL[2:],
+    )
     assert_clean_failure(mismatch, 1, "--resume")
 
 
-@pytest.mark.parametrize("flags, phrase", [
-    (["--width", "33"], "--width"), (["--width", "2"], "--width"), (["--depth", "0"], "--depth"),
-    (["--lr", "0"], "--lr"), (["--limit-train", "10"], "--limit-train"),
-])
+@pytest.mark.parametrize(
+    "flags, phrase",
+    [
+        (["--width", "33"], "--width"),
+        (["--width", "2"], "--width"),
+        (["--depth", "0"], "--depth"),
+        (["--lr", "0"], "--lr"),
+        (["--limit-train", "10"], "--limit-train"),
+    ],
+)
 def test_train_rejects_bad_flags_without_writing(data_dir, tmp_path, flags, phrase):
     out = tmp_path / "run"
     result = run("train.py", "--data-dir", data_dir, "--out", out, "--clearml", "off", *flags)
@@ -116,12 +142,17 @@ def test_train_rejects_bad_flags_without_writing(data_dir, tmp_path, flags, phra
     assert not out.exists()
 
 
-@pytest.mark.parametrize("damage, phrase", [
-    (lambda p: p.write_bytes(gzip.compress(b"\x00\x00\x12\x34" + gzip.decompress(p.read_bytes())[4:])),
-     "not an MNIST idx file"),
-    (lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-100])), "truncated"),
-    (lambda p: p.write_bytes(b"not gzip at all"), "cannot read"),
-])
+@pytest.mark.parametrize(
+    "damage, phrase",
+    [
+        (
+            lambda p: p.write_bytes(gzip.compress(b"\x00\x00\x12\x34" + gzip.decompress(p.read_bytes())[4:])),
+            "not an MNIST idx file",
+        ),
+        (lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-100])), "truncated"),
+        (lambda p: p.write_bytes(b"not gzip at all"), "cannot read"),
+    ],
+)
 def test_train_reports_corrupt_data_in_one_line_without_writing(tmp_path, damage, phrase):
     data = make_mnist(tmp_path / "data", n_train=64, n_test=20)
     damage(data / "MNIST" / "raw" / "train-images-idx3-ubyte.gz")
@@ -178,7 +209,9 @@ def test_download_checks_the_checksum_and_fails_clearly_without_network(tmp_path
     images, labels = mnist_data.load_split(tmp_path / "fresh", "t10k")
     assert images.shape == (30, 28, 28)
     assert sorted(p.name for p in (tmp_path / "fresh" / "MNIST" / "raw").iterdir()) == [
-        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]  # no temporary files left behind
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ]  # no temporary files left behind
 
     monkeypatch.setattr(mnist_data, "FILES", dict.fromkeys(mnist_data.FILES, "0" * 32))
     with pytest.raises(UserError, match="checksum mismatch"):
@@ -198,8 +231,24 @@ def test_download_checks_the_checksum_and_fails_clearly_without_network(tmp_path
 
 def test_benchmark_end_to_end_writes_json_and_plot(data_dir, tmp_path):
     out = tmp_path / "bench"
-    result = run("benchmark.py", "--depths", "1", "4", "--steps", "3", "--batch-size", "64", "--width", "32",
-                 "--data-dir", data_dir, "--out", out, "--clearml", "off")
+    result = run(
+        "benchmark.py",
+        "--depths",
+        "1",
+        "4",
+        "--steps",
+        "3",
+        "--batch-size",
+        "64",
+        "--width",
+        "32",
+        "--data-dir",
+        data_dir,
+        "--out",
+        out,
+        "--clearml",
+        "off",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "benchmark.json").read_text())
     assert report["data"] == "mnist"
@@ -209,8 +258,10 @@ def test_benchmark_end_to_end_writes_json_and_plot(data_dir, tmp_path):
     assert set(report["torch_step_seconds"]) == {"1", "4"}
     memory = report["memory_mib"]
     assert memory["resnet"]["4"] > memory["resnet"]["1"] and memory["revnet"]["4"] < memory["resnet"]["4"]
-    assert all(v["grad_rel_error"] < 1e-10 and v["grad_rel_error_all"] <= v["grad_rel_error"]
-               for v in report["numerics"]["float64"].values())
+    assert all(
+        v["grad_rel_error"] < 1e-10 and v["grad_rel_error_all"] <= v["grad_rel_error"]
+        for v in report["numerics"]["float64"].values()
+    )
     assert all(v["grad_rel_error"] < 1e-4 for v in report["numerics"]["float32"].values())
     assert (out / "benchmark.png").stat().st_size > 1000
     assert "revnet_over_resnet_memory" in result.stdout
@@ -218,8 +269,23 @@ def test_benchmark_end_to_end_writes_json_and_plot(data_dir, tmp_path):
 
 def test_benchmark_uses_random_batches_without_data_and_rejects_bad_depths(tmp_path):
     out = tmp_path / "bench"
-    result = run("benchmark.py", "--depths", "1", "--steps", "1", "--batch-size", "16", "--width", "8",
-                 "--data-dir", tmp_path / "empty", "--out", out, "--clearml", "off")
+    result = run(
+        "benchmark.py",
+        "--depths",
+        "1",
+        "--steps",
+        "1",
+        "--batch-size",
+        "16",
+        "--width",
+        "8",
+        "--data-dir",
+        tmp_path / "empty",
+        "--out",
+        out,
+        "--clearml",
+        "off",
+    )
     assert result.returncode == 0, result.stderr
     assert "random batches" in result.stdout
     assert json.loads((out / "benchmark.json").read_text())["data"] == "random"
