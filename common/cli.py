@@ -1,21 +1,31 @@
 """Command line from an `Args` dataclass, and one-line errors for problems the user can fix.
 
-Each field becomes `--field-name`; its trailing `# comment` in the source is the help text.
-Types: int, float, str, bool (`--flag/--no-flag`), Literal[...] (choices), `X | None`,
-list[int|float|str] (one or more values).
+Each field becomes `--field-name`; its `# comment` (on the field's line, or the comment lines just
+above it) is the help text. Types: int, float, str, bool (`--flag/--no-flag`), Literal[...] (choices),
+`X | None`, list[int|float|str] (one or more values).
+
+Every script's `Args` extends `RunArgs` (or `DataArgs`, which adds `--data-dir`), so the flags every
+experiment shares are declared once. Before a script's own checks, `parse_args` rejects non-finite
+floats and negative numbers, unless a field is named in `ALLOW_NONFINITE` / `ALLOW_NEGATIVE`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import inspect
+import io
+import math
 import os
-import re
 import sys
+import textwrap
+import tokenize
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Literal
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,13 +38,59 @@ def default_data_dir() -> str:
     return os.environ.get("DATA_DIR") or str(REPO_ROOT / "data")
 
 
-def _field_comments(cls) -> dict[str, str]:
+@dataclass
+class RunArgs:
+    """The flags every experiment shares (see "Conventions" in the top README)."""
+
+    seed: int = 0  # seeds everything random in the run; part of the run name
+    out: str | None = None  # run folder (default runs/<experiment>/<run name>)
+    resume: bool = False  # continue the run in --out from its checkpoint (training flags must match)
+    clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML mirror of the run
+    clearml_queue: str | None = None  # hand the run to this ClearML agent queue and exit
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset()  # flags that may change on --resume
+    ALLOW_NEGATIVE: ClassVar[frozenset[str]] = frozenset()  # numeric flags that may be < 0
+    ALLOW_NONFINITE: ClassVar[frozenset[str]] = frozenset()  # float flags that may be nan / inf
+
+
+@dataclass
+class DataArgs(RunArgs):
+    data_dir: str = default_data_dir()  # dataset root (or DATA_DIR); downloads go there when absent
+
+
+def _class_comments(cls) -> dict[str, str]:
+    """Field name -> help text: the comment on the field's lines, else the comment lines just above."""
     try:
-        source = inspect.getsource(cls)
+        source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
         return {}
-    pattern = re.compile(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", re.MULTILINE)
-    return {name: text.strip() for name, text in pattern.findall(source)}
+    comments = {}  # line number -> comment text
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    lines = source.splitlines()
+    found = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        inline = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+        above, n = [], node.lineno - 1
+        while n in comments and lines[n - 1].lstrip().startswith("#"):
+            above.insert(0, comments[n])
+            n -= 1
+        text = " ".join(inline or above)
+        if text:
+            found[node.target.id] = text
+    return found
+
+
+def field_help(cls) -> dict[str, str]:
+    """Help text of every field, the subclass's comment winning over a base class's."""
+    found: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            found.update(_class_comments(klass))
+    return found
 
 
 def _unwrap_optional(tp):
@@ -53,19 +109,24 @@ def _none_or(convert):
     return parse
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser:
     doc = (cls.__doc__ or "").strip()
     if doc.startswith(cls.__name__ + "("):  # the signature dataclass writes when there is no docstring
         doc = ""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         description=description or doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     hints = typing.get_type_hints(cls)
-    comments = _field_comments(cls)
+    helps = field_help(cls)
     for f in dataclasses.fields(cls):
         tp, optional = _unwrap_optional(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kw: dict = {"default": default, "help": f"{comments.get(f.name, '')} (default: {default})".strip()}
+        kw: dict = {"default": default, "help": f"{helps.get(f.name, '')} (default: {default})".strip()}
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -80,16 +141,42 @@ def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser
     return parser
 
 
+def check_numbers(args) -> None:
+    """Raise ValueError for a non-finite float or a negative number, field by field."""
+    hints = typing.get_type_hints(type(args))
+    nonfinite_ok = getattr(args, "ALLOW_NONFINITE", frozenset())
+    negative_ok = getattr(args, "ALLOW_NEGATIVE", frozenset())
+    for f in dataclasses.fields(args):
+        tp, _ = _unwrap_optional(hints[f.name])
+        if typing.get_origin(tp) in (list, tuple):
+            tp = typing.get_args(tp)[0]
+        if tp not in (int, float):
+            continue
+        value = getattr(args, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is None:
+                continue
+            if tp is float and not math.isfinite(v) and f.name not in nonfinite_ok:
+                raise ValueError(f"{flag} must be a finite number (got {v})")
+            if v < 0 and f.name not in negative_ok:
+                raise ValueError(f"{flag} must be >= 0 (got {v})")
+
+
 def parse_args(cls, argv=None, check=None, description: str | None = None):
-    """Parse into `cls`; `check(args)` raises ValueError naming the flag and its allowed range."""
+    """Parse into `cls`; `check(args)` raises ValueError naming the flag and its allowed range.
+
+    Any error is one line on stderr and exit status 2.
+    """
     parser = build_parser(cls, description)
     ns = parser.parse_args(argv)
     args = cls(**vars(ns))
-    if check is not None:
-        try:
+    try:
+        check_numbers(args)
+        if check is not None:
             check(args)
-        except ValueError as e:
-            parser.error(str(e))  # exits 2 with usage and the message
+    except ValueError as e:
+        parser.error(str(e))
     return args
 
 

@@ -1,54 +1,50 @@
 """One run folder per run, mirrored to ClearML.
 
-    log = RunLogger("revnet_mnist", run_name("revnet", seed), asdict(args), out=args.out,
-                    clearml=args.clearml, clearml_queue=args.clearml_queue)
-    log.log(step, {"train/loss": 0.3})      # -> metrics.jsonl + ClearML scalar "train"/"loss"
-    log.save_figure("curves", fig)          # -> curves.png + ClearML plot
-    log.write_summary({"test_accuracy": 0.98})
-    log.close()
+    with RunLogger("revnet_mnist", run_name("revnet", args.seed), args) as log:
+        if log.resumed:
+            step = restore(log.path(CHECKPOINT_NPZ)); log.rewind(step)   # no metrics row twice
+        log.log(step, {"train/loss": 0.3})   # -> metrics.jsonl + ClearML scalar "train"/"loss"
+        save_checkpoint(...); log.keep()     # the folder now holds work worth keeping
+        log.save_figure("curves", fig)       # -> curves.png + ClearML plot
+        log.write_summary({"test_accuracy": 0.98})
 
-ClearML modes: `off`; `offline` (writes ClearML's offline session zip, importable later with
-`Task.import_offline_session`); `online` (needs a configured server); `auto` (online when a server
-is configured, else offline). `--clearml-queue NAME` hands the run to a ClearML agent queue.
+The folder is checked (writable, not in use by another process, resumable with these flags) before
+ClearML starts. A run that fails before `keep()` or `write_summary()` removes the folder it created,
+so the same `--out` works again. ClearML modes: `off`; `offline` (a session zip, importable later with
+`Task.import_offline_session`); `online` (a configured, answering server, else an error); `auto`
+(online when a configured server answers within a few seconds, else offline with a one-line note).
+`--clearml-queue NAME` hands the run to a ClearML agent queue.
 """
 
 from __future__ import annotations
 
+import base64
+import dataclasses
+import fcntl
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 
 from common.cli import REPO_ROOT, UserError
+from common.files import read_json, write_json
 
 CLEARML_MODES = ("auto", "offline", "online", "off")
+ALWAYS_RESUME_SAFE = frozenset({"out", "resume", "clearml", "clearml_queue", "data_dir"})
+SERVER_TIMEOUT_S = 3.0  # how long `auto` waits for a ClearML server before going offline
 _PACKAGES = ("numpy", "scipy", "torch", "torchvision", "scikit-learn", "gymnasium", "clearml", "matplotlib")
 
 
 def run_name(tag: str, seed: int) -> str:
     return f"{tag}_seed{seed}_{datetime.now():%Y%m%d-%H%M%S}"
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic: a reader (or a crash) never sees half a file."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def clearml_server_configured() -> bool:
-    """True when clearml.conf or CLEARML_API_* environment variables hold API credentials."""
-    from clearml.backend_api.config import load
-    from clearml.backend_api.session.defs import ENV_ACCESS_KEY, ENV_AUTH_TOKEN
-
-    if ENV_ACCESS_KEY.get() or ENV_AUTH_TOKEN.get():
-        return True
-    return bool(load().get("api.credentials.access_key", None))
 
 
 def _git_commit() -> str | None:
@@ -61,105 +57,275 @@ def _git_commit() -> str | None:
         return None
 
 
+def _versions() -> dict:
+    found = {}
+    for pkg in _PACKAGES:
+        try:
+            found[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _plain(config: dict) -> dict:
+    return json.loads(json.dumps(config, default=str))  # tuples -> lists, as config.json stores them
+
+
+# ClearML ---------------------------------------------------------------------------------------
+
+
+def clearml_server() -> tuple[str, str, str] | None:
+    """(api host, access key, secret key) from CLEARML_API_* or clearml.conf; None when none is set."""
+    from clearml.backend_api.config import load
+
+    conf = load()
+    key = os.environ.get("CLEARML_API_ACCESS_KEY") or conf.get("api.credentials.access_key", None)
+    if not key:
+        return None
+    secret = os.environ.get("CLEARML_API_SECRET_KEY") or conf.get("api.credentials.secret_key", "")
+    host = os.environ.get("CLEARML_API_HOST") or conf.get("api.api_server", None) or "http://localhost:8008"
+    return host, key, secret
+
+
+def server_problem(host: str, key: str, secret: str, timeout: float = SERVER_TIMEOUT_S) -> str | None:
+    """None when the server answers and accepts the credentials, else what is wrong (one phrase)."""
+    token = base64.b64encode(f"{key}:{secret}".encode()).decode()
+    request = urllib.request.Request(
+        host.rstrip("/") + "/auth.login",
+        data=b"{}",
+        headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return None
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            return f"the ClearML server at {host} refused the credentials (HTTP {e.code})"
+        return None  # it answers; let ClearML deal with anything else
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return f"no ClearML server answers at {host} within {timeout:g} s ({reason})"
+
+
+def _clearml_mode(mode: str, queue: str | None) -> str:
+    """Resolve `auto` and check the server: 'off', 'offline' or 'online' (or UserError)."""
+    if mode == "off":
+        if queue:
+            raise UserError("--clearml-queue needs a ClearML server; it cannot be used with --clearml off")
+        return "off"
+    server = clearml_server() if mode in ("auto", "online") else None
+    if mode == "online" and server is None:
+        raise UserError(
+            "--clearml online needs a ClearML server: run `clearml-init` or set CLEARML_API_HOST, "
+            "CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY (or use --clearml offline)"
+        )
+    if server is not None:
+        problem = server_problem(*server)
+        if problem is None:
+            return "online"
+        if mode == "online" or queue:
+            raise UserError(f"{problem}; use --clearml offline or off")
+        print(f"note: {problem}; logging to ClearML offline instead", file=sys.stderr)
+    if queue:
+        raise UserError("--clearml-queue needs a configured ClearML server (see `clearml-init`)")
+    return "offline"
+
+
+def start_clearml(mode: str, queue: str | None, project: str, task_name: str, config: dict):
+    """A ClearML Task, or None for `off`. Never imports packages the script did not import."""
+    mode = _clearml_mode(mode, queue)
+    if mode == "off":
+        return None
+    try:
+        import IPython  # noqa: F401  clearml's repo-scan thread imports it lazily; a half-imported
+    except ImportError:  # IPython then breaks matplotlib's figure creation in the main thread
+        pass
+    from clearml import Task
+
+    # Requirements come from requirements.txt, not from ClearML scanning (and importing) every
+    # package the repository mentions: a numpy-only run must not pull torch into its memory.
+    Task.force_requirements_env_freeze(requirements_file=str(REPO_ROOT / "requirements.txt"))
+    if mode == "offline":
+        Task.set_offline(True)
+        Task._report_subprocess_enabled = False  # else close() waits ~11 s for the reporter process
+    task = Task.init(
+        project_name=project,
+        task_name=task_name,
+        reuse_last_task_id=False,
+        auto_connect_frameworks=False,
+        auto_connect_arg_parser=False,
+        auto_resource_monitoring=mode == "online",
+    )
+    # Let the repository scan finish now, not inside a measured training step.
+    wait = getattr(task, "_wait_for_repo_detection", None)
+    if wait is not None:
+        wait(timeout=30)
+    task.connect(config, name="Args")
+    if queue:
+        # Enqueue this task for a clearml-agent and exit here; on the agent the call is a no-op.
+        task.execute_remotely(queue_name=queue, exit_process=True)
+    return task
+
+
+# The run folder --------------------------------------------------------------------------------
+
+
 class RunLogger:
+    """The run folder (config.json, metrics.jsonl, summary.json, plots) and its ClearML mirror.
+
+    `config` is the script's Args dataclass (preferred: --out, --resume, --clearml, --clearml-queue
+    and RESUME_SAFE are read from it) or a plain dict with those given as keywords.
+    """
+
     def __init__(
         self,
         experiment: str,
         name: str,
-        config: dict,
+        config,
         out: str | None = None,
         clearml: str = "auto",
         clearml_queue: str | None = None,
         resume: bool = False,
+        resume_safe=(),
     ):
+        if dataclasses.is_dataclass(config):
+            args = config
+            out, clearml, clearml_queue, resume = args.out, args.clearml, args.clearml_queue, args.resume
+            resume_safe = set(resume_safe) | set(getattr(args, "RESUME_SAFE", ()))
+            config = dataclasses.asdict(args)
         if clearml not in CLEARML_MODES:
             raise UserError(f"--clearml must be one of {', '.join(CLEARML_MODES)} (got {clearml!r})")
-        self.run_dir = Path(out) if out else REPO_ROOT / "runs" / experiment / name
-        existing = self.run_dir.is_dir() and any(self.run_dir.iterdir())
-        if existing and not resume:
-            if out:
-                raise UserError(
-                    f"{self.run_dir} already holds a run; choose another --out (nothing was written)"
-                )
-            self.run_dir = self.run_dir.with_name(f"{name}-{os.getpid()}")  # same second, same name
-        self.task = self._start_clearml(clearml, clearml_queue, experiment, self.run_dir.name, config)
+        self.resumed = bool(resume)
+        self.task = None
+        self._kept = self.resumed
+        self._metrics = None
+        self._lock_file = None
+        self.run_dir, self._created = self._make_folder(experiment, name, out, resume)
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.run_dir / ".write_test"
+            self._lock()
+            self.finished = (self.run_dir / "summary.json").exists()
+            if resume:
+                self._check_resume(_plain(config), ALWAYS_RESUME_SAFE | set(resume_safe))
+            self._write_config(experiment, config)
+            self._t0 = time.time()
+            self._metrics = open(self.run_dir / "metrics.jsonl", "a")
+            self.task = start_clearml(clearml, clearml_queue, experiment, self.run_dir.name, config)
+        except BaseException:
+            self._abandon()
+            raise
+
+    # set-up
+
+    @staticmethod
+    def _make_folder(experiment: str, name: str, out: str | None, resume: bool) -> tuple[Path, bool]:
+        run_dir = Path(out) if out else REPO_ROOT / "runs" / experiment / name
+        if resume:
+            if not out:
+                raise UserError("--resume needs --out, the folder of the run to continue")
+            if not (run_dir / "config.json").is_file():
+                raise UserError(f"--resume: {run_dir} holds no run (no config.json); nothing to continue")
+        elif run_dir.is_dir() and any(run_dir.iterdir()):
+            if out:
+                raise UserError(f"{run_dir} already holds a run; choose another --out or add --resume")
+            run_dir = run_dir.with_name(f"{name}-{os.getpid()}")  # same second, same name
+        created = not run_dir.exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            probe = run_dir / ".write_test"
             probe.touch()
             probe.unlink()
         except OSError as e:
-            raise UserError(f"cannot write to the output folder {self.run_dir}: {e.strerror}") from None
-        self._t0 = time.time()
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a")
-        if not (self.run_dir / "config.json").exists():
-            write_json(
-                self.run_dir / "config.json",
-                {
-                    "experiment": experiment,
-                    "run_name": self.run_dir.name,
-                    "args": config,
-                    "started": datetime.now().isoformat(timespec="seconds"),
-                    "git_commit": _git_commit(),
-                    "python": platform.python_version(),
-                    "host": platform.node(),
-                    "versions": self._versions(),
-                },
-            )
+            raise UserError(f"cannot write to the output folder {run_dir}: {e.strerror}") from None
+        return run_dir, created
 
-    @staticmethod
-    def _versions() -> dict:
-        found = {}
-        for pkg in _PACKAGES:
-            try:
-                found[pkg] = metadata.version(pkg)
-            except metadata.PackageNotFoundError:
-                pass
-        return found
-
-    @staticmethod
-    def _start_clearml(mode, queue, project, task_name, config):
-        if mode == "off":
-            if queue:
-                raise UserError(
-                    "--clearml-queue needs a ClearML server; it cannot be used with --clearml off"
-                )
-            return None
-        configured = clearml_server_configured()
-        if mode == "online" and not configured:
-            raise UserError(
-                "--clearml online needs a ClearML server: run `clearml-init` or set "
-                "CLEARML_API_HOST, CLEARML_API_ACCESS_KEY and CLEARML_API_SECRET_KEY "
-                "(or use --clearml offline)"
-            )
-        offline = mode == "offline" or (mode == "auto" and not configured)
-        if queue and offline:
-            raise UserError("--clearml-queue needs a configured ClearML server (see `clearml-init`)")
+    def _lock(self) -> None:
+        """Hold an exclusive lock on the folder for the life of the run (children inherit it)."""
+        self._lock_file = open(self.run_dir / ".lock", "a+")
         try:
-            import IPython  # noqa: F401  clearml's repo-scan thread imports it lazily; a half-imported
-        except ImportError:  # IPython then breaks matplotlib's figure creation in the main thread
-            pass
-        from clearml import Task
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.seek(0)
+            holder = self._lock_file.read().strip() or "?"
+            self._lock_file.close()
+            self._lock_file = None
+            raise UserError(f"{self.run_dir} is in use by another process (pid {holder})") from None
+        self._lock_file.seek(0)
+        self._lock_file.truncate()
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
 
-        if offline:
-            Task.set_offline(True)
-            Task._report_subprocess_enabled = False  # else close() waits ~11 s for the reporter process
-        task = Task.init(
-            project_name=project,
-            task_name=task_name,
-            reuse_last_task_id=False,
-            auto_connect_frameworks=False,
-            auto_connect_arg_parser=False,
-            auto_resource_monitoring=not offline,
+    def _check_resume(self, config: dict, safe: set) -> None:
+        stored = read_json(self.run_dir / "config.json").get("args", {})
+        keys = list(config) + [k for k in stored if k not in config]  # in the order of the Args fields
+        changed = [k for k in keys if stored.get(k) != config.get(k)]
+        refused = [k for k in changed if k not in safe]
+        if refused:
+            flags = ", ".join(f"--{k.replace('_', '-')} {stored.get(k)} -> {config.get(k)}" for k in refused)
+            raise UserError(
+                f"--resume: {self.run_dir} was run with other training flags ({flags}); "
+                "restore them or start a new --out"
+            )
+        if self.finished and not [k for k in changed if k not in ALWAYS_RESUME_SAFE]:
+            raise UserError(
+                f"--resume: {self.run_dir} holds a finished run (summary.json); nothing to resume"
+                + (
+                    f" (to train further, raise one of: {', '.join(sorted(safe - ALWAYS_RESUME_SAFE))})"
+                    if safe - ALWAYS_RESUME_SAFE
+                    else ""
+                )
+            )
+
+    def _write_config(self, experiment: str, config: dict) -> None:
+        path = self.run_dir / "config.json"
+        if self.resumed:
+            stored = read_json(path)
+            stored.setdefault("resumes", []).append(
+                {"time": datetime.now().isoformat(timespec="seconds"), "git_commit": _git_commit()}
+            )
+            stored["args"] = config
+            write_json(path, stored)
+            return
+        write_json(
+            path,
+            {
+                "experiment": experiment,
+                "run_name": self.run_dir.name,
+                "args": config,
+                "started": datetime.now().isoformat(timespec="seconds"),
+                "git_commit": _git_commit(),
+                "python": platform.python_version(),
+                "host": platform.node(),
+                "versions": _versions(),
+            },
         )
-        task.connect(config, name="Args")
-        if queue:
-            # Enqueue this task for a clearml-agent and exit here; on the agent the call is a no-op.
-            task.execute_remotely(queue_name=queue, exit_process=True)
-        return task
+
+    # during the run
 
     def path(self, name: str) -> Path:
         return self.run_dir / name
+
+    def keep(self) -> None:
+        """The folder now holds work worth keeping (a checkpoint, results): never removed on failure."""
+        self._kept = True
+
+    def rewind(self, step: int) -> None:
+        """Drop metrics rows logged after `step` (the checkpoint's), and any half-written last line."""
+        self._metrics.close()
+        path = self.run_dir / "metrics.jsonl"
+        kept, last_time = [], 0.0
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= step:
+                kept.append(line)
+                last_time = max(last_time, float(row.get("time", 0.0)))
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        self._metrics = open(path, "a")
+        self._t0 = time.time() - last_time  # the time column continues where the kept rows stop
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, "time": round(time.time() - self._t0, 3)}
@@ -185,27 +351,54 @@ class RunLogger:
 
     def write_summary(self, summary: dict) -> None:
         write_json(self.run_dir / "summary.json", summary)
+        self.keep()
+        self.finished = True
         if self.task is not None:
             for key, value in summary.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.task.get_logger().report_single_value(key, float(value))
 
+    # the end
+
+    def _close_clearml(self) -> None:
+        if self.task is None:
+            return
+        offline_folder = self.task.get_offline_mode_folder() if self.task.is_offline() else None
+        self.task.close()
+        self.task = None
+        if offline_folder:
+            print(
+                f"ClearML offline session: {offline_folder}.zip "
+                "(upload later with Task.import_offline_session)",
+                file=sys.stderr,
+            )
+
+    def _release(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
+
+    def _abandon(self) -> None:
+        """Failed before anything worth keeping: remove the folder this logger created."""
+        self._release()
+        if self._created and not self._kept:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            print(f"removed {self.run_dir}: the run stopped before it saved anything", file=sys.stderr)
+
     def close(self) -> None:
-        self._metrics.close()
-        if self.task is not None:
-            offline_folder = self.task.get_offline_mode_folder() if self.task.is_offline() else None
-            self.task.close()
-            self.task = None
-            if offline_folder:
-                print(
-                    f"ClearML offline session: {offline_folder}.zip "
-                    "(upload later with Task.import_offline_session)",
-                    file=sys.stderr,
-                )
+        self._close_clearml()
+        self._release()
         print(f"run folder: {self.run_dir}", file=sys.stderr)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and self._created and not self._kept:
+            self._close_clearml()
+            self._abandon()
+        else:
+            self.close()

@@ -1,13 +1,19 @@
 """The shared run logger and command line: files, no overwrites, ClearML offline, bad flags."""
 
+import http.server
 import json
+import math
+import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import zipfile
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import ClassVar, Literal
 
 import matplotlib
 
@@ -15,8 +21,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from common import RunLogger, UserError, parse_args, run_name  # noqa: E402
-from common.cli import REPO_ROOT  # noqa: E402
+from common import (  # noqa: E402
+    RunArgs,
+    RunLogger,
+    UserError,
+    load_torch,
+    parse_args,
+    read_json,
+    run_name,
+    save_torch,
+)
+from common.cli import REPO_ROOT, field_help  # noqa: E402
+from common.runlog import server_problem  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -61,16 +77,6 @@ def test_existing_run_is_never_overwritten(tmp_path):
     with pytest.raises(UserError, match="already holds a run"):
         RunLogger("demo", "r", {"a": 2}, out=str(out), clearml="off")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-
-
-def test_resume_appends_and_keeps_config(tmp_path):
-    out = tmp_path / "run"
-    with RunLogger("demo", "r", {"a": 1}, out=str(out), clearml="off") as log:
-        log.log(0, {"train/loss": 1.0})
-    with RunLogger("demo", "r", {"a": 999}, out=str(out), clearml="off", resume=True) as log:
-        log.log(1, {"train/loss": 0.5})
-    assert json.loads((out / "config.json").read_text())["args"] == {"a": 1}
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
 def test_default_run_folder_gets_a_fresh_name(tmp_path, monkeypatch):
@@ -157,7 +163,7 @@ def test_parse_args_types_and_defaults():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--lr", "-1"], "--lr must be > 0 (got -1.0)"),
+        (["--lr", "0"], "--lr must be > 0 (got 0.0)"),
         (["--model", "vgg"], "invalid choice: 'vgg'"),
         (["--depth", "two"], "invalid int value: 'two'"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
@@ -200,3 +206,199 @@ def test_script_help_and_user_error_in_subprocess(tmp_path):
     )
     assert failed.returncode == 1
     assert failed.stderr.strip() == "error: no data in /x"
+
+
+# --- the house convention: shared flags, validation, resume, cleanup, lock, ClearML fallback ---
+
+
+@dataclass
+class TrainArgs(RunArgs):
+    lr: float = 1e-3  # learning rate
+    epochs: int = 2  # passes over the data
+    # the batch size, with its comment on the line above (ruff format moves long ones there)
+    batch_size: int = 8
+    preset: Literal["baby", "gpu"] = "baby"  # a comment the formatter wrapped inside parentheses
+    shift: float = 0.0  # may be negative
+    ratio: float | None = None  # optional; nan allowed
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"epochs"})
+    ALLOW_NEGATIVE: ClassVar[frozenset[str]] = frozenset({"shift"})
+    ALLOW_NONFINITE: ClassVar[frozenset[str]] = frozenset({"ratio"})
+
+
+def test_help_text_for_every_flag_including_moved_comments():
+    helps = field_help(TrainArgs)
+    for f in fields(TrainArgs):
+        assert helps.get(f.name), f"--{f.name} has no help text"
+    assert helps["batch_size"].startswith("the batch size, with its comment on the line above")
+    assert helps["preset"] == "a comment the formatter wrapped inside parentheses"
+    assert helps["seed"].startswith("seeds everything")  # from the base class
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "nan"], "--lr must be a finite number (got nan)"),
+        (["--lr", "inf"], "--lr must be a finite number (got inf)"),
+        (["--lr", "-0.1"], "--lr must be >= 0 (got -0.1)"),
+        (["--seed", "-1"], "--seed must be >= 0 (got -1)"),
+        (["--epochs", "-3"], "--epochs must be >= 0 (got -3)"),
+    ],
+)
+def test_numbers_are_checked_up_front_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(TrainArgs, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_declared_exceptions_to_the_number_checks():
+    args = parse_args(TrainArgs, ["--shift", "-2.5", "--ratio", "nan"])
+    assert args.shift == -2.5 and math.isnan(args.ratio)
+
+
+def train_args(tmp_path, **kw) -> TrainArgs:
+    return TrainArgs(**{"out": str(tmp_path / "run"), "clearml": "off", **kw})
+
+
+def finish_epoch(log, step):
+    log.log(step, {"train/loss": 1.0 / (step + 1)})
+    log.keep()
+
+
+def test_resume_refuses_changed_training_flags_naming_them(tmp_path):
+    with RunLogger("demo", "r", train_args(tmp_path)) as log:
+        finish_epoch(log, 0)
+    with pytest.raises(UserError, match=r"--lr 0.001 -> 0.01, --batch-size 8 -> 16"):
+        RunLogger("demo", "r", train_args(tmp_path, lr=0.01, batch_size=16, resume=True))
+    assert (tmp_path / "run" / "metrics.jsonl").exists()  # a refused resume leaves the run as it was
+
+
+def test_resume_allows_safe_flags_and_rewinds_metrics(tmp_path):
+    with RunLogger("demo", "r", train_args(tmp_path)) as log:
+        for step in range(3):
+            finish_epoch(log, step)
+    (tmp_path / "run" / "metrics.jsonl").open("a").write('{"step": 3, "ti')  # killed mid-write
+    with RunLogger("demo", "r", train_args(tmp_path, epochs=5, resume=True, clearml="offline")) as log:
+        assert log.resumed and not log.finished
+        log.rewind(1)  # the checkpoint holds step 1: steps 2 and the half row are dropped
+        finish_epoch(log, 2)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["args"]["epochs"] == 5 and len(config["resumes"]) == 1
+
+
+def test_a_finished_run_is_not_rewritten(tmp_path):
+    with RunLogger("demo", "r", train_args(tmp_path)) as log:
+        log.write_summary({"accuracy": 0.9})
+    before = (tmp_path / "run" / "summary.json").read_bytes()
+    with pytest.raises(UserError, match="finished run .* raise one of: epochs"):
+        RunLogger("demo", "r", train_args(tmp_path, resume=True))
+    assert (tmp_path / "run" / "summary.json").read_bytes() == before
+
+
+def test_resume_needs_an_existing_run(tmp_path):
+    with pytest.raises(UserError, match="holds no run"):
+        RunLogger("demo", "r", train_args(tmp_path, resume=True))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(UserError, match="--resume needs --out"):
+        RunLogger("demo", "r", TrainArgs(resume=True, clearml="off"))
+
+
+def test_a_run_that_fails_before_keeping_anything_removes_its_folder(tmp_path):
+    with pytest.raises(RuntimeError), RunLogger("demo", "r", train_args(tmp_path)) as log:
+        log.log(0, {"train/loss": 1.0})
+        raise RuntimeError("diverged")
+    assert not (tmp_path / "run").exists()
+    with RunLogger("demo", "r", train_args(tmp_path)) as log:  # the same --out works again
+        finish_epoch(log, 0)
+    with pytest.raises(KeyboardInterrupt), RunLogger("demo", "r", train_args(tmp_path, resume=True)) as log:
+        raise KeyboardInterrupt  # after a checkpoint the folder stays
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_folder_in_use_is_locked(tmp_path):
+    with RunLogger("demo", "r", train_args(tmp_path)) as log:
+        finish_epoch(log, 0)
+        with pytest.raises(UserError, match=f"in use by another process \\(pid {os.getpid()}\\)"):
+            RunLogger("demo", "r", train_args(tmp_path, resume=True, epochs=4))
+    with RunLogger("demo", "r", train_args(tmp_path, resume=True, epochs=4)) as log:  # released
+        finish_epoch(log, 1)
+
+
+@pytest.fixture
+def fake_server():
+    """A local stand-in for a ClearML API server that refuses every credential (HTTP 401)."""
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("down", [True, False], ids=["server-down", "credentials-refused"])
+def test_clearml_auto_falls_back_offline_and_online_fails(tmp_path, monkeypatch, capsys, fake_server, down):
+    host = f"http://127.0.0.1:{free_port()}" if down else fake_server
+    monkeypatch.setenv("CLEARML_API_HOST", host)
+    monkeypatch.setenv("CLEARML_API_ACCESS_KEY", "A")
+    monkeypatch.setenv("CLEARML_API_SECRET_KEY", "B")
+    expected = (
+        f"no ClearML server answers at {host} within 3 s"
+        if down
+        else f"the ClearML server at {host} refused the credentials (HTTP 401)"
+    )
+    assert server_problem(host, "A", "B").startswith(expected)
+    start = time.perf_counter()
+    with RunLogger("demo", "r", TrainArgs(out=str(tmp_path / "a"), clearml="auto")) as log:
+        assert log.task is not None and log.task.is_offline()
+        finish_epoch(log, 0)
+    assert time.perf_counter() - start < 15
+    assert ("no ClearML server answers" if down else "refused the credentials") in capsys.readouterr().err
+    with pytest.raises(UserError, match="no ClearML server answers" if down else "refused the credentials"):
+        RunLogger("demo", "r", TrainArgs(out=str(tmp_path / "b"), clearml="online"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_clearml_starts_only_after_the_folder_is_checked(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match="cannot write"):
+        RunLogger("demo", "r", TrainArgs(out=str(tmp_path / "file" / "run"), clearml="offline"))
+    assert not list((tmp_path / "clearml-cache").rglob("offline-*"))  # no orphan offline session
+
+
+def test_load_torch_refuses_pickled_objects_and_names_damaged_files(tmp_path):
+    import torch
+
+    good = tmp_path / "good.pt"
+    save_torch({"w": torch.ones(2), "config": {"n": 3}, "names": ["a"]}, good)
+    assert load_torch(good)["config"] == {"n": 3}
+    evil = tmp_path / "evil.pt"
+    torch.save({"obj": Path("x")}, evil)  # any non-plain object would be unpickled as code
+    with pytest.raises(UserError, match=f"{evil} holds pickled Python objects"):
+        load_torch(evil)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(good.read_bytes()[:40])
+    with pytest.raises(UserError, match=f"{damaged} is damaged"):
+        load_torch(damaged)
+    with pytest.raises(UserError, match="no such file"):
+        load_torch(tmp_path / "absent.pt")
+    (tmp_path / "bad.json").write_text('{"a": ')
+    with pytest.raises(UserError, match="bad.json is damaged"):
+        read_json(tmp_path / "bad.json")
