@@ -51,10 +51,14 @@ class ModelConfig:
 
 
 def rope_rotation(positions: torch.Tensor, head_dim: int, base: float) -> torch.Tensor:
-    """exp(i m theta_i) for each position m and pair i: complex (T, head_dim // 2) (Su et al. eq. 12)."""
-    theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
-    angles = positions.float()[:, None] * theta[None, :]  # (T, head_dim // 2)
-    return torch.polar(torch.ones_like(angles), angles)
+    """exp(i m theta_i) for each position m and pair i: complex64 (T, head_dim // 2) (Su et al. eq. 12).
+
+    The angles m * theta_i are formed in float64 and reduced mod 2 pi before the cast, so a position of
+    10^6 rotates as accurately as position 10: the cached decoder rotates keys at their absolute position.
+    """
+    theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angles = torch.remainder(positions.double()[:, None] * theta[None, :], 2 * math.pi)  # (T, head_dim // 2)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
@@ -72,25 +76,59 @@ def sinusoidal_table(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[:, :dim]  # (T, dim)
 
 
+def window_mask(q_start: int, n_q: int, k_start: int, n_k: int, window: int, device) -> torch.Tensor:
+    """Bool (n_q, n_k): query at position q_start + i sees key at k_start + j iff 0 <= offset < window."""
+    offset = (q_start + torch.arange(n_q, device=device))[:, None] - (
+        k_start + torch.arange(n_k, device=device)
+    )
+    return (offset >= 0) & (offset < window)
+
+
 # ---------------------------------------------------------------------------------------------
 # KV cache
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, one preallocated buffer per layer."""
+    """Keys and values of the last `window` positions of every layer, in one preallocated ring buffer.
 
-    def __init__(self, config: ModelConfig, batch_size: int, device, dtype=torch.float32):
-        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.length = 0  # tokens already stored (the position of the next token)
+    The i-th token held lives in slot i % window. A single new token writes its slot and attends to every filled
+    slot (softmax does not care about their order); several new tokens attend to the cached ones (read in
+    position order) and to each other through `window_mask`. RoPE keys are stored rotated at their
+    absolute position: a query at m and a key at n score by m - n only (Su et al. eq. 16), so stored keys
+    stay valid as the window slides.
+    """
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_head, t, head_dim) after the cached tokens; return all keys and values so far."""
-        end = self.length + k.size(2)
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+    def __init__(
+        self, config: ModelConfig, batch_size: int, device, dtype=torch.float32, window=None, first_position=0
+    ):
+        self.window = window or config.block_size
+        shape = (config.n_layer, batch_size, config.n_head, self.window, config.n_embd // config.n_head)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.first = self.length = first_position  # position of the first and of the next token
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Add k, v (B, n_head, t, head_dim) at positions length .. length + t - 1.
+
+        Returns the keys and values to attend to, the attention mask (None: all) and is_causal."""
+        start, t, window = self.length - self.first, k.size(2), self.window  # start: tokens already held
+        keys, values = self.keys[layer], self.values[layer]
+        if t == 1:  # decoding: O(window) work, no allocation beyond views
+            keys[:, :, start % window] = k[:, :, 0]
+            values[:, :, start % window] = v[:, :, 0]
+            n = min(start + 1, window)
+            return keys[:, :, :n], values[:, :, :n], None, False
+        n_past = min(start, window)
+        all_k, all_v = k, v
+        if n_past:
+            slots = torch.arange(start - n_past, start, device=k.device) % window
+            all_k, all_v = torch.cat((keys[:, :, slots], k), dim=2), torch.cat((values[:, :, slots], v), dim=2)
+        kept = min(t, window)  # only the last `window` new positions can be seen again
+        slots = torch.arange(start + t - kept, start + t, device=k.device) % window
+        keys[:, :, slots], values[:, :, slots] = k[:, :, -kept:], v[:, :, -kept:]
+        if n_past == 0 and t <= window:
+            return all_k, all_v, None, True
+        return all_k, all_v, window_mask(start, t, start - n_past, n_past + t, window, k.device), False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,27 +144,22 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, window: int | None = None):
         B, T, C = x.shape
         qkv = self.qkv(x)  # (B, T, 3C)
         qk, v = qkv[..., : 2 * C].view(B, T, 2, self.n_head, self.head_dim), qkv[..., 2 * C :]
         if (
             rope is not None
-        ):  # queries and keys rotated in one product; rope: (T, hd // 2) -> (T, 1, 1, hd // 2)
+        ):  # queries and keys rotated in one product; rope (T, hd // 2) -> (T, 1, 1, hd // 2)
             qk = apply_rope(qk, rope[:, None, None, :])  # (B, T, 2, nh, hd)
         q, k = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2)  # (B, nh, T, hd)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        past = 0
         if cache is not None:
-            past = cache.length
-            k, v = cache.update(layer, k, v)  # (B, nh, past + T, hd)
-        if past == 0:
+            k, v, mask, causal = cache.update(layer, k, v)
+        elif window is not None and window < T:  # sliding window: each position sees the last `window`
+            mask, causal = window_mask(0, T, 0, T, window, x.device), False
+        else:
             mask, causal = None, True
-        elif T == 1:
-            mask, causal = None, False  # one new token may see every cached one
-        else:  # several new tokens after a cached prefix: new token i sees keys 0 .. past + i
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            causal = False
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
         )
@@ -155,8 +188,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), rope, cache, layer)
+    def forward(self, x, rope=None, cache=None, layer=0, window=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, layer, window)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -176,6 +209,14 @@ class DecoderLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # RoPE rotations for positions 0 .. len - 1, computed once (grown by doubling when decoding past it)
+        self.register_buffer("rope_table", self._rope_rotations(config.block_size), persistent=False)
+
+    def _rope_rotations(self, length: int, device=None) -> torch.Tensor | None:
+        if self.config.pos != "rope":
+            return None
+        positions = torch.arange(length, device=device)
+        return rope_rotation(positions, self.config.n_embd // self.config.n_head, self.config.rope_base)
 
     @staticmethod
     def _init_weights(module):
@@ -188,41 +229,56 @@ class DecoderLM(nn.Module):
         """Trainable parameters, the tied embedding counted once."""
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        window: int | None = None,
+        last_only: bool = False,
+    ):
         """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the mean cross-entropy.
 
-        With a cache the tokens continue the cached ones (positions cache.length ..). Learned positions and
-        the cache stop at block_size; rope, sinusoidal and none run on longer inputs without a cache.
+        With a cache the tokens continue the cached ones (positions cache.length ..). `window` (no cache)
+        lets each position attend to the last `window` positions only, as the sliding cache does.
+        Learned positions stop at block_size, and so do sinusoidal ones with a cache; rope and none run
+        on longer inputs. `last_only` computes the logits of the last position only (B, 1, vocab).
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
-        limit = self.config.block_size if (cache is not None or self.config.pos == "learned") else None
-        if limit is not None and start + T > limit:
-            raise ValueError(
-                f"context of {start + T} tokens is longer than the model's block_size {limit}"
-                + (" (learned positions)" if self.config.pos == "learned" else "")
-            )
-        positions = torch.arange(start, start + T, device=idx.device)
+        self._check_length(start + T, cache is not None)
         x = self.wte(idx)  # (B, T, C)
         if self.config.pos == "learned":
-            x = x + self.wpe(positions)
+            x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         elif self.config.pos == "sinusoidal":  # Vaswani et al. 3.4: embeddings times sqrt(d_model), so the
             # unit-amplitude table does not drown tokens embedded at std 0.02
-            table = sinusoidal_table(positions, self.config.n_embd).to(x.dtype)  # (T, C)
-            x = x * math.sqrt(self.config.n_embd) + table
+            table = sinusoidal_table(torch.arange(start, start + T, device=idx.device), self.config.n_embd)
+            x = x * math.sqrt(self.config.n_embd) + table.to(x.dtype)
         rope = None
         if self.config.pos == "rope":
-            rope = rope_rotation(positions, self.config.n_embd // self.config.n_head, self.config.rope_base)
+            if start + T > len(self.rope_table):
+                self.rope_table = self._rope_rotations(2 * (start + T), idx.device)
+            rope = self.rope_table[start : start + T]
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, cache, layer)
+            x = block(x, rope, cache, layer, window)
         if cache is not None:
             cache.length += T
+        if last_only:
+            x = x[:, -1:]
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
+
+    def _check_length(self, end: int, cached: bool) -> None:
+        absolute = self.config.pos == "learned" or (cached and self.config.pos == "sinusoidal")
+        if absolute and end > self.config.block_size:
+            raise ValueError(
+                f"context of {end} tokens is longer than the model's block_size {self.config.block_size}"
+                f" ({self.config.pos} positions{' with a cache' if cached else ''})"
+            )
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         """Decay matrices and embeddings; leave biases and LayerNorm gains alone (as GPT-2 and nanoGPT)."""
@@ -231,6 +287,24 @@ class DecoderLM(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
+
+    @property
+    def sliding(self) -> bool:
+        """Relative (rope) or no positions: generation slides a window over the cache."""
+        return self.config.pos in ("rope", "none")
+
+    @torch.no_grad()
+    def next_logits(self, out: torch.Tensor, n: int, cache: KVCache | None) -> torch.Tensor:
+        """Logits (B, vocab) for the token after out[:, :n], under `generate`'s context rule."""
+        W = self.config.block_size
+        if self.sliding:
+            if cache is not None:  # the prompt at once, then one token at a time
+                return self(out[:, cache.length : n], cache=cache, last_only=True)[0][:, -1]
+            field = self.config.n_layer * (W - 1) + 1  # every token that reaches the last one's logits
+            return self(out[:, max(0, n - field) : n], window=W, last_only=True)[0][:, -1]
+        if cache is not None and n <= W:  # absolute positions: cached until the window is full
+            return self(out[:, cache.length : n], cache=cache, last_only=True)[0][:, -1]
+        return self(out[:, max(0, n - W) : n], last_only=True)[0][:, -1]  # nanoGPT's crop, recomputed
 
     @torch.no_grad()
     def generate(
@@ -245,31 +319,51 @@ class DecoderLM(nn.Module):
     ):
         """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
 
-        Context window: the model sees the tokens since `start`; once that would exceed block_size the
-        window restarts on the last block_size // 2 tokens. The cached path refills its cache there and
-        the uncached path runs a full forward pass over the same window, so both draw the same tokens.
+        Context: every new token sees the last block_size tokens.
+        - rope / none: each layer attends to the last block_size positions (a sliding window, as in
+          Mistral's sliding-window attention); the cache keeps exactly those keys and values, so a new
+          token costs the same at step 10 and at step 10^5. Without the cache the same logits come from
+          a full forward over the last n_layer * (block_size - 1) + 1 tokens (the receptive field)
+          with the window mask. With one layer this is nanoGPT's crop exactly; with more, the earlier
+          tokens' hidden states keep the context they had (nanoGPT recomputes them on the crop alone).
+        - learned / sinusoidal: nanoGPT's rule, a full forward over the last block_size tokens with
+          positions 0 .. block_size - 1; the cache serves until the window is first full.
         """
-        keep = max(1, self.config.block_size // 2)
-        start, cache = 0, None
-        for _ in range(max_new_tokens):
-            if idx.size(1) - start > self.config.block_size:
-                start, cache = idx.size(1) - keep, None
-            if not use_cache:
-                logits, _ = self(idx[:, start:])
-            elif cache is None:
-                cache = KVCache(self.config, idx.size(0), idx.device, self.wte.weight.dtype)
-                logits, _ = self(idx[:, start:], cache=cache)
-            else:
-                logits, _ = self(idx[:, -1:], cache=cache)
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
-            idx = torch.cat((idx, next_token), dim=1)
-        return idx
+        B, T0 = idx.shape
+        out = idx.new_empty(B, T0 + max_new_tokens)  # preallocated: no torch.cat per token
+        out[:, :T0] = idx
+        cache = KVCache(self.config, B, idx.device, self.wte.weight.dtype) if use_cache else None
+        for n in range(T0, T0 + max_new_tokens):
+            logits = self.next_logits(out, n, cache)
+            out[:, n : n + 1] = sample_next_token(logits, temperature, top_k, top_p, generator)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
 # sampling
 
-TOP_P_TOLERANCE = 1e-6  # a set whose probability is within this of p counts as reaching p (float rounding)
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float) -> None:
+    if not temperature >= 0 or math.isinf(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0 (got {temperature})")
+    if not top_p > 0:
+        raise ValueError(f"top_p must be > 0 (got {top_p})")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 (got {top_k})")
+
+
+def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Bool, rows of probs (B, V): the smallest set of most likely tokens whose probability is >= top_p.
+
+    Tokens are ranked by probability, ties by token id (a stable sort), and kept while the probability of
+    the tokens ranked above them is < top_p; so the set is minimal (the one token that reaches p is the
+    last) and the same for the same input. The cumulative sum runs in float64, so the set is the exact
+    one unless p lies within float64 rounding (~V * 1e-16) of a partial sum.
+    """
+    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
+    n_keep = (sorted_probs.cumsum(dim=-1) < top_p).sum(dim=-1, keepdim=True) + 1  # (B, 1), >= 1
+    keep_sorted = torch.arange(probs.size(-1), device=probs.device) < n_keep  # (B, V)
+    return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
 def filter_logits(
@@ -277,33 +371,23 @@ def filter_logits(
 ) -> torch.Tensor:
     """Log-probabilities (float64, rows of `logits` (B, V)) to sample from; removed tokens get -inf.
 
-    temperature 0 keeps only the maximum (ties kept together); top_k keeps the k most likely tokens
-    (ties at the k-th value kept); top_p keeps the smallest set of most likely tokens whose probability
-    reaches p, with the token that crosses p and every token tied with the least likely kept one.
+    temperature 0 keeps only the first maximum (what argmax returns); top_k keeps the k most likely
+    tokens and every token tied with the k-th (as nanoGPT and Hugging Face do); top_p keeps the
+    nucleus of `nucleus_mask` (Holtzman et al. 2019 section 3.1), ties resolved by token id.
     """
-    if not temperature >= 0 or math.isinf(temperature):
-        raise ValueError(f"temperature must be a finite number >= 0 (got {temperature})")
-    if not top_p > 0:
-        raise ValueError(f"top_p must be > 0 (got {top_p})")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (got {top_k})")
+    check_sampling(temperature, top_k, top_p)
     z = logits.double()
     z = z - z.max(dim=-1, keepdim=True).values  # maximum at 0, so z / T is never inf - inf
     if temperature == 0:
-        return torch.where(z == 0, 0.0, -math.inf).log_softmax(dim=-1)
+        first = F.one_hot(z.argmax(dim=-1), z.size(-1)).bool()
+        return torch.where(first, 0.0, -math.inf)
     z = z / temperature  # tiny T: -inf except the maxima; huge T: all near 0 (uniform)
     if top_k is not None and top_k < z.size(-1):
         kth = z.topk(top_k, dim=-1).values[..., -1:]  # (B, 1)
         z = z.masked_fill(z < kth, -math.inf)
     logp = z.log_softmax(dim=-1)
     if top_p < 1:
-        sorted_logp, _ = logp.sort(dim=-1, descending=True)
-        mass_before = sorted_logp.exp().cumsum(dim=-1) - sorted_logp.exp()  # probability of the better tokens
-        keep_sorted = mass_before < top_p - TOP_P_TOLERANCE
-        keep_sorted[..., 0] = True  # at least one token, whatever p
-        n_keep = keep_sorted.sum(dim=-1, keepdim=True)  # (B, 1)
-        threshold = sorted_logp.gather(-1, n_keep - 1)  # log-probability of the least likely kept token
-        logp = logp.masked_fill(logp < threshold, -math.inf).log_softmax(dim=-1)
+        logp = logp.masked_fill(~nucleus_mask(logp.exp(), top_p), -math.inf).log_softmax(dim=-1)
     return logp
 
 
@@ -316,7 +400,7 @@ def sample_next_token(
 ) -> torch.Tensor:
     """One token per row of logits (B, V) -> (B, 1); temperature 0 is greedy (first maximum)."""
     if temperature == 0:
-        filter_logits(logits, 0.0, top_k, top_p)  # same argument checks as the sampled path
+        check_sampling(temperature, top_k, top_p)
         return logits.argmax(dim=-1, keepdim=True)
     probs = filter_logits(logits, temperature, top_k, top_p).exp()
-    return torch.multinomial(probs.float(), 1, generator=generator).to(logits.device)
+    return torch.multinomial(probs, 1, generator=generator)

@@ -75,6 +75,12 @@ def test_rope_dot_product_depends_only_on_the_offset():
     assert abs(score(7, 0) - score(1, 0)) > 1e-3  # and it does depend on the offset
 
 
+def tiny_layers(pos: str, n_layer: int) -> DecoderLM:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=11, block_size=16, n_layer=n_layer, n_head=2, n_embd=16, pos=pos)
+    return DecoderLM(config).eval()
+
+
 @pytest.mark.parametrize("pos", POSITIONS)
 def test_kv_cache_logits_equal_full_forward(pos):
     model = tiny_model(pos)
@@ -85,33 +91,103 @@ def test_kv_cache_logits_equal_full_forward(pos):
         pieces = [model(x[:, :5], cache=cache)[0], model(x[:, 5:9], cache=cache)[0]]  # prefill, then a chunk
         pieces += [model(x[:, t : t + 1], cache=cache)[0] for t in range(9, 16)]  # then one token at a time
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="longer than the model's block_size"):
-        model(x[:, :1], cache=cache)  # the cache holds block_size tokens
+    if pos in ("learned", "sinusoidal"):  # absolute positions: the cache ends at block_size
+        with pytest.raises(ValueError, match="longer than the model's block_size"):
+            model(x[:, :1], cache=cache)
 
 
-@pytest.mark.parametrize("pos", ["rope", "learned"])
+@pytest.mark.parametrize("pos", ["rope", "none"])
+def test_sliding_cache_equals_windowed_full_forward_over_several_windows(pos):
+    """56 tokens = 3.5 windows of 16: prefill, a chunk longer than the window, then single tokens."""
+    model = tiny_model(pos)
+    x = torch.randint(0, 11, (2, 56), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full, _ = model(x, window=16)  # every position attends to the last 16 positions
+        cache = KVCache(model.config, 2, "cpu")
+        pieces = [model(x[:, :5], cache=cache)[0], model(x[:, 5:25], cache=cache)[0]]
+        pieces += [model(x[:, t : t + 1], cache=cache)[0] for t in range(25, 56)]
+        assert model(x, window=None)[0][:, 40:].sub(full[:, 40:]).abs().max() > 1e-3  # the window matters
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pos", ["rope", "none"])
+def test_one_layer_sliding_cache_equals_a_full_forward_over_the_cropped_window(pos):
+    """With one layer the sliding cache is nanoGPT's crop: logits of a full forward over the last 16
+    tokens (positions 0..15). With two layers older tokens keep their wider context, so it differs."""
+    x = torch.randint(0, 11, (2, 50), generator=torch.Generator().manual_seed(6))
+    for n_layer in (1, 2):
+        model = tiny_layers(pos, n_layer)
+        with torch.no_grad():
+            cache = KVCache(model.config, 2, "cpu")
+            cached = torch.cat(
+                [model(x[:, :16], cache=cache)[0][:, -1:]]
+                + [model(x[:, t - 1 : t], cache=cache)[0] for t in range(17, 51)],
+                dim=1,
+            )  # logits after x[:, :t] for t = 16 .. 50
+            cropped = torch.cat([model(x[:, t - 16 : t])[0][:, -1:] for t in range(16, 51)], dim=1)
+        if n_layer == 1:
+            torch.testing.assert_close(cached, cropped, rtol=1e-5, atol=1e-5)
+        else:
+            assert (cached - cropped)[:, 1:].abs().max() > 1e-3
+
+
+def test_rope_cache_far_from_position_zero_scores_by_offset_only():
+    """Keys rotated at absolute positions near 10^6 give the logits of positions 0.. (float64 angles)."""
+    model = tiny_model("rope")
+    x = torch.randint(0, 11, (2, 40), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full, _ = model(x, window=16)
+        cache = KVCache(model.config, 2, "cpu", first_position=999_983)
+        far = torch.cat(
+            [model(x[:, :4], cache=cache)[0]]
+            + [model(x[:, t : t + 1], cache=cache)[0] for t in range(4, 40)],
+            dim=1,
+        )
+    torch.testing.assert_close(far, full, rtol=1e-5, atol=2e-5)
+    assert len(model.rope_table) >= 1_000_023
+
+
+@pytest.mark.parametrize("pos", POSITIONS)
 def test_generate_with_and_without_cache_draws_the_same_tokens(pos):
-    """40 new tokens with block_size 16 pass the window restart twice; both paths must agree exactly."""
+    """60 new tokens with block_size 16: the window slides past three window lengths."""
     model = tiny_model(pos)
     prompt = torch.randint(0, 11, (2, 3), generator=torch.Generator().manual_seed(3))
     runs = [
         model.generate(
-            prompt, 40, temperature=1.0, top_p=0.9, use_cache=c, generator=torch.Generator().manual_seed(4)
+            prompt, 60, temperature=1.0, top_p=0.9, use_cache=c, generator=torch.Generator().manual_seed(4)
         )
         for c in (True, False)
     ]
-    assert runs[0].shape == (2, 43)
+    assert runs[0].shape == (2, 63)
     assert torch.equal(runs[0], runs[1])
     assert torch.equal(runs[0][:, :3], prompt)
 
 
-def test_greedy_generation_follows_the_argmax_of_full_forward():
-    model = tiny_model("rope")
-    out = model.generate(torch.tensor([[1, 2]]), 10, temperature=0.0)
+@pytest.mark.parametrize("pos", POSITIONS)
+def test_greedy_generation_sees_the_full_window_every_step(pos):
+    """Each greedy token is the argmax of a full forward: over the last 16 tokens (learned, sinusoidal:
+    nanoGPT's crop) or over the whole prefix with the 16-position window mask (rope, none)."""
+    model = tiny_model(pos)
+    out = model.generate(torch.tensor([[1, 2]]), 40, temperature=0.0)
     with torch.no_grad():
-        for t in range(2, 12):
-            logits, _ = model(out[:, :t])
+        for t in range(2, 42):
+            if pos in ("rope", "none"):
+                logits, _ = model(out[:, :t], window=16)
+            else:
+                logits, _ = model(out[:, max(0, t - 16) : t])
             assert out[0, t] == logits[0, -1].argmax()
+
+
+def test_decoding_writes_into_the_preallocated_cache():
+    model = tiny_model("rope")
+    cache = KVCache(model.config, 1, "cpu")
+    pointers = (cache.keys.data_ptr(), cache.values.data_ptr())
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        for t in range(40):
+            model(torch.tensor([[t % 11]]), cache=cache)
+    assert (cache.keys.data_ptr(), cache.values.data_ptr()) == pointers and cache.length == 43
+    assert cache.keys.abs().sum(dim=-1).gt(0).all()  # every slot of the ring written
 
 
 def test_learned_positions_refuse_longer_context_but_rope_runs_it():
