@@ -1,27 +1,32 @@
-"""BBF-style value agent for small vector observations: network, replay buffer, schedules, updates.
+"""Value agents for LunarLander's 8-dimensional state, with S independent seeds trained as one batch.
 
-Bigger, Better, Faster (Schwarzer et al. 2023, arXiv 2305.19452) ported from Atari pixels to an
-MLP on LunarLander's 8-dimensional state. Each BBF ingredient is a field of `AgentConfig` so an
-ablation is a different config, not a code copy:
+Bigger, Better, Faster (Schwarzer et al. 2023, arXiv 2305.19452) as an MLP, and a tuned DQN, share
+this code; each ingredient is a field of `ModelConfig` / `AgentConfig` so an ablation is a config:
 
-    bigger network      ModelConfig(width, num_blocks, residual, layer_norm)
-    high replay ratio   the caller does `replay_ratio` calls of `Agent.update` per env step
+    bigger network      ModelConfig(width, num_blocks, residual, layer_norm, projection)
+    high replay ratio   the caller does `replay_ratio` calls of `Agent.update` per environment step
     n-step annealing    n_max -> n_min over `anneal_steps` gradient steps after each reset
     gamma annealing     gamma_start -> gamma_end on the same clock
-    resets              every `reset_every` gradient steps: shrink-and-perturb encoder, fresh head
+    resets              shrink-and-perturb the encoder, re-initialise projection and head (online
+                        and target, each towards its own fresh draw), as the official BBF code does
 
-Pure computation: no file I/O, prints or global seeding; randomness comes from the caller's
-torch generator state and the numpy `Generator` passed in.
+Seeds as a batch dimension: every parameter of the S networks lives in one flat (S, D) tensor, a
+layer is `torch.baddbmm` over the seed axis, and the optimizer (AdamW with per-seed step counts),
+gradient clipping, target update, replay buffer and random streams are per seed. Seed k's numbers
+depend only on seed k: its torch generator draws its initialisations, its numpy generator its
+exploration and replay samples, so seed k trained in a batch of S follows the trajectory it follows
+alone (tests/test_bbf_agent.py checks this), and S = 1 is the single-seed agent.
+
+Pure computation: no file I/O, prints or global random state.
 """
 
 from __future__ import annotations
 
-import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -29,27 +34,30 @@ import torch.nn.functional as F
 class ModelConfig:
     obs_dim: int = 8  # LunarLander-v3 state size
     num_actions: int = 4  # LunarLander-v3 discrete actions
-    width: int = 128  # hidden units of every encoder layer
-    num_blocks: int = 1  # residual blocks (or plain hidden layers when residual=False) after the input layer
+    width: int = 128  # hidden units of every layer
+    num_blocks: int = 1  # residual blocks (plain hidden layers when residual=False) after the input layer
     residual: bool = True  # pre-norm residual MLP blocks (BBF's ResNet encoder, as an MLP)
     layer_norm: bool = True  # LayerNorm inside blocks and on the encoder output
+    projection: bool = True  # a width x width ReLU layer between encoder and head (BBF's projection)
+    dueling: bool = True  # Q = V + A - mean A (Wang et al. 2016); else one linear Q head
 
 
 @dataclass
 class AgentConfig:
     batch_size: int = 64  # transitions per gradient step
-    lr: float = 1e-4  # AdamW learning rate (BBF: 1e-4)
-    weight_decay: float = 0.1  # AdamW decoupled weight decay (BBF: 0.1)
-    adam_eps: float = 1.5e-4  # AdamW epsilon (BBF / Dopamine: 1.5e-4)
-    max_grad_norm: float = 10.0  # global gradient-norm clip
-    tau: float = 0.005  # target network EMA rate per gradient step (BBF: 0.005)
+    lr: float = 3e-4  # Adam(W) learning rate
+    weight_decay: float = 0.1  # decoupled weight decay on weight matrices only (not biases, LayerNorm)
+    adam_eps: float = 1.5e-4  # Adam epsilon (BBF / Dopamine: 1.5e-4)
+    max_grad_norm: float = 10.0  # per-seed global gradient-norm clip
+    double: bool = True  # double-DQN target (online argmax, target value); else max of the target
+    tau: float = 0.005  # target EMA rate per gradient step; 1 with target_every > 0 = hard copies
     n_max: int = 10  # n-step horizon right after a reset (BBF: 10)
     n_min: int = 3  # n-step horizon after annealing (BBF: 3)
     gamma_start: float = 0.97  # discount right after a reset (BBF: 0.97)
     gamma_end: float = 0.997  # discount after annealing (BBF: 0.997)
     anneal_steps: int = 10_000  # gradient steps for both anneals (BBF: 10k)
-    reset_every: int = 40_000  # gradient steps between resets, 0 = never (BBF: 40k)
     shrink: float = 0.5  # encoder keeps this fraction of its weights at a reset (BBF: 0.5)
+    perturb: float = 0.5  # ... and adds this fraction of a fresh initialisation (BBF: 0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,274 +82,368 @@ def gamma_at(step: int, gamma_start: float, gamma_end: float, anneal_steps: int)
     return 1.0 - exponential_anneal(1.0 - gamma_start, 1.0 - gamma_end, step, anneal_steps)
 
 
-# ---------------------------------------------------------------------------------------------
-# Network
-
-
-class ResidualBlock(nn.Module):
-    def __init__(self, width: int, layer_norm: bool):
-        super().__init__()
-        self.norm = nn.LayerNorm(width) if layer_norm else nn.Identity()
-        self.fc1 = nn.Linear(width, width)
-        self.fc2 = nn.Linear(width, width)
-
-    def forward(self, x):  # (B, width) -> (B, width)
-        return x + self.fc2(F.relu(self.fc1(self.norm(x))))
-
-
-class Encoder(nn.Module):
-    """State -> feature vector. Residual: Linear, blocks, LayerNorm, ReLU. Plain: a ReLU MLP."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        layers: list[nn.Module] = [nn.Linear(cfg.obs_dim, cfg.width)]
-        if cfg.residual:
-            layers += [ResidualBlock(cfg.width, cfg.layer_norm) for _ in range(cfg.num_blocks)]
-            if cfg.layer_norm:
-                layers.append(nn.LayerNorm(cfg.width))
-            layers.append(nn.ReLU())
-        else:
-            layers.append(nn.ReLU())
-            for _ in range(cfg.num_blocks):
-                layers += [nn.Linear(cfg.width, cfg.width), nn.ReLU()]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, obs):  # (B, obs_dim) -> (B, width)
-        return self.net(obs)
-
-
-class DuelingHead(nn.Module):
-    """Q(s, a) = V(s) + A(s, a) - mean_a A(s, a) (Wang et al. 2016)."""
-
-    def __init__(self, width: int, num_actions: int):
-        super().__init__()
-        self.value = nn.Linear(width, 1)
-        self.advantage = nn.Linear(width, num_actions)
-
-    def forward(self, features):  # (B, width) -> (B, num_actions)
-        advantage = self.advantage(features)
-        return self.value(features) + advantage - advantage.mean(dim=1, keepdim=True)
-
-
-class QNetwork(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.head = DuelingHead(cfg.width, cfg.num_actions)
-
-    def forward(self, obs):  # (B, obs_dim) -> (B, num_actions)
-        return self.head(self.encoder(obs))
-
-
-@torch.no_grad()
-def shrink_and_perturb_(module: nn.Module, fresh: nn.Module, shrink: float) -> None:
-    """In place: every parameter becomes shrink * old + (1 - shrink) * fresh (Ash & Adams 2020; BBF 0.5)."""
-    for old, new in zip(module.parameters(), fresh.parameters(), strict=True):
-        old.mul_(shrink).add_(new, alpha=1.0 - shrink)
-
-
-# ---------------------------------------------------------------------------------------------
-# Replay buffer with n-step returns computed when sampling
-
-
-class ReplayBuffer:
-    """Circular buffer of single transitions; `sample` builds n-step targets for the current n, gamma.
-
-    Storing `next_obs` with each transition lets a window end on a time-limit truncation and still
-    bootstrap from the true last state, while a termination stops bootstrapping.
-    """
-
-    def __init__(self, capacity: int, obs_dim: int):
-        self.capacity = capacity
-        self.obs = np.zeros((capacity, obs_dim), dtype=np.float32)
-        self.next_obs = np.zeros((capacity, obs_dim), dtype=np.float32)
-        self.actions = np.zeros(capacity, dtype=np.int64)
-        self.rewards = np.zeros(capacity, dtype=np.float32)
-        self.terminated = np.zeros(capacity, dtype=bool)
-        self.truncated = np.zeros(capacity, dtype=bool)
-        self.ptr = 0  # next slot to write
-        self.size = 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def add(self, obs, action: int, reward: float, next_obs, terminated: bool, truncated: bool) -> None:
-        i = self.ptr
-        self.obs[i], self.next_obs[i] = obs, next_obs
-        self.actions[i], self.rewards[i] = action, reward
-        self.terminated[i], self.truncated[i] = terminated, truncated
-        self.ptr = (i + 1) % self.capacity
-        self.size = min(self.size + 1, self.capacity)
-
-    def n_step(self, idx: np.ndarray, n: int, gamma: float):
-        """For start indices idx (B,): n-step return, bootstrap state and its discount.
-
-        The window stops early at the first episode end (terminated or truncated) and at the newest
-        stored transition; discount = gamma**k for a k-step window, 0 when it ends on a termination.
-        """
-        offsets = np.arange(n)
-        window = (idx[:, None] + offsets[None, :]) % self.capacity  # (B, n)
-        # transitions stored at or after idx, oldest first: the window must not run past the newest one
-        if self.size == self.capacity:
-            available = (self.ptr - idx - 1) % self.capacity + 1  # (B,)
-        else:
-            available = self.size - idx
-        ended = self.terminated[window] | self.truncated[window]  # (B, n)
-        ended_before = (np.cumsum(ended, axis=1) - ended) > 0  # an episode end strictly earlier in the window
-        mask = (offsets[None, :] < available[:, None]) & ~ended_before  # (B, n) steps that count
-        k = mask.sum(axis=1)  # (B,) window length, >= 1
-        returns = (mask * self.rewards[window] * gamma ** offsets[None, :]).sum(axis=1)
-        last = window[np.arange(len(idx)), k - 1]  # (B,) index of the window's final transition
-        discount = np.where(self.terminated[last], 0.0, gamma**k)
-        return returns.astype(np.float32), self.next_obs[last], discount.astype(np.float32)
-
-    def sample(self, batch_size: int, n: int, gamma: float, rng: np.random.Generator) -> dict:
-        idx = rng.integers(0, self.size, size=batch_size)
-        returns, bootstrap_obs, discount = self.n_step(idx, n, gamma)
-        return {
-            "obs": self.obs[idx],
-            "actions": self.actions[idx],
-            "returns": returns,
-            "bootstrap_obs": bootstrap_obs,
-            "discount": discount,
-        }
-
-    def state_dict(self) -> dict:
-        return {
-            k: getattr(self, k)
-            for k in ("obs", "next_obs", "actions", "rewards", "terminated", "truncated", "ptr", "size")
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-        self.capacity = len(self.rewards)
-
-
-# ---------------------------------------------------------------------------------------------
-# Agent
-
-
-def double_dqn_loss(online: QNetwork, target: QNetwork, batch: dict[str, torch.Tensor]):
-    """Huber TD loss with a double-DQN target: online net picks a', target net values it."""
-    q = online(batch["obs"]).gather(1, batch["actions"][:, None]).squeeze(1)  # (B,)
-    with torch.no_grad():
-        next_action = online(batch["bootstrap_obs"]).argmax(dim=1, keepdim=True)  # (B, 1)
-        next_q = target(batch["bootstrap_obs"]).gather(1, next_action).squeeze(1)  # (B,)
-        td_target = batch["returns"] + batch["discount"] * next_q
-    return F.smooth_l1_loss(q, td_target), q.detach()
-
-
-class Agent:
-    """Online and EMA-target Q-networks, AdamW, the anneal clock and resets."""
-
-    def __init__(self, model_cfg: ModelConfig, cfg: AgentConfig):
-        self.model_cfg, self.cfg = model_cfg, cfg
-        self.online = QNetwork(model_cfg)
-        self.target = copy.deepcopy(self.online).requires_grad_(False)
-        self.optimizer = self._make_optimizer()
-        self._online_params = list(self.online.parameters())  # reset / load copy into these in place
-        self._target_params = list(self.target.parameters())
-        self.grad_steps = 0
-        self.steps_since_reset = 0  # the anneal clock
-        self.num_resets = 0
-
-    def _make_optimizer(self):
-        return torch.optim.AdamW(
-            self.online.parameters(),
-            lr=self.cfg.lr,
-            weight_decay=self.cfg.weight_decay,
-            eps=self.cfg.adam_eps,
-            foreach=True,
-        )
-
-    @property
-    def n_step(self) -> int:
-        return n_step_at(self.steps_since_reset, self.cfg.n_max, self.cfg.n_min, self.cfg.anneal_steps)
-
-    @property
-    def gamma(self) -> float:
-        cfg = self.cfg
-        return gamma_at(self.steps_since_reset, cfg.gamma_start, cfg.gamma_end, cfg.anneal_steps)
-
-    @torch.no_grad()
-    def greedy(self, obs: np.ndarray) -> np.ndarray:
-        """(B, obs_dim) states -> (B,) greedy actions."""
-        return self.online(torch.as_tensor(obs, dtype=torch.float32)).argmax(dim=1).numpy()
-
-    def act(self, obs: np.ndarray, epsilon: float, rng: np.random.Generator) -> int:
-        if rng.random() < epsilon:
-            return int(rng.integers(self.model_cfg.num_actions))
-        return int(self.greedy(obs[None])[0])
-
-    def update(self, buffer: ReplayBuffer, rng: np.random.Generator) -> dict[str, float]:
-        """One gradient step on a fresh batch, the target EMA, and a reset when one is due."""
-        sample = buffer.sample(self.cfg.batch_size, self.n_step, self.gamma, rng)
-        batch = {k: torch.from_numpy(v) for k, v in sample.items()}
-        loss, q = double_dqn_loss(self.online, self.target, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(self._online_params, self.cfg.max_grad_norm, foreach=True)
-        self.optimizer.step()
-        with torch.no_grad():  # target <- target + tau * (online - target), one fused call per step
-            torch._foreach_lerp_(self._target_params, self._online_params, self.cfg.tau)
-        self.grad_steps += 1
-        self.steps_since_reset += 1
-        if self.cfg.reset_every > 0 and self.grad_steps % self.cfg.reset_every == 0:
-            self.reset()
-        return {"loss": loss.item(), "q": q.mean().item(), "grad_norm": float(grad_norm)}
-
-    def reset(self) -> None:
-        """BBF reset: shrink-and-perturb the encoder, re-initialise the head, fresh optimizer state,
-        target set to the new online network, and the n / gamma anneal restarts."""
-        fresh = QNetwork(self.model_cfg)
-        shrink_and_perturb_(self.online.encoder, fresh.encoder, self.cfg.shrink)
-        self.online.head.load_state_dict(fresh.head.state_dict())
-        self.target.load_state_dict(self.online.state_dict())
-        self.optimizer = self._make_optimizer()  # Adam moments of the old weights would misguide the new ones
-        self.steps_since_reset = 0
-        self.num_resets += 1
-
-    def state_dict(self) -> dict:
-        return {
-            "online": self.online.state_dict(),
-            "target": self.target.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "grad_steps": self.grad_steps,
-            "steps_since_reset": self.steps_since_reset,
-            "num_resets": self.num_resets,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.online.load_state_dict(state["online"])
-        self.target.load_state_dict(state["target"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.grad_steps, self.steps_since_reset = state["grad_steps"], state["steps_since_reset"]
-        self.num_resets = state["num_resets"]
-
-
 def linear_epsilon(step: int, start: float, end: float, decay_steps: int) -> float:
     if decay_steps <= 0:
         return end
     return start + (end - start) * min(step / decay_steps, 1.0)
 
 
-def param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+# ---------------------------------------------------------------------------------------------
+# Network: parameters of S seeds in one flat (S, D) tensor
 
 
-__all__ = [
-    "ModelConfig",
-    "AgentConfig",
-    "Agent",
-    "ReplayBuffer",
-    "QNetwork",
-    "shrink_and_perturb_",
-    "n_step_at",
-    "gamma_at",
-    "exponential_anneal",
-    "double_dqn_loss",
-    "linear_epsilon",
-    "param_count",
-]
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    shape: tuple[int, int]  # per seed; a bias or LayerNorm vector is (1, width)
+    start: int
+    kind: str  # "weight" (uniform +-1/sqrt(fan_in), decayed), "bias" (same bound), "gain" (1), "zero" (0)
+    fan_in: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.shape[0] * self.shape[1]
+
+
+class Layout:
+    """Names, shapes and flat offsets of one network's parameters. The encoder comes first (columns
+    [0, encoder_size)), then the projection and head, which a reset re-initialises completely."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.cfg, self.slots, self.size = cfg, {}, 0
+        w = cfg.width
+        self._linear("in", cfg.obs_dim, w)
+        for i in range(cfg.num_blocks):
+            if cfg.residual:
+                if cfg.layer_norm:
+                    self._norm(f"block{i}.norm", w)
+                self._linear(f"block{i}.fc1", w, w)
+                self._linear(f"block{i}.fc2", w, w)
+            else:
+                self._linear(f"hidden{i}", w, w)
+        if cfg.residual and cfg.layer_norm:
+            self._norm("out_norm", w)
+        self.encoder_size = self.size
+        if cfg.projection:
+            self._linear("projection", w, w)
+        self._linear("head", w, cfg.num_actions + (1 if cfg.dueling else 0))
+
+    def _add(self, name, shape, kind, fan_in):
+        self.slots[name] = Slot(name, shape, self.size, kind, fan_in)
+        self.size += shape[0] * shape[1]
+
+    def _linear(self, name, fan_in, fan_out):
+        self._add(name + ".w", (fan_in, fan_out), "weight", fan_in)
+        self._add(name + ".b", (1, fan_out), "bias", fan_in)
+
+    def _norm(self, name, width):
+        self._add(name + ".g", (1, width), "gain", width)
+        self._add(name + ".b", (1, width), "zero", width)
+
+    def init(self, generator: torch.Generator) -> torch.Tensor:
+        """One seed's fresh parameters (D,): PyTorch's nn.Linear / nn.LayerNorm initialisation."""
+        parts = []
+        for s in self.slots.values():
+            n = s.shape[0] * s.shape[1]
+            if s.kind in ("weight", "bias"):
+                bound = 1.0 / math.sqrt(s.fan_in)
+                parts.append(torch.rand(n, generator=generator) * (2 * bound) - bound)
+            else:
+                parts.append(torch.full((n,), 1.0 if s.kind == "gain" else 0.0))
+        return torch.cat(parts)
+
+    def decay_mask(self) -> torch.Tensor:
+        """(D,) 1 on weight matrices, 0 on biases and LayerNorm parameters (BBF's AdamW mask)."""
+        mask = torch.zeros(self.size)
+        for s in self.slots.values():
+            if s.kind == "weight":
+                mask[s.start : s.stop] = 1.0
+        return mask
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(S, D) -> {name: (S, *shape)} views sharing flat's storage."""
+        n = flat.shape[0]
+        return {k: flat[:, s.start : s.stop].view(n, *s.shape) for k, s in self.slots.items()}
+
+
+def _linear(p, name, x):  # x (S, B, in) -> (S, B, out)
+    return torch.baddbmm(p[name + ".b"], x, p[name + ".w"])
+
+
+def _norm(p, name, x):
+    x = F.layer_norm(x, x.shape[-1:])
+    return torch.addcmul(p[name + ".b"], x, p[name + ".g"])
+
+
+def q_values(layout: Layout, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Parameters {name: (S, ...)} and states (S, B, obs_dim) -> Q-values (S, B, num_actions)."""
+    cfg = layout.cfg
+    h = _linear(p, "in", x)
+    if not cfg.residual:
+        h = F.relu(h)
+    for i in range(cfg.num_blocks):
+        if cfg.residual:
+            y = _norm(p, f"block{i}.norm", h) if cfg.layer_norm else h
+            h = h + _linear(p, f"block{i}.fc2", F.relu(_linear(p, f"block{i}.fc1", y)))
+        else:
+            h = F.relu(_linear(p, f"hidden{i}", h))
+    if cfg.residual:
+        h = F.relu(_norm(p, "out_norm", h) if cfg.layer_norm else h)
+    if cfg.projection:
+        h = F.relu(_linear(p, "projection", h))
+    out = _linear(p, "head", h)
+    if not cfg.dueling:
+        return out
+    value, advantage = out[..., :1], out[..., 1:]
+    return value + advantage - advantage.mean(dim=-1, keepdim=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Replay: one circular buffer per seed, filled in lockstep (one transition per seed per env step)
+
+
+class ReplayBuffer:
+    """(S, capacity) transitions; `sample` builds n-step targets for each seed's current n and gamma.
+
+    Storing `next_obs` with each transition lets a window end on a time-limit truncation and still
+    bootstrap from the true last state, while a termination stops bootstrapping.
+    """
+
+    def __init__(self, num_seeds: int, capacity: int, obs_dim: int):
+        shape = (num_seeds, capacity)
+        self.capacity = capacity
+        self.obs = np.zeros((*shape, obs_dim), dtype=np.float32)
+        self.next_obs = np.zeros((*shape, obs_dim), dtype=np.float32)
+        self.actions = np.zeros(shape, dtype=np.int64)
+        self.rewards = np.zeros(shape, dtype=np.float32)
+        self.terminated = np.zeros(shape, dtype=bool)
+        self.truncated = np.zeros(shape, dtype=bool)
+        self.ptr = 0  # next slot to write
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, obs, actions, rewards, next_obs, terminated, truncated) -> None:
+        """One transition per seed: arrays with a leading seed axis."""
+        i = self.ptr
+        self.obs[:, i], self.next_obs[:, i] = obs, next_obs
+        self.actions[:, i], self.rewards[:, i] = actions, rewards
+        self.terminated[:, i], self.truncated[:, i] = terminated, truncated
+        self.ptr = (i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def n_step(self, idx: np.ndarray, n, gamma):
+        """Start indices idx (S, B), per-seed n (S,) and gamma (S,) -> n-step return, bootstrap state
+        and its discount, each (S, B, ...).
+
+        The window stops early at the first episode end (terminated or truncated) and at the newest
+        stored transition; discount = gamma**k for a k-step window, 0 when it ends on a termination.
+        """
+        n, gamma = np.broadcast_to(n, idx.shape[:1]), np.broadcast_to(gamma, idx.shape[:1])
+        offsets = np.arange(int(n.max()))
+        window = (idx[..., None] + offsets) % self.capacity  # (S, B, n)
+        seed = np.arange(idx.shape[0])[:, None, None]
+        if self.size == self.capacity:  # transitions stored at or after idx, oldest first
+            available = (self.ptr - idx - 1) % self.capacity + 1
+        else:
+            available = self.size - idx
+        ended = self.terminated[seed, window] | self.truncated[seed, window]
+        ended_before = (np.cumsum(ended, axis=2) - ended) > 0  # an episode end strictly earlier
+        mask = (offsets < available[..., None]) & ~ended_before & (offsets < n[:, None, None])
+        k = mask.sum(axis=2)  # (S, B) window length, >= 1
+        powers = gamma[:, None, None] ** offsets  # (S, 1, n)
+        returns = (mask * self.rewards[seed, window] * powers).sum(axis=2)
+        last = np.take_along_axis(window, (k - 1)[..., None], axis=2)[..., 0]  # (S, B)
+        seed2 = seed[..., 0]
+        discount = np.where(self.terminated[seed2, last], 0.0, gamma[:, None] ** k)
+        return returns.astype(np.float32), self.next_obs[seed2, last], discount.astype(np.float32)
+
+    def sample(self, batch_size: int, n, gamma, rngs: list[np.random.Generator]) -> dict:
+        """Seed s draws its B indices from rngs[s] only."""
+        idx = np.stack([rng.integers(0, self.size, size=batch_size) for rng in rngs])  # (S, B)
+        returns, bootstrap_obs, discount = self.n_step(idx, n, gamma)
+        seed = np.arange(len(rngs))[:, None]
+        return {
+            "obs": self.obs[seed, idx],
+            "actions": self.actions[seed, idx],
+            "returns": returns,
+            "bootstrap_obs": bootstrap_obs,
+            "discount": discount,
+        }
+
+    def truncate_newest(self) -> None:
+        """Cut the episode the newest transition belongs to, as if by a time limit (after a resume)."""
+        if self.size:
+            self.truncated[:, (self.ptr - 1) % self.capacity] = True
+
+    def state_dict(self) -> dict:
+        keys = ("obs", "next_obs", "actions", "rewards", "terminated", "truncated")
+        return {**{k: torch.from_numpy(getattr(self, k)) for k in keys}, "ptr": self.ptr, "size": self.size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("obs", "next_obs", "actions", "rewards", "terminated", "truncated"):
+            setattr(self, key, state[key].numpy().copy())
+        self.ptr, self.size = int(state["ptr"]), int(state["size"])
+        self.capacity = self.rewards.shape[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Agent
+
+
+def td_loss(layout: Layout, online: dict, target: dict, batch: dict, double: bool):
+    """Per-seed Huber TD loss (S,) and Q of the taken actions (S, B). Double-DQN target: the online
+    net picks a', the target net values it; otherwise the target's own max."""
+    q = q_values(layout, online, batch["obs"]).gather(2, batch["actions"][..., None]).squeeze(2)
+    with torch.no_grad():
+        next_target = q_values(layout, target, batch["bootstrap_obs"])  # (S, B, A)
+        if double:
+            next_action = q_values(layout, online, batch["bootstrap_obs"]).argmax(dim=2, keepdim=True)
+            next_q = next_target.gather(2, next_action).squeeze(2)
+        else:
+            next_q = next_target.max(dim=2).values
+        td_target = batch["returns"] + batch["discount"] * next_q
+    loss = F.smooth_l1_loss(q, td_target, reduction="none").mean(dim=1)  # (S,)
+    return loss, q.detach()
+
+
+class Agent:
+    """S seeds' online and target networks, AdamW, the anneal clocks and resets, as (S, ...) tensors.
+
+    seeds: one integer per seed; seed s's torch generator (its initialisations) is seeded with it.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, cfg: AgentConfig, seeds: list[int], device="cpu"):
+        self.model_cfg, self.cfg, self.device = model_cfg, cfg, torch.device(device)
+        self.layout = Layout(model_cfg)
+        self.num_seeds = len(seeds)
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.online = torch.stack([self.layout.init(g) for g in self.generators]).to(self.device)
+        self.target = self.online.clone()
+        self.decay = self.layout.decay_mask().to(self.device)[None, :]  # (1, D)
+        self.exp_avg = torch.zeros_like(self.online)
+        self.exp_avg_sq = torch.zeros_like(self.online)
+        self.grad = torch.zeros_like(self.online)  # preallocated: the views below stay valid
+        # torch's fused Adam sees each seed's encoder and projection + head as separate tensors, with
+        # their own step counts: a reset restarts the second only, and no seed's state touches another's
+        e = self.layout.encoder_size
+        groups = [(s, cols) for s in range(self.num_seeds) for cols in (slice(0, e), slice(e, None))]
+        self._adam_lists = [
+            [t[s, cols] for s, cols in groups]
+            for t in (self.online, self.grad, self.exp_avg, self.exp_avg_sq)
+        ]
+        self.adam_steps = [torch.zeros((), dtype=torch.float32, device=self.device) for _ in groups]
+        self.grad_steps = np.zeros(self.num_seeds, dtype=np.int64)
+        self.steps_since_reset = np.zeros(self.num_seeds, dtype=np.int64)  # the anneal clock
+        self.num_resets = np.zeros(self.num_seeds, dtype=np.int64)
+
+    @property
+    def n_step(self) -> np.ndarray:
+        c = self.cfg
+        return np.array([n_step_at(int(t), c.n_max, c.n_min, c.anneal_steps) for t in self.steps_since_reset])
+
+    @property
+    def gamma(self) -> np.ndarray:
+        c = self.cfg
+        return np.array(
+            [gamma_at(int(t), c.gamma_start, c.gamma_end, c.anneal_steps) for t in self.steps_since_reset]
+        )
+
+    @torch.no_grad()
+    def greedy(self, obs: np.ndarray) -> np.ndarray:
+        """(S, B, obs_dim) states -> (S, B) greedy actions of each seed's online network."""
+        x = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
+        return q_values(self.layout, self.layout.views(self.online), x).argmax(dim=2).cpu().numpy()
+
+    def act(self, obs: np.ndarray, epsilon: float, rngs: list[np.random.Generator]) -> np.ndarray:
+        """(S, obs_dim) -> (S,) epsilon-greedy actions; seed s draws from rngs[s] (two draws per step)."""
+        draws = [(rng.random(), rng.integers(self.model_cfg.num_actions)) for rng in rngs]
+        greedy = self.greedy(obs[:, None])[:, 0]
+        return np.array([a if u < epsilon else g for (u, a), g in zip(draws, greedy)], dtype=np.int64)
+
+    def update(self, buffer: ReplayBuffer, rngs: list[np.random.Generator]) -> dict[str, np.ndarray]:
+        """One gradient step per seed on a fresh batch each, then the target EMA (tau < 1)."""
+        sample = buffer.sample(self.cfg.batch_size, self.n_step, self.gamma, rngs)
+        batch = {k: torch.from_numpy(v).to(self.device) for k, v in sample.items()}
+        # leaves are views of the flat parameters: their gradients are concatenated back into (S, D)
+        views = {k: v.requires_grad_(True) for k, v in self.layout.views(self.online).items()}
+        loss, q = td_loss(self.layout, views, self.layout.views(self.target), batch, self.cfg.double)
+        grads = torch.autograd.grad(loss.sum(), list(views.values()))  # seeds' losses are independent
+        torch.cat([g.reshape(self.num_seeds, -1) for g in grads], dim=1, out=self.grad)
+        grad_norm = self._clip_(self.grad)
+        self._adamw_()
+        if self.cfg.tau < 1:
+            self.target.lerp_(self.online, self.cfg.tau)
+        self.grad_steps += 1
+        self.steps_since_reset += 1
+        return {"loss": loss.detach().cpu().numpy(), "q": q.mean(dim=1).cpu().numpy(), "grad_norm": grad_norm}
+
+    def hard_update_target(self) -> None:
+        self.target.copy_(self.online)
+
+    @torch.no_grad()
+    def _clip_(self, grad: torch.Tensor) -> np.ndarray:
+        """Per seed: scale the gradient to norm <= max_grad_norm (torch's clip_grad_norm_ formula)."""
+        norm = torch.linalg.vector_norm(grad, dim=1, keepdim=True)  # (S, 1)
+        grad.mul_((self.cfg.max_grad_norm / (norm + 1e-6)).clamp_(max=1.0))
+        return norm[:, 0].cpu().numpy()
+
+    @torch.no_grad()
+    def _adamw_(self) -> None:
+        """AdamW (torch's fused Adam after a decoupled decay of the weight matrices only)."""
+        c = self.cfg
+        if c.weight_decay:
+            self.online.mul_(1.0 - c.lr * c.weight_decay * self.decay)
+        params, grads, exp_avgs, exp_avg_sqs = self._adam_lists
+        torch._foreach_add_(self.adam_steps, 1)
+        torch._fused_adam_(
+            params, grads, exp_avgs, exp_avg_sqs, [], self.adam_steps,
+            lr=c.lr, beta1=0.9, beta2=0.999, weight_decay=0.0, eps=c.adam_eps, amsgrad=False, maximize=False,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def reset(self, seeds=None) -> None:
+        """BBF reset of the given seed indices (default all), as in the official code: the encoder is
+        shrunk and perturbed towards a fresh draw (online and target each towards their own draw),
+        projection and head are re-initialised, their Adam state restarts (the encoder's is kept),
+        and the n / gamma anneal restarts."""
+        c, e = self.cfg, self.layout.encoder_size
+        for s in range(self.num_seeds) if seeds is None else seeds:
+            fresh_online = self.layout.init(self.generators[s]).to(self.device)
+            fresh_target = self.layout.init(self.generators[s]).to(self.device)
+            for params, fresh in ((self.online, fresh_online), (self.target, fresh_target)):
+                params[s, :e].mul_(c.shrink).add_(fresh[:e], alpha=c.perturb)
+                params[s, e:] = fresh[e:]
+            self.exp_avg[s, e:] = 0.0
+            self.exp_avg_sq[s, e:] = 0.0
+            self.adam_steps[2 * s + 1].zero_()
+            self.steps_since_reset[s] = 0
+            self.num_resets[s] += 1
+
+    def state_dict(self) -> dict:
+        return {
+            "online": self.online.cpu(),
+            "target": self.target.cpu(),
+            "exp_avg": self.exp_avg.cpu(),
+            "exp_avg_sq": self.exp_avg_sq.cpu(),
+            "adam_steps": torch.stack(self.adam_steps).cpu(),
+            "generators": [g.get_state() for g in self.generators],
+            **{
+                k: torch.from_numpy(getattr(self, k))
+                for k in ("grad_steps", "steps_since_reset", "num_resets")
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("online", "target", "exp_avg", "exp_avg_sq"):
+            getattr(self, key).copy_(state[key])
+        for step, saved in zip(self.adam_steps, state["adam_steps"], strict=True):
+            step.copy_(saved)
+        for g, s in zip(self.generators, state["generators"], strict=True):
+            g.set_state(s)
+        for key in ("grad_steps", "steps_since_reset", "num_resets"):
+            setattr(self, key, state[key].numpy().copy())
+
+    def param_count(self) -> int:
+        return self.layout.size

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import stats
+from job import SCORE_POINTS
 
 from common import RunLogger, UserError
 
@@ -18,6 +19,8 @@ SOLVED = 200.0  # LunarLander's "solved" return (gymnasium docs)
 
 
 def summarize(results: list[dict], reps: int, seed: int) -> dict:
+    """summary.json's content. A run's score is the mean of its last 3 evaluation points (each the
+    mean of --eval-episodes episodes), so one evaluation right after a reset does not decide a run."""
     by_variant: dict[str, list[dict]] = {}
     for r in sorted(results, key=lambda r: r["seed"]):
         by_variant.setdefault(r["variant"], []).append(r)
@@ -29,16 +32,18 @@ def summarize(results: list[dict], reps: int, seed: int) -> dict:
                 f"variant {name}: its runs were evaluated at different steps; "
                 "re-run them with the same --total-steps and --eval-every"
             )
-        final = [r["final_return"] for r in runs]
+        scores = [r["score"] for r in runs]
         curve = np.array([[np.mean(x) for x in r["eval_returns"]] for r in runs])  # (runs, points)
         out["variants"][name] = {
-            **stats.iqm_with_ci(final, reps, seed),
-            "final_returns": final,
+            **stats.iqm_with_ci(scores, reps, seed),
+            "final_returns": scores,
+            "last_eval_returns": [r["final_return"] for r in runs],
             "seeds": [r["seed"] for r in runs],
-            "mean": float(np.mean(final)),
-            "std": float(np.std(final, ddof=1)) if len(final) > 1 else 0.0,
-            "env_steps_per_second": float(np.mean([r["env_steps_per_second"] for r in runs])),
-            "minutes_per_run": float(np.mean([r["seconds"] for r in runs]) / 60),
+            "mean": float(np.mean(scores)),
+            "std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
+            "seed_steps_per_second": float(np.mean([r["seed_steps_per_second"] for r in runs])),
+            "seeds_in_process": runs[0]["seeds_in_process"],
+            "minutes_per_process": float(np.mean([r["seconds"] for r in runs]) / 60),
         }
         out["curves"][name] = {"steps": steps, **stats.iqm_curve(curve, reps, seed)}
     if "bbf" in by_variant:
@@ -47,7 +52,7 @@ def summarize(results: list[dict], reps: int, seed: int) -> dict:
             if name != "bbf":
                 poi = stats.probability_of_improvement_with_ci(bbf, v["final_returns"], reps, seed)
                 out["probability_of_improvement"][f"bbf_vs_{name}"] = poi
-    every = [r["final_return"] for r in results]
+    every = [r["score"] for r in results]
     lo, hi = min(every) - 20, max(every) + 20
     out["profiles"] = {"thresholds": np.linspace(lo, hi, 121).tolist()}
     for name, v in out["variants"].items():
@@ -55,7 +60,8 @@ def summarize(results: list[dict], reps: int, seed: int) -> dict:
         out["profiles"][name] = stats.performance_profile_with_ci(v["final_returns"], thresholds, reps, seed)
     out["env_steps"] = max(r["env_steps"] for r in results)
     out["seeds"] = sorted({r["seed"] for r in results})
-    out["env_steps_per_second"] = float(np.mean([r["env_steps_per_second"] for r in results]))
+    out["score"] = f"mean of the last {SCORE_POINTS} evaluation points"
+    out["caveat"] = stats.COVERAGE_CAVEAT
     return out
 
 
@@ -128,13 +134,22 @@ def make_plots(s: dict, log: RunLogger) -> None:
 
 
 def print_table(s: dict) -> None:
-    print(f"\nfinal evaluation return at {s['env_steps']:,} env steps, {len(s['seeds'])} seeds", flush=True)
-    print(f"{'variant':<17}{'IQM':>8}  {'95% CI':<18}{'mean +- std':<18}{'steps/s/worker':>15}{'min/run':>9}")
+    print(
+        f"\nscore = mean return of the last {SCORE_POINTS} evaluation points (up to {s['env_steps']:,} env "
+        f"steps), {len(s['seeds'])} seeds; IQM with a 95% percentile bootstrap CI",
+        flush=True,
+    )
+    print(f"{'variant':<17}{'IQM':>8}  {'95% CI':<18}{'mean +- std':<18}{'seed-steps/s':>13}{'min':>7}")
     for name, v in s["variants"].items():
         ci = f"[{v['ci_low']:.1f}, {v['ci_high']:.1f}]"
         print(
             f"{name:<17}{v['iqm']:>8.1f}  {ci:<18}{v['mean']:>7.1f} +- {v['std']:<7.1f}"
-            f"{v['env_steps_per_second']:>15.0f}{v['minutes_per_run']:>9.2f}"
+            f"{v['seed_steps_per_second']:>13.0f}{v['minutes_per_process']:>7.1f}"
         )
     for pair, p in s["probability_of_improvement"].items():
-        print(f"P({pair.replace('_vs_', ' > ')}) = {p['poi']:.2f} [{p['ci_low']:.2f}, {p['ci_high']:.2f}]")
+        print(
+            f"P({pair.replace('_vs_', ' > ')}) = {p['poi']:.2f}: {p['pairs_won']} of {p['pairs']} pairs won, "
+            f"{p['pairs_tied']} tied; 95% CI bootstrap [{p['ci_low']:.2f}, {p['ci_high']:.2f}], "
+            f"Newcombe score [{p['newcombe_low']:.2f}, {p['newcombe_high']:.2f}]"
+        )
+    print(f"caveat: {s['caveat']}; the Newcombe interval does not collapse at 0 or 1.")

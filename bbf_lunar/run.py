@@ -1,102 +1,93 @@
-"""Bigger, Better, Faster (Schwarzer et al. 2023, arXiv 2305.19452) on gymnasium's LunarLander-v3,
-scored with the interquartile mean and stratified-bootstrap intervals of Agarwal et al. 2021
-(arXiv 2108.13264).
+"""Bigger, Better, Faster (Schwarzer et al. 2023, arXiv 2305.19452) on gymnasium's LunarLander-v3
+against a tuned DQN, scored with the interquartile mean and bootstrap intervals of Agarwal et al.
+2021 (arXiv 2108.13264).
 
-Every (variant, seed) pair is one job in a pool of worker processes (one torch thread each). A job
-trains for --total-steps environment steps, evaluates the greedy policy on --eval-episodes seeded
-episodes every --eval-every steps, checkpoints itself, and writes jobs/<variant>_seed<k>/result.json.
-The parent then writes summary.json and the plots (learning curves, final IQM, performance profiles,
-probability of improvement) into the run folder.
+All seeds of a variant train together in one process, as a batch dimension of the networks
+(agent.py); variants x seed batches run in a pool of worker processes (one torch thread each), so
+every core is busy. Each seed evaluates its greedy policy on --eval-episodes fixed episodes every
+--eval-every steps; its score is the mean of its last 3 evaluation points. The parent writes
+summary.json and the plots (learning curves, final IQM, performance profiles, probability of
+improvement) into the run folder.
 
-Full ablation (5 seeds x 6 variants):
-    python bbf_lunar/run.py --seeds 5 --variants bbf,no_nstep_anneal,no_gamma_anneal,no_resets,small_net,dqn
-Tiny smoke run (seconds):
-    python bbf_lunar/run.py --seeds 2 --variants bbf,dqn --total-steps 600 --eval-every 300 \\
-        --learning-starts 200 --eval-episodes 2 --clearml off
-Resume an interrupted run, or redo only the statistics and plots from the per-job results:
-    python bbf_lunar/run.py --out runs/bbf_lunar/<run> --resume [same flags]
-    python bbf_lunar/run.py --out runs/bbf_lunar/<run> --summarize-only
+    python bbf_lunar/run.py                                   # bbf and the tuned dqn, 10 seeds each
+    python bbf_lunar/run.py --seeds 10 --variants bbf,no_nstep_anneal,no_gamma_anneal,no_resets,small_net,dqn
+    python bbf_lunar/run.py --out runs/bbf_lunar/<run> --resume [same flags]   # continue a run
+    python bbf_lunar/run.py --out runs/bbf_lunar/<run> --resume --summarize-only  # statistics again
 """
 
 from __future__ import annotations
 
-import json
+import ctypes
+import math
 import multiprocessing as mp
 import os
-import random
+import signal
 import sys
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal
-
-import numpy as np
+from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also in spawned workers
-from agent import Agent, AgentConfig, ModelConfig, QNetwork, ReplayBuffer, linear_epsilon, param_count  # noqa: E402
+from agent import AgentConfig, Layout, ModelConfig  # noqa: E402
+from job import seed_dir, train_job  # noqa: E402
 from report import make_plots, print_table, summarize  # noqa: E402
 
-from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name, write_json  # noqa: E402
-
-ENV_ID = "LunarLander-v3"
-EVAL_SEED_BASE = 1_000_000  # evaluation episodes use seeds 1e6 + i: the same episodes for every run
+from common import RunArgs, RunLogger, UserError, parse_args, read_json, run_main, run_name  # noqa: E402
 
 
 @dataclass
-class Args:
-    seed: int = 0  # first seed; the jobs use seed, seed+1, ..., seed+seeds-1
-    seeds: int = 5  # independent runs per variant
+class Args(RunArgs):
+    seeds: int = 10  # independent runs per variant: seed, seed+1, ..., seed+seeds-1
     variants: str = "bbf"  # comma-separated: bbf,no_nstep_anneal,no_gamma_anneal,no_resets,small_net,dqn
-    workers: int = os.cpu_count() or 1  # parallel worker processes (1 = run jobs in this process)
+    workers: int = (
+        os.cpu_count() or 1
+    )  # worker processes; a variant's seeds are split into enough batches to use them
     total_steps: int = 100_000  # environment steps per run
     eval_every: int = 10_000  # environment steps between greedy evaluations (also at step 0 and the end)
     eval_episodes: int = 10  # evaluation episodes per evaluation point
-    learning_starts: int = 2_000  # uniformly random actions before the first gradient step
-    replay_ratio: float = 1.0  # gradient steps per environment step
-    batch_size: int = 64  # transitions per gradient step
-    lr: float = 3e-4  # AdamW learning rate (BBF: 1e-4; 3e-4 was better here, see README)
-    weight_decay: float = 0.1  # AdamW weight decay
-    tau: float = 0.005  # target network EMA rate per gradient step
-    width: int = 128  # hidden units of the encoder
-    blocks: int = 1  # residual blocks in the encoder
-    n_max: int = 10  # n-step horizon after each reset
-    n_min: int = 3  # n-step horizon after annealing
-    gamma_start: float = 0.97  # discount after each reset
-    gamma_end: float = 0.997  # discount after annealing
-    anneal_steps: int = 10_000  # gradient steps to anneal n and gamma after each reset
-    reset_every: int = 40_000  # gradient steps between resets (0 = never)
-    eps_start: float = 1.0  # epsilon-greedy exploration at step 0
-    eps_end: float = 0.01  # epsilon after decay
-    eps_decay_steps: int = 10_000  # environment steps of linear epsilon decay
+    learning_starts: int = 2_000  # bbf: uniformly random actions before the first gradient step
+    replay_ratio: float = 2.0  # bbf: gradient steps per environment step (BBF: 8; see README)
+    batch_size: int = 64  # bbf: transitions per gradient step
+    lr: float = 3e-4  # bbf: AdamW learning rate (BBF: 1e-4)
+    weight_decay: float = 0.1  # bbf: AdamW weight decay on weight matrices (BBF: 0.1)
+    tau: float = 0.005  # bbf: target network EMA rate per gradient step (BBF: 0.005)
+    width: int = 128  # bbf: hidden units of encoder and projection
+    blocks: int = 1  # bbf: residual blocks in the encoder
+    n_max: int = 10  # bbf: n-step horizon after each reset
+    n_min: int = 3  # bbf: n-step horizon after annealing
+    gamma_start: float = 0.97  # bbf: discount after each reset
+    gamma_end: float = 0.997  # bbf: discount after annealing
+    anneal_steps: int = 10_000  # bbf: gradient steps to anneal n and gamma after each reset
+    reset_every: int = 20_000  # bbf: environment steps between resets, 0 = never (official BBF code: 20k)
+    eps_end: float = 0.01  # bbf: epsilon after decay (from 1)
+    eps_decay_steps: int = 10_000  # bbf: environment steps of linear epsilon decay
+    dqn_lr: float = 6.3e-4  # dqn: Adam learning rate (rl-baselines3-zoo LunarLander-v3: 6.3e-4)
     checkpoint_every: int = 10_000  # environment steps between per-job checkpoints
-    bootstrap_reps: int = 2000  # bootstrap replicates for every confidence interval
-    resume: bool = False  # continue the run in --out: finished jobs are kept, others resume from checkpoints
-    summarize_only: bool = False  # no training: statistics and plots from the result files in --out
-    data_dir: str = default_data_dir()  # unused: LunarLander is simulated (kept for the shared command line)
-    out: str | None = None  # run folder (default runs/bbf_lunar/<name>)
-    clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML tracking mode
-    clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
+    bootstrap_reps: int = 50_000  # bootstrap replicates when the resamples are too many to enumerate
+    summarize_only: bool = False  # with --resume: no training, statistics and plots from the result files
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"workers", "bootstrap_reps", "summarize_only"})
 
 
-# Ablations as overrides of Args fields. `no_*_anneal` hold n / gamma at the annealed value.
-# small network: SB3's default DQN MLP, two hidden layers of 64
-SMALL_NET = {"width": 64, "blocks": 1, "residual": False, "layer_norm": False}
+# Variants as overrides of the settings `settings()` builds from Args. `no_*_anneal` hold n / gamma
+# at the annealed value. small_net: SB3's default DQN MLP size, two hidden layers of 64, no LayerNorm.
 VARIANTS = {
-    "bbf": lambda a: {},
-    "no_nstep_anneal": lambda a: {"n_max": a.n_min},
-    "no_gamma_anneal": lambda a: {"gamma_start": a.gamma_end},
-    "no_resets": lambda a: {"reset_every": 0},
-    "small_net": lambda a: dict(SMALL_NET),
-    "dqn": lambda a: {
-        **SMALL_NET,
-        "replay_ratio": 0.25,
-        "n_max": 1,
-        "n_min": 1,
-        "gamma_start": 0.99,
-        "gamma_end": 0.99,
-        "reset_every": 0,
+    "bbf": {},
+    "no_nstep_anneal": {"n_max": "n_min"},
+    "no_gamma_anneal": {"gamma_start": "gamma_end"},
+    "no_resets": {"reset_every": 0},
+    "small_net": {"width": 64, "blocks": 0, "residual": False, "layer_norm": False},
+    # rl-baselines3-zoo's tuned DQN for LunarLander-v3 (stable-baselines3 2.x): Adam, no weight decay,
+    # [256, 256], n = 1, gamma 0.99, hard target copy every 250 env steps, train_freq 4 with 4
+    # gradient steps (replay ratio 1), batch 128, buffer 50k, epsilon 1 -> 0.1 over 12% of 100k steps
+    "dqn": {
+        "width": 256, "blocks": 1, "residual": False, "layer_norm": False, "projection": False,
+        "dueling": False, "double": False, "lr": "dqn_lr", "weight_decay": 0.0, "adam_eps": 1e-8,
+        "batch_size": 128, "buffer_size": 50_000, "learning_starts": 0, "replay_ratio": 1.0,
+        "train_freq": 4, "n_max": 1, "n_min": 1, "gamma_start": 0.99, "gamma_end": 0.99, "tau": 1.0,
+        "target_every": 250, "reset_every": 0, "eps_end": 0.1, "eps_decay_steps": 12_000,
     },
-}
+}  # fmt: skip
 
 
 def variant_list(text: str) -> list[str]:
@@ -109,378 +100,175 @@ def check_args(a: Args) -> None:
         raise ValueError(
             f"--variants: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}"
         )
-    for name in (
-        "seeds",
-        "workers",
-        "total_steps",
-        "eval_every",
-        "eval_episodes",
-        "batch_size",
-        "width",
-        "n_max",
-        "n_min",
-        "checkpoint_every",
-        "bootstrap_reps",
-    ):
+    for name in ("seeds", "workers", "total_steps", "eval_every", "eval_episodes", "batch_size", "width"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(a, name)})")
-    for name in ("replay_ratio", "lr", "tau"):
+    for name in ("n_max", "n_min", "checkpoint_every", "bootstrap_reps"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(a, name)})")
+    for name in ("replay_ratio", "lr", "dqn_lr", "tau"):
         if getattr(a, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(a, name)})")
+    for name in ("gamma_start", "gamma_end", "eps_end", "tau"):
+        if getattr(a, name) > 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(a, name)})")
     if a.eval_every > a.total_steps:
         raise ValueError(f"--eval-every ({a.eval_every}) must be <= --total-steps ({a.total_steps})")
-    if not 0 <= a.learning_starts < a.total_steps:
-        raise ValueError(f"--learning-starts must be in [0, --total-steps) (got {a.learning_starts})")
-    for name in ("gamma_start", "gamma_end", "eps_start", "eps_end", "tau"):
-        if not 0 <= getattr(a, name) <= 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1] (got {getattr(a, name)})")
-    if min(a.blocks, a.anneal_steps, a.reset_every, a.eps_decay_steps, a.weight_decay) < 0:
-        raise ValueError(
-            "--blocks, --anneal-steps, --reset-every, --eps-decay-steps and --weight-decay must be >= 0"
-        )
-    if (a.resume or a.summarize_only) and not a.out:
-        raise ValueError("--resume and --summarize-only need --out <run folder>")
-
-
-def job_spec(a: Args, variant: str, seed: int, job_dir: Path) -> dict:
-    """Everything one worker needs, as plain data (it crosses a process boundary and is saved)."""
-    s = {**asdict(a), "residual": True, "layer_norm": True, **VARIANTS[variant](a)}
-    model = ModelConfig(
-        width=s["width"], num_blocks=s["blocks"], residual=s["residual"], layer_norm=s["layer_norm"]
-    )
-    agent_fields = {f.name for f in fields(AgentConfig)}
-    agent = AgentConfig(**{k: v for k, v in s.items() if k in agent_fields})
-    run = {
-        k: s[k]
-        for k in (
-            "total_steps",
-            "eval_every",
-            "eval_episodes",
-            "learning_starts",
-            "replay_ratio",
-            "eps_start",
-            "eps_end",
-            "eps_decay_steps",
-            "checkpoint_every",
-        )
-    }
-    return {
-        "variant": variant,
-        "seed": seed,
-        "job_dir": str(job_dir),
-        "model": asdict(model),
-        "agent": asdict(agent),
-        "run": run,
-    }
+    if a.learning_starts >= a.total_steps:
+        raise ValueError(f"--learning-starts must be < --total-steps (got {a.learning_starts})")
+    if a.n_min > a.n_max:
+        raise ValueError(f"--n-min ({a.n_min}) must be <= --n-max ({a.n_max})")
+    if a.summarize_only and not a.resume:
+        raise ValueError("--summarize-only works on an earlier run: add --resume and its --out")
 
 
 # ---------------------------------------------------------------------------------------------
-# One job: train, evaluate, checkpoint (runs in a worker process)
+# Jobs: one per (variant, seed batch)
 
 
-def evaluate(agent: Agent, envs: list) -> np.ndarray:
-    """Greedy returns of len(envs) episodes with fixed seeds, stepped together for batched inference."""
-    obs = np.stack([env.reset(seed=EVAL_SEED_BASE + i)[0] for i, env in enumerate(envs)])
-    returns, active = np.zeros(len(envs)), np.ones(len(envs), dtype=bool)
-    while active.any():
-        idx = np.flatnonzero(active)
-        for i, action in zip(idx, agent.greedy(obs[idx])):
-            obs[i], reward, terminated, truncated, _ = envs[i].step(int(action))
-            returns[i] += reward
-            active[i] = not (terminated or truncated)
-    return returns
+def settings(a: Args, variant: str) -> dict:
+    """A variant's full settings: Args, BBF's network defaults, then the variant's overrides."""
+    s = {**asdict(a), "residual": True, "layer_norm": True, "projection": True, "dueling": True}
+    s |= {"double": True, "adam_eps": 1.5e-4, "buffer_size": a.total_steps, "train_freq": 1}
+    s |= {"target_every": 0, "eps_start": 1.0}
+    for key, value in VARIANTS[variant].items():
+        s[key] = s[value] if isinstance(value, str) else value
+    s["num_blocks"] = s["blocks"]
+    return s
 
 
-def save_checkpoint(path: Path, **state) -> None:
-    import torch
-
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-class PlainProgress:
-    """Stand-in for tqdm where it is not installed: one line per evaluation."""
-
-    def __init__(self, total, initial, desc, **_):
-        self.total, self.n, self.desc = total, initial, desc
-
-    def update(self, k):
-        self.n += k
-
-    def set_postfix(self, refresh=True, **kw):
-        print(
-            f"{self.desc}: {self.n}/{self.total} steps, " + ", ".join(f"{k}={v}" for k, v in kw.items()),
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def close(self):
-        pass
-
-
-def train_job(spec: dict, slots=None) -> dict:
-    import gymnasium as gym
-    import torch
-
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        tqdm = PlainProgress
-
-    torch.set_num_threads(1)
-    variant, seed, run = spec["variant"], spec["seed"], spec["run"]
-    job_dir = Path(spec["job_dir"])
-    job_dir.mkdir(parents=True, exist_ok=True)
-    write_json(job_dir / "spec.json", spec)
-    ckpt_path = job_dir / "checkpoint.pt"
-
-    # setup: seed everything from the job seed
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    agent = Agent(ModelConfig(**spec["model"]), AgentConfig(**spec["agent"]))
-    buffer = ReplayBuffer(run["total_steps"], agent.model_cfg.obs_dim)  # BBF keeps the whole run in replay
-    state = {
-        "env_step": 0,
-        "updates_owed": 0.0,
-        "eval_steps": [],
-        "eval_returns": [],
-        "seconds": 0.0,
-        "episodes": 0,
-        "resumes": 0,
-    }
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        agent.load_state_dict(ckpt["agent"])
-        buffer.load_state_dict(ckpt["buffer"])
-        rng.bit_generator.state = ckpt["numpy_rng"]
-        torch.set_rng_state(ckpt["torch_rng"])
-        state = ckpt["state"]
-        state["resumes"] += 1
-        # the interrupted episode cannot be continued: cut it like a time limit so n-step windows stop there
-        buffer.truncated[(buffer.ptr - 1) % buffer.capacity] = True
-    env = gym.make(ENV_ID)
-    env.action_space.seed(seed)
-    obs, _ = env.reset(seed=seed + 7919 * state["resumes"])
-    eval_envs = [gym.make(ENV_ID) for _ in range(run["eval_episodes"])]
-    progress = open(job_dir / "progress.jsonl", "a")
-
-    def record_eval():
-        returns = evaluate(agent, eval_envs)
-        state["eval_steps"].append(state["env_step"])
-        state["eval_returns"].append(returns.tolist())
-        progress.write(json.dumps({"step": state["env_step"], "eval/return": float(returns.mean())}) + "\n")
-        progress.flush()
-        return float(returns.mean())
-
-    t0, session_start_step = time.perf_counter(), state["env_step"]
-    last_eval = record_eval() if state["env_step"] == 0 else float(np.mean(state["eval_returns"][-1]))
-    position = slots.get() if slots is not None else 0
-    bar = tqdm(
-        total=run["total_steps"],
-        initial=state["env_step"],
-        position=position,
-        leave=False,
-        desc=f"{variant} seed {seed}",
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=2.0 if sys.stderr.isatty() else 30.0,
-    )  # a log file gets a line every 30 s
-    episode_return, episode_length, losses = 0.0, 0, []
-    try:
-        while state["env_step"] < run["total_steps"]:
-            # act
-            step = state["env_step"]
-            if step < run["learning_starts"]:
-                action = int(rng.integers(agent.model_cfg.num_actions))
-            else:
-                epsilon = linear_epsilon(step, run["eps_start"], run["eps_end"], run["eps_decay_steps"])
-                action = agent.act(obs, epsilon, rng)
-            next_obs, reward, terminated, truncated, _ = env.step(action)
-            buffer.add(obs, action, reward, next_obs, terminated, truncated)
-            obs, episode_return, episode_length = next_obs, episode_return + reward, episode_length + 1
-            state["env_step"] = step = step + 1
-            if terminated or truncated:
-                state["episodes"] += 1
-                progress.write(
-                    json.dumps(
-                        {
-                            "step": step,
-                            "train/return": episode_return,
-                            "train/length": episode_length,
-                            "train/n": agent.n_step,
-                            "train/gamma": agent.gamma,
-                        }
-                    )
-                    + "\n"
-                )
-                obs, _ = env.reset()
-                episode_return, episode_length = 0.0, 0
-
-            # learn: replay_ratio gradient steps per environment step, fractional ratios carried over
-            if step > run["learning_starts"]:
-                state["updates_owed"] += run["replay_ratio"]
-                while state["updates_owed"] >= 1:
-                    losses.append(agent.update(buffer, rng)["loss"])
-                    state["updates_owed"] -= 1
-
-            # evaluate, log, checkpoint
-            if step % 1000 == 0:
-                bar.update(step - bar.n)
-                if losses:
-                    progress.write(
-                        json.dumps(
-                            {
-                                "step": step,
-                                "train/loss": float(np.mean(losses)),
-                                "train/grad_steps": agent.grad_steps,
-                            }
-                        )
-                        + "\n"
-                    )
-                    losses = []
-            if step % run["eval_every"] == 0 or step == run["total_steps"]:
-                last_eval = record_eval()
-                bar.set_postfix(eval_return=f"{last_eval:.0f}", resets=agent.num_resets, refresh=False)
-            if step % run["checkpoint_every"] == 0 and step < run["total_steps"]:
-                seconds = state["seconds"]
-                state["seconds"] = seconds + time.perf_counter() - t0
-                save_checkpoint(
-                    ckpt_path,
-                    agent=agent.state_dict(),
-                    buffer=buffer.state_dict(),
-                    state=state,
-                    numpy_rng=rng.bit_generator.state,
-                    torch_rng=torch.get_rng_state(),
-                )
-                state["seconds"] = seconds
-    finally:
-        bar.close()
-        progress.close()
-        if slots is not None:
-            slots.put(position)
-
-    # save: the result file marks the job done; the checkpoint is no longer needed
-    seconds = state["seconds"] + time.perf_counter() - t0
-    result = {
+def job_spec(a: Args, variant: str, seeds: list[int], jobs_dir: Path) -> dict:
+    """Everything one worker needs, as plain data (it crosses a process boundary and is saved)."""
+    s = settings(a, variant)
+    pick = lambda cls: {f.name: s[f.name] for f in fields(cls) if f.name in s}  # noqa: E731
+    run_keys = ("total_steps", "eval_every", "eval_episodes", "learning_starts", "replay_ratio", "train_freq")
+    run_keys += ("eps_start", "eps_end", "eps_decay_steps", "checkpoint_every", "buffer_size")
+    run_keys += ("target_every", "reset_every")
+    return {
         "variant": variant,
-        "seed": seed,
-        "eval_steps": state["eval_steps"],
-        "eval_returns": state["eval_returns"],
-        "final_return": float(np.mean(state["eval_returns"][-1])),
-        "env_steps": state["env_step"],
-        "grad_steps": agent.grad_steps,
-        "resets": agent.num_resets,
-        "episodes": state["episodes"],
-        "seconds": seconds,
-        "env_steps_per_second": (state["env_step"] - session_start_step) / (time.perf_counter() - t0),
-        "resumed": state["resumes"],
-        "spec": spec,
+        "seeds": seeds,
+        "job_dir": str(jobs_dir / f"{variant}_seeds{seeds[0]}-{seeds[-1]}"),
+        "seed_dirs": [str(seed_dir(jobs_dir, variant, k)) for k in seeds],
+        "model": pick(ModelConfig),
+        "agent": pick(AgentConfig),
+        "run": {k: s[k] for k in run_keys},
     }
-    write_json(job_dir / "result.json", result)
-    ckpt_path.unlink(missing_ok=True)
-    return result
+
+
+def seed_batches(a: Args, variants: list[str]) -> list[list[int]]:
+    """The seeds split into as few batches as keep every worker busy (results do not depend on it)."""
+    per_variant = min(a.seeds, max(1, math.ceil(a.workers / len(variants))))
+    seeds = list(range(a.seed, a.seed + a.seeds))
+    size = math.ceil(len(seeds) / per_variant)
+    return [seeds[i : i + size] for i in range(0, len(seeds), size)]
 
 
 def job_cost(spec: dict) -> float:
-    """Rough relative cost: gradient steps x weights per layer (fixed overhead of 0.2 per step)."""
-    return spec["run"]["replay_ratio"] * (
-        spec["model"]["width"] ** 2 * (2 * spec["model"]["num_blocks"] + 1) / 128**2 / 5 + 0.2
-    )
-
-
-def _settings(spec: dict) -> dict:
-    """A spec without its folder, so a run folder can be moved and still resumed."""
-    return json.loads(json.dumps({k: v for k, v in spec.items() if k != "job_dir"}))
-
-
-def _train_job_star(packed):
-    return train_job(*packed)
+    """Rough relative cost: seeds x gradient steps x weights (plus a fixed per-step overhead)."""
+    weights = Layout(ModelConfig(**spec["model"])).size * spec["agent"]["batch_size"] / 64
+    return len(spec["seeds"]) * (spec["run"]["replay_ratio"] * (weights / 5e4 + 1) + 0.5)
 
 
 # ---------------------------------------------------------------------------------------------
+# Workers: die with the parent, report a damaged file as one line and let the other jobs finish
 
 
-def main() -> None:
-    # setup
-    args = parse_args(Args, check=check_args, description=__doc__)
-    if args.summarize_only and not (Path(args.out) / "jobs").is_dir():
-        raise UserError(
-            f"--summarize-only: no jobs/ folder in {args.out}; point --out at the folder of an earlier run"
-        )
-    variants = variant_list(args.variants)
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    log = RunLogger(
-        "bbf_lunar",
-        run_name("bbf", args.seed),
-        asdict(args),
-        out=args.out,
-        clearml=args.clearml,
-        clearml_queue=args.clearml_queue,
-        resume=args.resume or args.summarize_only,
-    )
-    jobs_dir = log.path("jobs")
+PR_SET_PDEATHSIG = 1
 
-    # jobs: finished ones are kept, the rest train (resuming from their checkpoints)
-    if args.summarize_only:
-        results = [json.loads(p.read_text()) for p in sorted(jobs_dir.glob("*/result.json"))]
-        pending = []
-    else:
-        specs = [job_spec(args, v, s, jobs_dir / f"{v}_seed{s}") for v in variants for s in seeds]
-        for spec in specs:
-            saved = Path(spec["job_dir"]) / "spec.json"
-            if saved.exists() and _settings(json.loads(saved.read_text())) != _settings(spec):
-                raise UserError(
-                    f"{saved.parent} was started with other settings; use the original flags or a new --out"
-                )
-        results = [
-            json.loads((Path(s["job_dir"]) / "result.json").read_text())
-            for s in specs
-            if (Path(s["job_dir"]) / "result.json").exists()
-        ]
-        pending = [s for s in specs if not (Path(s["job_dir"]) / "result.json").exists()]
-        pending.sort(key=job_cost, reverse=True)  # longest first, so the pool finishes together
-        for v in variants:
-            spec = next(s for s in specs if s["variant"] == v)
-            grad = max(0, args.total_steps - args.learning_starts) * spec["run"]["replay_ratio"]
-            print(
-                f"{v:<17} {param_count(QNetwork(ModelConfig(**spec['model']))):>7,} params, "
-                f"{grad:,.0f} gradient steps/run, model {spec['model']}, agent {spec['agent']}",
-                flush=True,
-            )
+
+def _worker_init(parent_pid: int) -> None:
+    """Linux: the kernel sends SIGKILL to this worker when its parent dies (even by SIGKILL)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the pool's own clean-up still runs on normal exits
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
+def run_one(spec: dict) -> dict:
+    """Worker entry: {"results": [...]} or {"error": one line}. A damaged checkpoint is moved aside
+    (checkpoint.pt.damaged) so the next --resume restarts this job from scratch."""
+    try:
+        return {"results": train_job(spec)}
+    except UserError as e:
+        ckpt = Path(spec["job_dir"]) / "checkpoint.pt"
+        if str(ckpt) in str(e) and ckpt.exists():
+            os.replace(ckpt, ckpt.with_name("checkpoint.pt.damaged"))
+            return {"error": f"{e}; moved aside, --resume restarts this job from scratch"}
+        return {"error": str(e)}
+
+
+def run_jobs(pending: list[dict], workers: int) -> tuple[list[dict], list[str]]:
+    results, errors = [], []
+    if workers == 1 or len(pending) == 1:
+        outcomes = map(run_one, pending)
+        return _collect(outcomes, results, errors)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(min(workers, len(pending)), initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+        _collect(pool.imap_unordered(run_one, pending), results, errors)
+    return results, errors
+
+
+def _collect(outcomes, results: list, errors: list):
+    for outcome in outcomes:
+        if "error" in outcome:
+            errors.append(outcome["error"])
+            print(f"error: {outcome['error']}", file=sys.stderr, flush=True)
+            continue
+        done = outcome["results"]
+        results += done
+        scores = ", ".join(f"{r['score']:.1f}" for r in done)
         print(
-            f"{len(specs)} jobs ({len(specs) - len(pending)} already done), {args.workers} workers -> "
-            f"{log.run_dir}",
+            f"done {done[0]['variant']} seeds {done[0]['seed']}-{done[-1]['seed']}: scores [{scores}] "
+            f"({done[0]['seconds'] / 60:.1f} min)",
             flush=True,
         )
+    return results, errors
 
-    # loop: one job per (variant, seed), in a pool of single-threaded workers
-    if pending:
-        if args.workers == 1 or len(pending) == 1:
-            results += [train_job(spec) for spec in pending]
-        else:
-            ctx = mp.get_context("spawn")
-            with ctx.Manager() as manager:
-                slots = manager.Queue()
-                for i in range(min(args.workers, len(pending))):
-                    slots.put(i)
-                with ctx.Pool(min(args.workers, len(pending))) as pool:
-                    for result in pool.imap_unordered(_train_job_star, [(s, slots) for s in pending]):
-                        results.append(result)
-                        print(
-                            f"done {result['variant']} seed {result['seed']}: final return "
-                            f"{result['final_return']:.1f} ({result['seconds'] / 60:.1f} min)",
-                            flush=True,
-                        )
-                    pool.close()
-                    pool.join()
-    if not results:
-        raise UserError(f"no finished jobs under {jobs_dir}")
 
-    # evaluate: IQM, bootstrap CIs, probability of improvement, profiles
+# ---------------------------------------------------------------------------------------------
+# Stages of main
+
+
+def plan(args: Args, log: RunLogger) -> tuple[list[dict], list[dict], list[str]]:
+    """(finished results, pending job specs, damaged result files). A job is finished when every
+    seed of its batch has a readable result.json with this run's settings."""
+    variants, jobs_dir = variant_list(args.variants), log.path("jobs")
+    specs = [job_spec(args, v, b, jobs_dir) for v in variants for b in seed_batches(args, variants)]
+    results, pending, damaged = [], [], []
+    for spec in specs:
+        found, bad = [], False
+        for d in spec["seed_dirs"]:
+            path = Path(d) / "result.json"
+            if path.exists():
+                try:
+                    found.append(read_json(path))
+                except UserError as e:
+                    damaged.append(f"{e}; moved aside, the next --resume restarts its job from scratch")
+                    os.replace(path, path.with_name("result.json.damaged"))
+                    bad = True
+        if len(found) == len(spec["seeds"]) or (args.summarize_only and found):
+            results += found
+        elif not bad:
+            pending.append(spec)
+    pending.sort(key=job_cost, reverse=True)  # longest first, so the pool finishes together
+    return results, [] if args.summarize_only else pending, damaged
+
+
+def describe(args: Args, log: RunLogger, results: list[dict], pending: list[dict]) -> None:
+    for v in variant_list(args.variants):
+        s = settings(args, v)
+        size = Layout(ModelConfig(**{f.name: s[f.name] for f in fields(ModelConfig) if f.name in s})).size
+        print(f"{v:<16} {size:>7,} weights, replay ratio {s['replay_ratio']:g}, lr {s['lr']:g}", flush=True)
+    batches = ", ".join(f"{s['variant']} {s['seeds'][0]}-{s['seeds'][-1]}" for s in pending)
+    print(f"{len(results)} seed runs done; to train: {batches or 'nothing'} -> {log.run_dir}", flush=True)
+
+
+def report(args: Args, log: RunLogger, results: list[dict]) -> None:
     s = summarize(results, args.bootstrap_reps, args.seed)
+    s["replay_ratio"] = {v: settings(args, v)["replay_ratio"] for v in s["variants"]}
     for j, step in enumerate(next(iter(s["curves"].values()))["steps"]):
         log.log(
             step,
@@ -491,12 +279,29 @@ def main() -> None:
                 for k in ("iqm", "ci_low", "ci_high")
             },
         )
-
-    # save
     make_plots(s, log)
     log.write_summary(s)
     print_table(s)
-    log.close()
+
+
+def main() -> None:
+    args = parse_args(Args, check=check_args, description=__doc__)
+    with RunLogger("bbf_lunar", run_name("bbf", args.seed), args) as log:
+        if log.resumed:
+            log.rewind(-1)  # metrics.jsonl is rewritten from the results at the end
+        results, pending, damaged = plan(args, log)
+        describe(args, log, results, pending)
+        for line in damaged:
+            print(f"error: {line}", file=sys.stderr, flush=True)
+        if pending:
+            log.keep()  # job folders with checkpoints will hold work worth keeping
+        done, errors = run_jobs(pending, args.workers)
+        results += done
+        if damaged or errors:
+            raise UserError(f"{len(damaged) + len(errors)} job(s) failed (see above); the others are saved")
+        if not results:
+            raise UserError(f"no finished jobs under {log.path('jobs')}")
+        report(args, log, results)
 
 
 if __name__ == "__main__":

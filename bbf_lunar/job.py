@@ -1,0 +1,240 @@
+"""One job: a batch of seeds of one variant, trained together in this process (run.py's workers).
+
+The seeds share one gymnasium vector env of LunarLander-v3 (one sub-env per seed, each seeded with
+its own seed; autoreset in SAME_STEP mode, so a finished episode's true last state comes from
+info["final_obs"] and the returned observation already starts the next episode) and one `Agent`
+whose tensors have a leading seed axis. The job evaluates every --eval-every steps, checkpoints
+itself, and writes one result.json per seed, so results do not depend on how seeds were batched.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from agent import Agent, AgentConfig, ModelConfig, ReplayBuffer, linear_epsilon
+
+from common import CHECKPOINT_PT, load_torch, save_torch, write_json
+
+ENV_ID = "LunarLander-v3"
+EVAL_SEED_BASE = 1_000_000  # evaluation episodes use seeds 1e6 + i: the same episodes for every run
+RESUME_SEED_STRIDE = 7919  # after a resume, seed s's env restarts with seed s + 7919 * resumes
+SCORE_POINTS = 3  # a run's score: mean of its last 3 evaluation points
+
+
+def seed_dir(jobs_dir: Path, variant: str, seed: int) -> Path:
+    return jobs_dir / f"{variant}_seed{seed}"
+
+
+def evaluate(agent: Agent, envs: list[list]) -> np.ndarray:
+    """Greedy returns (S, E): envs[s][i] plays episode i (seed 1e6 + i) with seed s's network."""
+    S, E = len(envs), len(envs[0])
+    obs = np.stack([[env.reset(seed=EVAL_SEED_BASE + i)[0] for i, env in enumerate(row)] for row in envs])
+    returns, active = np.zeros((S, E)), np.ones((S, E), dtype=bool)
+    while active.any():
+        actions = agent.greedy(obs)  # (S, E): every seed's network on all its episodes at once
+        for s, i in zip(*np.nonzero(active)):
+            obs[s, i], reward, terminated, truncated, _ = envs[s][i].step(int(actions[s, i]))
+            returns[s, i] += reward
+            active[s, i] = not (terminated or truncated)
+    return returns
+
+
+class Job:
+    """Set-up, restore, loop and save of one seed batch, as named stages."""
+
+    def __init__(self, spec: dict, device: str = "cpu"):
+        import gymnasium as gym
+        import torch
+
+        self.spec, self.run, self.seeds = spec, spec["run"], spec["seeds"]
+        self.dir = Path(spec["job_dir"])
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / "spec.json", spec)
+        self.ckpt_path = self.dir / CHECKPOINT_PT
+        self.agent = Agent(ModelConfig(**spec["model"]), AgentConfig(**spec["agent"]), self.seeds, device)
+        S, obs_dim = len(self.seeds), self.agent.model_cfg.obs_dim
+        self.buffer = ReplayBuffer(S, self.run["buffer_size"], obs_dim)
+        self.rngs = [np.random.default_rng(s) for s in self.seeds]
+        self.state = {"env_step": 0, "updates_owed": 0.0, "eval_steps": [], "eval_returns": []}
+        self.state |= {"seconds": 0.0, "episodes": [0] * S, "resumes": 0}
+        self.torch = torch
+        self.envs = gym.vector.SyncVectorEnv(
+            [lambda: gym.make(ENV_ID) for _ in self.seeds], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+        )
+        self.eval_envs = [[gym.make(ENV_ID) for _ in range(self.run["eval_episodes"])] for _ in self.seeds]
+
+    # restore
+
+    def restore(self) -> None:
+        """Continue from checkpoint.pt when there is one (UserError naming it when it is damaged)."""
+        if not self.ckpt_path.exists():
+            return
+        ckpt = load_torch(self.ckpt_path)
+        try:
+            self.agent.load_state_dict(ckpt["agent"])
+            self.buffer.load_state_dict(ckpt["buffer"])
+            for rng, state in zip(self.rngs, ckpt["numpy_rngs"], strict=True):
+                rng.bit_generator.state = json.loads(state)
+            self.state = ckpt["state"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            from common import UserError
+
+            raise UserError(f"{self.ckpt_path} does not fit this job ({type(e).__name__}: {e})") from None
+        self.state["resumes"] += 1
+        self.buffer.truncate_newest()  # the interrupted episodes cannot go on: cut them like a time limit
+
+    def save_checkpoint(self, seconds: float) -> None:
+        state = {**self.state, "seconds": seconds}
+        save_torch(
+            {
+                "agent": self.agent.state_dict(),
+                "buffer": self.buffer.state_dict(),
+                "numpy_rngs": [json.dumps(rng.bit_generator.state) for rng in self.rngs],
+                "state": state,
+            },
+            self.ckpt_path,
+        )
+
+    # loop
+
+    def act(self, obs: np.ndarray, step: int) -> np.ndarray:
+        r = self.run
+        if step < r["learning_starts"]:
+            epsilon = 1.0
+        else:
+            epsilon = linear_epsilon(step, r["eps_start"], r["eps_end"], r["eps_decay_steps"])
+        return self.agent.act(obs, epsilon, self.rngs)
+
+    def learn(self, step: int, losses: list) -> None:
+        """After env step `step` (1-based): every train_freq steps, replay_ratio * train_freq gradient
+        steps (fractions carried over); target copies every target_every steps; resets."""
+        r, agent = self.run, self.agent
+        if step > r["learning_starts"] and step % r["train_freq"] == 0:
+            self.state["updates_owed"] += r["replay_ratio"] * r["train_freq"]
+            while self.state["updates_owed"] >= 1:
+                losses.append(agent.update(self.buffer, self.rngs)["loss"])
+                self.state["updates_owed"] -= 1
+        if r["target_every"] and step % r["target_every"] == 0:
+            agent.hard_update_target()
+        # the official BBF code skips a reset that would leave less than a full interval to recover in
+        if r["reset_every"] and step % r["reset_every"] == 0 and step + r["reset_every"] < r["total_steps"]:
+            agent.reset()
+
+    def record_eval(self, progress) -> np.ndarray:
+        returns = evaluate(self.agent, self.eval_envs)  # (S, E)
+        self.state["eval_steps"].append(self.state["env_step"])
+        self.state["eval_returns"].append(returns.tolist())
+        row = {"step": self.state["env_step"], "eval/return": returns.mean(axis=1).tolist()}
+        progress.write(json.dumps(row) + "\n")
+        progress.flush()
+        return returns.mean(axis=1)
+
+    def loop(self, progress, report) -> float:
+        """Train to total_steps; returns the wall seconds of this session."""
+        r, st, agent = self.run, self.state, self.agent
+        t0, start_step = time.perf_counter(), st["env_step"]
+        if st["env_step"] == 0:
+            self.record_eval(progress)
+        obs, _ = self.envs.reset(seed=[s + RESUME_SEED_STRIDE * st["resumes"] for s in self.seeds])
+        episode_return, losses = np.zeros(len(self.seeds)), []
+        while st["env_step"] < r["total_steps"]:
+            actions = self.act(obs, st["env_step"])
+            next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
+            done = terminated | truncated
+            true_next = next_obs.copy()
+            if done.any():
+                true_next[done] = np.stack(info["final_obs"][done])
+            self.buffer.add(obs, actions, rewards, true_next, terminated, truncated)
+            obs, episode_return = next_obs, episode_return + rewards
+            st["env_step"] = step = st["env_step"] + 1
+            if done.any():
+                self._log_episodes(progress, step, done, episode_return)
+                episode_return[done] = 0.0
+            self.learn(step, losses)
+            if step % 1000 == 0 and losses:
+                row = {
+                    "step": step,
+                    "train/loss": np.mean(losses, axis=0).tolist(),
+                    "train/n": int(agent.n_step[0]),
+                }
+                progress.write(json.dumps(row | {"train/gamma": float(agent.gamma[0])}) + "\n")
+                losses = []
+            if step % r["eval_every"] == 0 or step == r["total_steps"]:
+                report(step, self.record_eval(progress), (step - start_step) / (time.perf_counter() - t0))
+            if step % r["checkpoint_every"] == 0 and step < r["total_steps"]:
+                self.save_checkpoint(st["seconds"] + time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    def _log_episodes(self, progress, step, done, episode_return) -> None:
+        for s in np.flatnonzero(done):
+            self.state["episodes"][s] += 1
+        row = {
+            "step": step,
+            "train/return": {str(self.seeds[s]): episode_return[s] for s in np.flatnonzero(done)},
+        }
+        progress.write(json.dumps(row, default=float) + "\n")
+
+    # save
+
+    def finish(self, seconds: float, session_steps: int, session_seconds: float) -> list[dict]:
+        """One result.json per seed (the job is done when all are written); the checkpoint goes."""
+        st, results = self.state, []
+        eval_returns = np.array(st["eval_returns"])  # (points, S, E)
+        for s, seed in enumerate(self.seeds):
+            per_point = eval_returns[:, s].mean(axis=1)
+            result = {
+                "variant": self.spec["variant"],
+                "seed": seed,
+                "eval_steps": st["eval_steps"],
+                "eval_returns": eval_returns[:, s].tolist(),
+                "score": float(per_point[-SCORE_POINTS:].mean()),
+                "final_return": float(per_point[-1]),
+                "env_steps": st["env_step"],
+                "grad_steps": int(self.agent.grad_steps[s]),
+                "resets": int(self.agent.num_resets[s]),
+                "episodes": st["episodes"][s],
+                "seconds": seconds,
+                "seeds_in_process": len(self.seeds),
+                "seed_steps_per_second": session_steps * len(self.seeds) / max(session_seconds, 1e-9),
+                "resumed": st["resumes"],
+                "spec": {k: v for k, v in self.spec.items() if k not in ("job_dir", "seeds")},
+            }
+            path = Path(self.spec["seed_dirs"][s]) / "result.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, result)
+            results.append(result)
+        self.ckpt_path.unlink(missing_ok=True)
+        return results
+
+
+def train_job(spec: dict, report=None) -> list[dict]:
+    """Train one seed batch to the end (resuming from its checkpoint); one result dict per seed."""
+    import torch
+
+    torch.set_num_threads(1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    job = Job(spec, device)
+    job.restore()
+    start_step = job.state["env_step"]
+    if report is None:
+        report = print_progress(spec)
+    with open(job.dir / "progress.jsonl", "a") as progress:
+        session = job.loop(progress, report)
+    seconds = job.state["seconds"] + session
+    return job.finish(seconds, job.state["env_step"] - start_step, session)
+
+
+def print_progress(spec: dict):
+    label = f"{spec['variant']} seeds {spec['seeds'][0]}-{spec['seeds'][-1]}"
+
+    def report(step: int, returns: np.ndarray, seed_sps: float) -> None:
+        print(
+            f"{label}: step {step:,}/{spec['run']['total_steps']:,}, eval return per seed "
+            f"[{', '.join(f'{x:.0f}' for x in returns)}], {seed_sps * len(returns):.0f} seed-steps/s",
+            flush=True,
+        )
+
+    return report
