@@ -1,15 +1,21 @@
-"""Which ResNet18 embedding channels matter for PaDiM: permutation importance under 3-fold CV.
+"""Which ResNet18 embedding channels matter for PaDiM, measured so that the answer holds across folds.
 
-Folds: train/good is split into 3 folds, the test split into 3 folds stratified by defect type;
-fold k fits PaDiM on the other train folds and validates on test fold k. Permutation importance
-(scikit-learn's algorithm): shuffle one channel's feature maps across the validation images,
-n_repeats times; importance = drop in image AUROC (and in pixel AUROC). Then PaDiM models on the
-top-k, bottom-k and random-k channels are cross-validated; for fold k the ranking comes from the
-other folds' importances, so no validation image chooses its own channels.
+Folds: repeated k-fold (--repeats shuffles of --folds folds). Fold (r, k) fits PaDiM on the other
+train/good folds of shuffle r and validates on test fold k (stratified by defect type).
+Importance of a channel in a fold = drop in full-resolution pixel AUROC (image AUROC as a second view)
+1. when the channel is removed: the exact refit without it, d2 - w_c^2 / Lambda_cc (no randomness);
+2. when it is shuffled across the validation images (permutation importance, --n-repeats times).
+Channels are ranked by the mean drop-one pixel importance. Correlated channels share credit, so
+clusters (hierarchical, on the Spearman correlation of channel activations over train patches) and
+whole layers are dropped as sets too. Rank stability: Spearman and top-10 overlap of every fold pair,
+bootstrap intervals of each rank over folds. Then top-k, bottom-k and --n-random random k-subsets are
+fitted on the first shuffle's folds; fold k's top/bottom come from the other folds of that shuffle,
+so no validation image chooses its own channels; top-k's place among the random subsets is a percentile.
 
-Full:  python padim_anomaly/importance.py --category all
-Here:  python padim_anomaly/importance.py --category bottle --weights none --data-dir ../shared/data
-Tiny:  python padim_anomaly/importance.py --weights none --n-features 40 --n-repeats 2 --ks 5 10 --clearml off
+Research: python padim_anomaly/importance.py --category bottle transistor metal_nut
+Here:     python padim_anomaly/importance.py --category bottle --weights none --data-dir ../shared/data
+Tiny:     python padim_anomaly/importance.py --weights none --n-features 16 --ks 2 4 --n-random 5 \\
+              --image-size 64 --clearml off --data-dir DIR
 """
 
 from __future__ import annotations
@@ -26,88 +32,115 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from padim import (  # noqa: E402
+    LAYER_CHANNELS,
+    LAYERS,
     FeatureExtractor,
-    ModelConfig,
     OnlineGaussian,
     anomaly_map,
+    aupro,
     auroc,
     channel_name,
     choose_channels,
+    dropped_channel_squared,
+    dropped_set_squared,
     image_scores,
     invert_covariance_,
     mahalanobis_terms,
     permuted_squared_distance,
+    region_weights,
 )
 from padim_io import (  # noqa: E402
-    CATEGORIES,
+    Progress,
     backbone_weights,
+    category_names,
     check_image_size,
-    find_category,
-    image_batches,
-    load_test_set,
+    load_category,
+    model_config,
     n_features_of,
     pick_device,
-    verify_images,
 )
-from sklearn.model_selection import KFold, StratifiedKFold  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from study import (  # noqa: E402
+    bootstrap_rank_ci,
+    cluster_channels,
+    cross_class_report,
+    percentile_of,
+    rank_of,
+    repeated_folds,
+    stability,
+)
 
-from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name, write_json  # noqa: E402
+from common import RunLogger, default_data_dir, parse_args, run_main, run_name, write_json  # noqa: E402
 
 
 @dataclass
 class Args:
-    category: str = "bottle"  # bottle, transistor, metal_nut, or all (the three in turn)
+    category: list[str] = field(default_factory=lambda: ["bottle"])  # folder(s) under mvtec_ad/, or all
     weights: str = "imagenet"  # backbone weights: imagenet (torchvision cache), none (random init), or a PATH
-    n_features: str = "all"  # channels ranked: 'all' (448) or a seeded random subset of this size
-    folds: int = 3  # cross-validation folds
-    n_repeats: int = 5  # permutations per channel and fold (scikit-learn's n_repeats)
-    ks: list[int] = field(default_factory=lambda: [10, 25, 50])  # subset sizes for top/bottom/random-k models
-    n_random: int = 5  # random-k subsets per k (seeds seed..seed+n_random-1)
-    pixel_stride: int = 4  # pixel AUROC of the permutation loop on every n-th row/column (1 = all pixels)
+    n_features: str = "100"  # channels ranked: a seeded random subset of this size, or 'all' (448)
+    folds: int = 3  # cross-validation folds per shuffle
+    repeats: int = 5  # shuffles of the folds (repeated k-fold)
+    n_repeats: int = 2  # permutations per channel and fold (scikit-learn's n_repeats; 0 = exact drop only)
+    cluster_threshold: float = 0.5  # join channels whose average |Spearman rho| is at least 1 - this
+    n_patches: int = 20000  # train patches sampled for the channel correlations
+    n_boot: int = 1000  # bootstrap resamples of the folds for each channel's rank interval
+    ks: list[int] = field(default_factory=lambda: [10, 25, 50])  # subset sizes (each below --n-features)
+    n_random: int = 50  # random k-subsets per k (the baseline top-k is placed in)
     batch_size: int = 16  # images per backbone forward pass
-    image_size: int = 224  # centre crop in pixels (resize = image_size * 8 / 7); multiple of 16
-    seed: int = 0  # seeds the random init (--weights none), folds, permutations and random subsets
+    image_size: int = 224  # model input in pixels (images are resized to it); multiple of 16
+    crop: bool = False  # resize the shorter side to image_size*8/7 and centre crop, instead of resizing
+    seed: int = 0  # seeds the random init (--weights none), channel subset, folds, permutations, subsets
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     resume: bool = False  # with --out: reuse the folds a stopped run already finished
     data_dir: str = default_data_dir()  # holds mvtec_ad/<category>/...
-    download: bool = True  # fetch a missing category from MVTec's archives (you accept its license)
+    download: bool = True  # fetch a missing bottle/transistor/metal_nut from MVTec (you accept its license)
     out: str | None = None  # run folder (default runs/padim_anomaly/<name>)
     clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML tracking mode
     clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
 
 
 def check_args(args: Args) -> None:
-    if args.category not in (*CATEGORIES, "all"):
-        raise ValueError(f"--category must be one of {', '.join(CATEGORIES)} or all (got {args.category!r})")
     n = n_features_of(args.n_features, low=2)
-    if not all(1 <= k <= n for k in args.ks):
-        raise ValueError(f"--ks must each be in 1..{n} (the number of ranked channels; got {args.ks})")
+    if not all(1 <= k < n for k in args.ks):
+        raise ValueError(f"--ks must each be in 1..{n - 1} (fewer than the ranked channels; got {args.ks})")
     for flag, value, low in (
         ("--folds", args.folds, 2),
-        ("--n-repeats", args.n_repeats, 1),
+        ("--repeats", args.repeats, 1),
         ("--n-random", args.n_random, 1),
-        ("--pixel-stride", args.pixel_stride, 1),
+        ("--n-patches", args.n_patches, 10),
+        ("--n-boot", args.n_boot, 1),
         ("--batch-size", args.batch_size, 1),
     ):
         if value < low:
-            raise ValueError(f"{flag} must be >= {low} (got {value})")
+            raise ValueError(f"--{flag.lstrip('-')} must be >= {low} (got {value})")
+    if not 0 < args.cluster_threshold <= 1:
+        raise ValueError(f"--cluster-threshold must be in (0, 1] (got {args.cluster_threshold})")
     check_image_size(args.image_size)
     if args.resume and not args.out:
         raise ValueError("--resume needs --out (the folder of the run to continue)")
 
 
-# ---------------------------------------------------------------- helpers
+@dataclass
+class Study:
+    """What every stage of one run shares."""
+
+    args: Args
+    config: object
+    extractor: FeatureExtractor
+    device: torch.device
+    log: RunLogger
+
+
+# ---------------------------------------------------------------- embeddings and fits
 
 
 @torch.no_grad()
-def embed_all(extractor, paths, config, batch_size, device, desc) -> torch.Tensor:
-    """(N, C, P) embeddings of every image, kept in memory so no fold re-runs the backbone."""
+def embed_all(extractor, batches, total: int, device, desc) -> torch.Tensor:
+    """(N, C, P) embeddings of every image (an iterable of batches), cached for all folds."""
     parts = []
-    with tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=None) as bar:
-        for images in image_batches(paths, config, batch_size):
-            parts.append(extractor(images.to(device)).flatten(2))  # (B, C, P)
-            bar.update(len(images))
+    progress = Progress(desc, total)
+    for batch in batches:
+        parts.append(extractor(batch.to(device)).flatten(2))  # (B, C, P)
+        progress.update(len(batch))
     return torch.cat(parts)
 
 
@@ -120,322 +153,404 @@ def fit(embeddings: torch.Tensor, epsilon: float, chunk: int = 32):
     return mean, invert_covariance_(covariance)
 
 
-def evaluate(embeddings, masks, labels, mean, inv_covariance, config, batch_size=16) -> tuple[float, float]:
-    """Image and pixel AUROC (all pixels) of a fitted model on cached validation embeddings."""
-    maps = []
-    for start in range(0, len(embeddings), batch_size):
-        squared, _ = mahalanobis_terms(embeddings[start : start + batch_size], mean, inv_covariance)
-        distance = squared.clamp_min(0).sqrt()  # (B, P)
-        maps.append(anomaly_map(distance, config.grid, config.image_size, config.sigma).cpu())
-    maps = torch.cat(maps)
-    return float(auroc(image_scores(maps), labels)), float(auroc(maps.flatten(), masks.flatten()))
+class Scorer:
+    """Image AUROC, full-resolution pixel AUROC (and AUPRO) of squared distances of one validation set."""
+
+    def __init__(self, masks: torch.Tensor, labels: torch.Tensor, config, rows_per_chunk: int = 4):
+        self.masks, self.labels, self.config, self.chunk = masks, labels, config, rows_per_chunk
+        self.pixels = masks.flatten()
+        self.weights = region_weights(masks.numpy())
+
+    def maps(self, squared: torch.Tensor) -> torch.Tensor:
+        """(R, V, P) squared distances -> (R, V, S, S) anomaly maps."""
+        r, v = squared.shape[:2]
+        c = self.config
+        maps = anomaly_map(squared.clamp_min(0).sqrt().flatten(0, 1), c.grid, c.image_size, c.sigma)
+        return maps.reshape(r, v, c.image_size, c.image_size).cpu()
+
+    def __call__(self, squared: torch.Tensor, with_aupro: bool = False) -> dict[str, np.ndarray]:
+        """(R, V, P) -> {"image": (R,), "pixel": (R,)[, "aupro": (R,)]}."""
+        out = {"image": [], "pixel": [], "aupro": []}
+        for part in squared.split(self.chunk):
+            maps = self.maps(part)
+            out["image"].append(auroc(image_scores(maps.flatten(0, 1)).reshape(len(part), -1), self.labels))
+            out["pixel"].append(auroc(maps.reshape(len(part), -1), self.pixels))
+            if with_aupro:
+                out["aupro"] += [[aupro(m, self.masks, weights=self.weights)] for m in maps]
+        return {k: np.concatenate([np.asarray(x) for x in v]) for k, v in out.items() if v}
 
 
-def permutation_importance(embeddings, masks, labels, mean, inv_covariance, config, n_repeats, stride, rng):
-    """Drop in image and pixel AUROC when each channel is shuffled across the validation images.
+# ---------------------------------------------------------------- one fold
 
-    Returns (baseline image, baseline pixel, image drops (C, R), pixel drops (C, R)).
-    """
+
+def fold_importance(study, train_embeddings, test, fold, groups, rng) -> dict:
+    """Drop-one, permutation, cluster and layer importance (drops in image and pixel AUROC) in one fold."""
+    embeddings, masks, labels = test
+    mean, inv_covariance = fit(train_embeddings[torch.from_numpy(fold["fit"])], study.config.epsilon)
+    val = torch.from_numpy(fold["val"])
+    embeddings = embeddings[val]
+    scorer = Scorer(masks[val], labels[val], study.config)
     squared, weighted = mahalanobis_terms(embeddings, mean, inv_covariance)  # (V, P), (V, C, P)
+    base = scorer(squared.unsqueeze(0), with_aupro=True)
+    result = {k: float(v[0]) for k, v in base.items()}
+
+    def drops(squared_rows):  # (R, V, P) -> {"image": (R,), "pixel": (R,)} drops from the baseline
+        scores = scorer(squared_rows)
+        return {k: (result[k] - scores[k]).tolist() for k in ("image", "pixel")}
+
+    result["drop"] = drops(dropped_channel_squared(squared, weighted, inv_covariance))
+    result["groups"] = {
+        kind: drops(torch.stack([dropped_set_squared(squared, weighted, inv_covariance, i) for i in sets]))
+        for kind, sets in groups.items()
+    }
+    n_channels, n_val = embeddings.shape[1], embeddings.shape[0]
+    permutation = {"image": [], "pixel": []}
     inv_diagonal = inv_covariance.diagonal(dim1=1, dim2=2).T.contiguous()  # (C, P)
-    pixel_masks = masks[:, ::stride, ::stride].flatten()
+    for channel in range(n_channels if study.args.n_repeats else 0):
+        order = torch.from_numpy(np.stack([rng.permutation(n_val) for _ in range(study.args.n_repeats)]))
+        shuffled = permuted_squared_distance(squared, weighted, inv_diagonal, embeddings, channel, order)
+        for k, v in drops(shuffled).items():
+            permutation[k].append(v)
+    result["permutation"] = permutation  # (C, n_repeats) per metric
+    return result
 
-    def scores(squared_distances):  # (R, V, P) -> image AUROC (R,), pixel AUROC (R,)
-        n_rows, n_images = squared_distances.shape[:2]
-        distance = squared_distances.clamp_min(0).sqrt().flatten(0, 1)  # (R * V, P)
-        maps = anomaly_map(distance, config.grid, config.image_size, config.sigma)  # (R * V, S, S)
-        maps = maps.reshape(n_rows, n_images, config.image_size, config.image_size)
-        image = auroc(image_scores(maps.flatten(0, 1)).reshape(n_rows, n_images), labels)
-        pixel = auroc(maps[:, :, ::stride, ::stride].reshape(n_rows, -1), pixel_masks)
-        return image, pixel
 
-    base_image, base_pixel = scores(squared.unsqueeze(0))
-    n_channels, n_images = embeddings.shape[1], embeddings.shape[0]
-    image_drop = np.zeros((n_channels, n_repeats))
-    pixel_drop = np.zeros((n_channels, n_repeats))
-    channels = tqdm(range(n_channels), desc="permutation importance", unit="ch", leave=False, disable=None)
-    for channel in channels:
-        order = torch.from_numpy(np.stack([rng.permutation(n_images) for _ in range(n_repeats)]))  # (R, V)
-        image, pixel = scores(
-            permuted_squared_distance(
-                squared, weighted, inv_diagonal, embeddings, channel, order.to(embeddings.device)
+def run_folds(study, name, prefix, train_embeddings, test, folds, groups) -> list[dict]:
+    """Every fold in turn; each fold's result is saved so --resume skips it."""
+    results = []
+    for i, fold in enumerate(folds):
+        r, k = fold["repeat"], fold["fold"]
+        path = study.log.path(f"{prefix}fold_r{r}k{k}_importance.json")
+        if study.args.resume and path.exists():
+            results.append(json.loads(path.read_text()))
+            print(f"{name} shuffle {r} fold {k}: reusing {path.name}")
+            continue
+        start = time.perf_counter()
+        rng = np.random.default_rng([study.args.seed, r, k])
+        result = fold_importance(study, train_embeddings, test, fold, groups, rng)
+        result.update(repeat=r, fold=k, n_fit=len(fold["fit"]), n_val=len(fold["val"]))
+        result["seconds"] = time.perf_counter() - start
+        write_json(path, result)
+        results.append(result)
+        study.log.log(
+            i, {f"eval/{name}/image_auroc": result["image"], f"eval/{name}/pixel_auroc": result["pixel"]}
+        )
+        print(
+            f"{name} shuffle {r} fold {k} ({i + 1}/{len(folds)}): image AUROC {result['image']:.4f}, "
+            f"pixel AUROC {result['pixel']:.4f}, AUPRO {result['aupro']:.4f}; {result['seconds']:.0f} s",
+            flush=True,
+        )
+    return results
+
+
+# ---------------------------------------------------------------- groups of channels
+
+
+def channel_groups(study, train_embeddings) -> tuple[dict, np.ndarray, list[str]]:
+    """Clusters of correlated channels (from train patches only) and whole layers, as index tensors."""
+    rng = np.random.default_rng(study.args.seed)
+    n, c, p = train_embeddings.shape
+    pick = rng.choice(n * p, size=min(study.args.n_patches, n * p), replace=False)
+    patches = train_embeddings.permute(0, 2, 1).reshape(n * p, c)[torch.from_numpy(pick)]
+    labels = cluster_channels(patches.double().cpu().numpy(), study.args.cluster_threshold)
+    clusters = [np.flatnonzero(labels == j) for j in range(labels.max() + 1)]
+    channels = study.extractor.channels.cpu().numpy()
+    starts = np.cumsum((0, *LAYER_CHANNELS))
+    layers = [
+        np.flatnonzero((channels >= starts[i]) & (channels < starts[i + 1])) for i in range(len(LAYERS))
+    ]
+    layer_names = [LAYERS[i] for i in range(len(LAYERS)) if len(layers[i])]
+    groups = {
+        "clusters": [torch.from_numpy(c) for c in clusters],
+        "layers": [torch.from_numpy(x) for x in layers if len(x)],
+    }
+    return groups, labels, layer_names
+
+
+# ---------------------------------------------------------------- aggregate
+
+
+def per_fold(results, criterion, metric) -> np.ndarray:
+    """(F, C) importances; permutation drops are averaged over their repeats."""
+    values = [np.asarray(r[criterion][metric], dtype=np.float64) for r in results]
+    return np.stack([v.mean(axis=1) if v.ndim == 2 else v for v in values])
+
+
+def summarise(study, name, results, labels, layer_names) -> dict:
+    """importance.json: per channel, cluster and layer, with rank stability and bootstrap rank intervals."""
+    channels = study.extractor.channels.cpu().numpy()
+    criteria = [("drop", "pixel"), ("drop", "image")]
+    if study.args.n_repeats:
+        criteria += [("permutation", "pixel"), ("permutation", "image")]
+    views = {f"{c}_{m}": per_fold(results, c, m) for c, m in criteria}
+    ranking_view = views["drop_pixel"]  # the ranking that picks top-k
+    mean = ranking_view.mean(axis=0)
+    ranks = rank_of(mean)
+    interval = bootstrap_rank_ci(ranking_view, study.args.n_boot, study.args.seed)
+    order = np.argsort(ranks)
+    per_channel = {}
+    for i in order:
+        entry = {"name": channel_name(int(channels[i])), "rank": int(ranks[i]), "cluster": int(labels[i])}
+        entry["rank_ci95"] = [float(x) for x in interval[i]]
+        for view, values in views.items():
+            entry[f"{view}_mean"], entry[f"{view}_std"] = (
+                float(values[:, i].mean()),
+                float(values[:, i].std()),
             )
-        )
-        image_drop[channel] = base_image.numpy() - image.numpy()
-        pixel_drop[channel] = base_pixel.numpy() - pixel.numpy()
-    return float(base_image[0]), float(base_pixel[0]), image_drop, pixel_drop
+        per_channel[str(int(channels[i]))] = entry
+    cluster_pixel = np.stack([r["groups"]["clusters"]["pixel"] for r in results]).mean(axis=0)
+    cluster_image = np.stack([r["groups"]["clusters"]["image"] for r in results]).mean(axis=0)
+    clusters = [
+        {
+            "channels": [int(channels[i]) for i in np.flatnonzero(labels == j)],
+            "pixel_drop_mean": float(cluster_pixel[j]),
+            "image_drop_mean": float(cluster_image[j]),
+        }
+        for j in np.argsort(-cluster_pixel, kind="stable")
+    ]
+    layer_drops = {
+        layer: {
+            "pixel_drop_mean": float(np.mean([r["groups"]["layers"]["pixel"][j] for r in results])),
+            "image_drop_mean": float(np.mean([r["groups"]["layers"]["image"][j] for r in results])),
+        }
+        for j, layer in enumerate(layer_names)
+    }
+    return {
+        "category": name,
+        "ranking_criterion": "drop in full-resolution pixel AUROC when the channel is removed (exact refit)",
+        "folds": study.args.folds,
+        "repeats": study.args.repeats,
+        "n_repeats": study.args.n_repeats,
+        "base": {k: [r[k] for r in results] for k in ("image", "pixel", "aupro")},
+        "ranking": [int(channels[i]) for i in order],
+        "stability": stability(ranking_view),
+        "stability_by_view": {view: stability(values) for view, values in views.items()},
+        "channels": per_channel,
+        "clusters": clusters,
+        "cluster_threshold": study.args.cluster_threshold,
+        "layers": layer_drops,
+    }
 
 
-def make_folds(n_train: int, test_types: list[str], n_folds: int, seed: int):
-    """[(train indices, validation test indices)] per fold."""
-    counts = {t: test_types.count(t) for t in set(test_types)}
-    if min(counts.values()) < n_folds:
-        raise UserError(
-            f"every test type needs at least {n_folds} images for {n_folds}-fold stratified CV "
-            f"(have {counts}); lower --folds"
-        )
-    if n_train < 2 * n_folds:
-        raise UserError(f"{n_train} training images are too few for {n_folds} folds")
-    train_folds = KFold(n_folds, shuffle=True, random_state=seed).split(np.zeros(n_train))
-    test_folds = StratifiedKFold(n_folds, shuffle=True, random_state=seed).split(
-        np.zeros(len(test_types)), test_types
+# ---------------------------------------------------------------- subsets
+
+
+def evaluate_subset(study, train_embeddings, test, fold, subset) -> dict:
+    """Fit on the fold's train images with the channels in `subset`; image/pixel AUROC and AUPRO."""
+    embeddings, masks, labels = test
+    index = torch.from_numpy(np.sort(subset))
+    mean, inv_covariance = fit(
+        train_embeddings[torch.from_numpy(fold["fit"])][:, index], study.config.epsilon
     )
-    return [(fit_index, val_index) for (fit_index, _), (_, val_index) in zip(train_folds, test_folds)]
+    val = torch.from_numpy(fold["val"])
+    squared, _ = mahalanobis_terms(embeddings[val][:, index], mean, inv_covariance)
+    scores = fold["scorer"](squared.unsqueeze(0), with_aupro=True)
+    return {k: float(v[0]) for k, v in scores.items()}
+
+
+def subset_study(study, name, results, folds, train_embeddings, test) -> dict:
+    """Top-k, bottom-k and random-k models on the first shuffle's folds, top-k placed among the random."""
+    n_channels = train_embeddings.shape[1]
+    first = [i for i, f in enumerate(folds) if f["repeat"] == 0]
+    importance = per_fold([results[i] for i in first], "drop", "pixel")  # (folds, C)
+    _, masks, labels = test
+    for i in first:
+        folds[i]["scorer"] = Scorer(masks[folds[i]["val"]], labels[folds[i]["val"]], study.config)
+    progress = Progress(
+        f"{name} subsets", len(study.args.ks) * len(first) * (2 + study.args.n_random), "fits"
+    )
+    out = {}
+    for k in study.args.ks:
+        rng = np.random.default_rng([study.args.seed, k])
+        randoms = [rng.choice(n_channels, k, replace=False) for _ in range(study.args.n_random)]
+        scores = {"top": [], "bottom": [], "random": []}  # random: (folds, n_random) dicts
+        for j, i in enumerate(first):
+            ranking = np.argsort(-np.delete(importance, j, axis=0).mean(axis=0), kind="stable")
+            for choice, subset in (("top", ranking[:k]), ("bottom", ranking[-k:])):
+                scores[choice].append(evaluate_subset(study, train_embeddings, test, folds[i], subset))
+            scores["random"].append(
+                [evaluate_subset(study, train_embeddings, test, folds[i], s) for s in randoms]
+            )
+            progress.update(2 + len(randoms))
+        out[str(k)] = subset_summary(scores)
+    return out
+
+
+def subset_summary(scores) -> dict:
+    """Per choice: mean and std over folds; random: the distribution of per-subset fold means."""
+    metrics = ("image", "pixel", "aupro")
+    random_means = {m: np.mean([[s[m] for s in row] for row in scores["random"]], axis=0) for m in metrics}
+    summary = {
+        "random": {
+            "n": len(random_means["pixel"]),
+            **{f"{m}_mean": float(random_means[m].mean()) for m in metrics},
+            **{f"{m}_std": float(random_means[m].std(ddof=1)) for m in metrics},
+            **{f"{m}_p95": float(np.percentile(random_means[m], 95)) for m in metrics},
+            "pixel_values": random_means["pixel"].tolist(),
+        }
+    }
+    for choice in ("top", "bottom"):
+        entry = {"n_folds": len(scores[choice])}
+        for m in metrics:
+            values = np.array([s[m] for s in scores[choice]])
+            entry[f"{m}_mean"], entry[f"{m}_std"] = float(values.mean()), float(values.std())
+            entry[f"percentile_{m}"] = percentile_of(values.mean(), random_means[m])
+        summary[choice] = entry
+    return summary
 
 
 # ---------------------------------------------------------------- plots
 
 
-def ranking_figure(image_mean, image_std, channels, name):
-    order = np.argsort(-image_mean)
-    fig, ax = plt.subplots(figsize=(10, 3.8))
-    x = np.arange(len(order))
-    ax.errorbar(x, image_mean[order], yerr=image_std[order], fmt=".", ms=3, lw=0.6, capsize=0)
-    ax.axhline(0, color="k", lw=0.6)
-    top = "\n".join(
-        f"{rank + 1}. {channel_name(int(channels[i]))}  {image_mean[i]:+.4f}"
-        for rank, i in enumerate(order[:10])
-    )
-    ax.text(
-        0.99,
-        0.97,
-        "top 10\n" + top,
-        transform=ax.transAxes,
-        ha="right",
-        va="top",
-        fontsize=7,
-        family="monospace",
-        bbox={"facecolor": "white", "alpha": 0.8, "lw": 0.5},
-    )
-    ax.set(
-        xlabel="channel rank",
-        ylabel="image AUROC drop (mean +- std)",
-        title=f"{name}: permutation importance of embedding channels (folds x repeats)",
-    )
+def ranking_figure(importance, name):
+    entries = list(importance["channels"].values())
+    mean = np.array([e["drop_pixel_mean"] for e in entries])
+    low = np.array([e["rank_ci95"][0] for e in entries])
+    high = np.array([e["rank_ci95"][1] for e in entries])
+    ranks = np.array([e["rank"] for e in entries])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    left.plot(ranks, mean, ".", ms=4)
+    left.axhline(0, color="k", lw=0.6)
+    left.set(xlabel="rank", ylabel="pixel AUROC drop when removed", title=f"{name}: drop-one importance")
+    right.errorbar(ranks, ranks, yerr=[ranks - low, high - ranks], fmt=".", ms=3, lw=0.6)
+    right.set(xlabel="rank (mean over folds)", ylabel="bootstrap 95% interval", title="rank stability")
     fig.tight_layout()
     return fig
 
 
-def subsets_figure(subsets, full, name):
+def subsets_figure(subsets, name):
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     ks = sorted(int(k) for k in subsets)
-    dodge = 0.01 * (max(ks) - min(ks) + 1)  # keep the three error bars at one k apart
-    styles = ((-1, "top", "tab:green"), (0, "random", "tab:blue"), (1, "bottom", "tab:red"))
-    for shift, choice, color in styles:
-        mean = [subsets[str(k)][choice]["mean"] for k in ks]
-        std = [subsets[str(k)][choice]["std"] for k in ks]
-        ax.errorbar(
-            np.array(ks) + shift * dodge,
-            mean,
-            yerr=std,
-            marker="o",
-            capsize=3,
-            color=color,
-            label=f"{choice}-k",
+    for k in ks:
+        ax.plot(
+            [k] * len(subsets[str(k)]["random"]["pixel_values"]),
+            subsets[str(k)]["random"]["pixel_values"],
+            ".",
+            color="tab:blue",
+            alpha=0.3,
+            ms=4,
         )
-    ax.axhline(full["mean"], color="gray", ls="--", label=f"all {full['n_channels']} channels")
-    ax.set(
-        xlabel="k (channels kept)", ylabel="image AUROC (CV mean +- std)", title=f"{name}: channel subsets"
-    )
+    for choice, color in (("top", "tab:green"), ("bottom", "tab:red")):
+        ax.plot(
+            ks, [subsets[str(k)][choice]["pixel_mean"] for k in ks], "o-", color=color, label=f"{choice}-k"
+        )
+    ax.plot([], [], ".", color="tab:blue", label="random-k subsets")
+    ax.set(xscale="log", xlabel="k (channels kept)", ylabel="pixel AUROC (mean over folds)", title=name)
     ax.legend()
     fig.tight_layout()
     return fig
 
 
-# ---------------------------------------------------------------- one category
+# ---------------------------------------------------------------- one category, then all
 
 
-def run_category(name, category, test_set, extractor, config, args, device, log, prefix):
-    channels = extractor.channels.cpu().numpy()
-    test_images, test_masks = test_set
-    labels = torch.from_numpy(category.test_labels)
-    train_embeddings = embed_all(extractor, category.train, config, args.batch_size, device, f"{name} train")
-    test_embeddings = []
-    for start in range(0, len(test_images), args.batch_size):
-        with torch.no_grad():
-            batch = test_images[start : start + args.batch_size].to(device)
-            test_embeddings.append(extractor(batch).flatten(2))  # (B, C, P)
-    test_embeddings = torch.cat(test_embeddings)  # (N_test, C, P)
-    folds = make_folds(len(category.train), category.test_types, args.folds, args.seed)
+def run_category(study: Study, name: str, prefix: str) -> dict:
+    category, (images, masks) = load_category(name, study.args.data_dir, study.args.download, study.config)
+    args = study.args
+    batches = category.train_batches(study.config, args.batch_size)
+    train_embeddings = embed_all(study.extractor, batches, len(category.train), study.device, f"{name} train")
+    batches = images.split(args.batch_size)
+    test_embeddings = embed_all(study.extractor, batches, len(images), study.device, f"{name} test")
+    test = (test_embeddings, masks, torch.from_numpy(category.test_labels))
+    groups, labels, layer_names = channel_groups(study, train_embeddings)
+    folds = repeated_folds(len(category.train), category.test_types, args.folds, args.repeats, args.seed)
+    results = run_folds(study, name, prefix, train_embeddings, test, folds, groups)
+    importance = summarise(study, name, results, labels, layer_names)
+    subsets = subset_study(study, name, results, folds, train_embeddings, test)
+    write_json(study.log.path(f"{prefix}importance.json"), importance)
+    write_json(study.log.path(f"{prefix}subsets.json"), subsets)
+    study.log.save_figure(f"{prefix}importance_ranking", ranking_figure(importance, name))
+    study.log.save_figure(f"{prefix}subsets_auroc", subsets_figure(subsets, name))
+    return report_category(name, importance, subsets)
 
-    # permutation importance, fold by fold (each fold's result is saved, so --resume can skip it)
-    results = []
-    for k, (fit_index, val_index) in enumerate(folds):
-        path = log.path(f"{prefix}fold{k}_importance.json")
-        if args.resume and path.exists():
-            results.append(json.loads(path.read_text()))
-            print(f"{name} fold {k}: reusing {path.name}")
-            continue
-        start = time.perf_counter()
-        mean, inv_covariance = fit(train_embeddings[fit_index], config.epsilon)
-        rng = np.random.default_rng([args.seed, k])
-        base_image, base_pixel, image_drop, pixel_drop = permutation_importance(
-            test_embeddings[val_index],
-            test_masks[val_index],
-            labels[val_index],
-            mean,
-            inv_covariance,
-            config,
-            args.n_repeats,
-            args.pixel_stride,
-            rng,
-        )
-        del mean, inv_covariance
-        result = {
-            "fold": k,
-            "n_fit": len(fit_index),
-            "n_val": len(val_index),
-            "base_image_auroc": base_image,
-            "base_pixel_auroc_strided": base_pixel,
-            "image_drop": image_drop.tolist(),
-            "pixel_drop": pixel_drop.tolist(),
-            "seconds": time.perf_counter() - start,
-        }
-        write_json(path, result)
-        results.append(result)
-        log.log(k, {f"{name}/base_image_auroc": base_image, f"{name}/base_pixel_auroc": base_pixel})
-        print(
-            f"{name} fold {k}: baseline image AUROC {base_image:.4f}, pixel AUROC {base_pixel:.4f} "
-            f"(stride {args.pixel_stride}); {result['seconds']:.0f} s"
-        )
 
-    image_drops = np.stack([np.array(r["image_drop"]) for r in results])  # (folds, C, R)
-    pixel_drops = np.stack([np.array(r["pixel_drop"]) for r in results])
-    image_mean = image_drops.mean(axis=(0, 2))
-    image_std = image_drops.transpose(1, 0, 2).reshape(len(channels), -1).std(axis=1)
-    pixel_mean = pixel_drops.mean(axis=(0, 2))
-    pixel_std = pixel_drops.transpose(1, 0, 2).reshape(len(channels), -1).std(axis=1)
-    ranking = np.argsort(-image_mean)
-    importance = {
-        "category": name,
-        "metric": "drop in AUROC when the channel is shuffled across validation images",
-        "folds": args.folds,
-        "n_repeats": args.n_repeats,
-        "pixel_stride": args.pixel_stride,
-        "base_image_auroc": [r["base_image_auroc"] for r in results],
-        "ranking": [int(channels[i]) for i in ranking],
-        "channels": {
-            str(int(channels[i])): {
-                "name": channel_name(int(channels[i])),
-                "rank": int(np.where(ranking == i)[0][0]) + 1,
-                "image_mean": float(image_mean[i]),
-                "image_std": float(image_std[i]),
-                "pixel_mean": float(pixel_mean[i]),
-                "pixel_std": float(pixel_std[i]),
-            }
-            for i in range(len(channels))
-        },
-    }
-    write_json(log.path(f"{prefix}importance.json"), importance)
-    log.save_figure(f"{prefix}importance_ranking", ranking_figure(image_mean, image_std, channels, name))
-
-    # top-k, bottom-k and random-k models; fold k ranks channels by the other folds' importances
-    scores = {str(kk): {"top": [], "bottom": [], "random": []} for kk in args.ks}
-    pixel_scores = {str(kk): {"top": [], "bottom": [], "random": []} for kk in args.ks}
-    full = [r["base_image_auroc"] for r in results]  # the all-channel model of each fold
-    jobs = len(folds) * len(args.ks) * (2 + args.n_random)
-    with tqdm(total=jobs, desc=f"{name} subsets", leave=False, disable=None) as bar:
-        for k, (fit_index, val_index) in enumerate(folds):
-            others = [f for f in range(len(folds)) if f != k]
-            fold_ranking = np.argsort(-image_drops[others].mean(axis=(0, 2)), kind="stable")
-            choices = {}
-            for kk in args.ks:
-                choices[f"{kk}/top"] = [fold_ranking[:kk]]
-                choices[f"{kk}/bottom"] = [fold_ranking[-kk:]]
-                choices[f"{kk}/random"] = [
-                    np.random.default_rng([args.seed + r, kk, k]).choice(len(channels), kk, replace=False)
-                    for r in range(args.n_random)
-                ]
-            for key, subsets in choices.items():
-                for subset in subsets:
-                    index = torch.from_numpy(np.sort(subset)).to(device)
-                    rows = torch.from_numpy(fit_index).to(device)
-                    mean, inv_covariance = fit(train_embeddings[rows[:, None], index], config.epsilon)
-                    rows = torch.from_numpy(val_index).to(device)
-                    image, pixel = evaluate(
-                        test_embeddings[rows[:, None], index],
-                        test_masks[val_index],
-                        labels[val_index],
-                        mean,
-                        inv_covariance,
-                        config,
-                    )
-                    kk, choice = key.split("/")
-                    scores[kk][choice].append(image)
-                    pixel_scores[kk][choice].append(pixel)
-                    bar.update(1)
-    subsets = {
-        kk: {
-            choice: {
-                "mean": float(np.mean(v)),
-                "std": float(np.std(v)),
-                "n": len(v),
-                "pixel_mean": float(np.mean(pixel_scores[kk][choice])),
-                "pixel_std": float(np.std(pixel_scores[kk][choice])),
-            }
-            for choice, v in by_choice.items()
-        }
-        for kk, by_choice in scores.items()
-    }
-    write_json(log.path(f"{prefix}subsets.json"), subsets)
-    full_summary = {"mean": float(np.mean(full)), "std": float(np.std(full)), "n_channels": len(channels)}
-    log.save_figure(f"{prefix}subsets_auroc", subsets_figure(subsets, full_summary, name))
+def report_category(name, importance, subsets) -> dict:
+    s = importance["stability"]
+    base = {k: (float(np.mean(v)), float(np.std(v))) for k, v in importance["base"].items()}
     print(
-        f"{name}: all {len(channels)} channels, image AUROC {full_summary['mean']:.4f} "
-        f"+- {full_summary['std']:.4f} over folds"
+        f"{name}: all channels image AUROC {base['image'][0]:.4f} +- {base['image'][1]:.4f}, pixel "
+        f"{base['pixel'][0]:.4f} +- {base['pixel'][1]:.4f}, AUPRO {base['aupro'][0]:.4f} (over folds)\n"
+        f"  ranking stability over {len(s['spearman'])} fold pairs: Spearman {s['spearman_mean']:.3f} "
+        f"(min {s['spearman_min']:.3f}), top-10 overlap {s['top10_overlap_mean']:.1f}/10"
     )
-    for kk, by_choice in subsets.items():
-        cells = [f"{c} {v['mean']:.4f} +- {v['std']:.4f}" for c, v in by_choice.items()]
-        print(f"  k={kk:>3}: " + "  ".join(cells))
-    top = [channel_name(c) for c in importance["ranking"][:5]]
-    return {"all_channels_image_auroc": full_summary, "top5_channels": top, "subsets": subsets}
+    for k, by_choice in subsets.items():
+        t, b, r = by_choice["top"], by_choice["bottom"], by_choice["random"]
+        print(
+            f"  k={k:>3}: pixel top {t['pixel_mean']:.4f} (percentile {t['percentile_pixel']:.0f}) "
+            f"bottom {b['pixel_mean']:.4f} random {r['pixel_mean']:.4f} +- {r['pixel_std']:.4f} "
+            f"(p95 {r['pixel_p95']:.4f}) | image top {t['image_mean']:.4f} random {r['image_mean']:.4f} | "
+            f"AUPRO top {t['aupro_mean']:.4f} random {r['aupro_mean']:.4f}"
+        )
+    return {
+        "base_mean_std": base,
+        "stability": {k: v for k, v in s.items() if k != "pairs"},
+        "top10": [importance["channels"][str(c)]["name"] for c in importance["ranking"][:10]],
+        "layers": importance["layers"],
+        "subsets": {
+            k: {c: {m: v for m, v in e.items() if m != "pixel_values"} for c, e in by.items()}
+            for k, by in subsets.items()
+        },
+        "_importance": importance,
+    }
+
+
+def cross_class(per_class: dict) -> dict:
+    """Cross-class agreement from each class's importance.json (drop-one pixel importance)."""
+    inputs = {}
+    for name, summary in per_class.items():
+        importance = summary.pop("_importance")
+        inputs[name] = {
+            "importance": {int(c): e["drop_pixel_mean"] for c, e in importance["channels"].items()},
+            "clusters": [c["channels"] for c in importance["clusters"]],
+            "layers": {k: v["pixel_drop_mean"] for k, v in importance["layers"].items()},
+        }
+    return cross_class_report(inputs)
 
 
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
-
-    # setup
-    np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    config = ModelConfig(
-        n_features=n_features_of(args.n_features),
-        image_size=args.image_size,
-        resize=round(args.image_size * 8 / 7),
-    )
-    names = list(CATEGORIES) if args.category == "all" else [args.category]
-
-    # data: every category found and every file checked before a run folder exists
-    categories = {name: find_category(name, args.data_dir, args.download) for name in names}
-    test_sets = {}
-    for name, category in categories.items():
-        verify_images(category.train)
-        test_sets[name] = load_test_set(category, config)
-
-    # model
+    config = model_config(args)
+    names = category_names(args.category, args.data_dir)
+    for name in names:  # every file decoded before a run folder exists
+        load_category(name, args.data_dir, args.download, config, verify_only=True)
     backbone, weights_source = backbone_weights(args.weights, args.seed)
     extractor = FeatureExtractor(backbone, choose_channels(config.n_features, args.seed)).to(device)
+    tag = args.category[0] if len(names) == 1 else "multi"
     log = RunLogger(
         "padim_anomaly",
-        run_name(f"importance_{args.category}", args.seed),
+        run_name(f"importance_{tag}", args.seed),
         asdict(args),
         out=args.out,
         clearml=args.clearml,
         clearml_queue=args.clearml_queue,
         resume=args.resume,
     )
+    study = Study(args, config, extractor, device, log)
     print(
-        f"weights: {weights_source} | device {device} | ranking {config.n_features} channels | "
-        f"{args.folds} folds x {args.n_repeats} repeats | k = {args.ks}, {args.n_random} random sets each"
+        f"weights: {weights_source} | device {device} | {config.n_features} channels | "
+        f"{args.repeats} x {args.folds} folds, {args.n_repeats} permutations | k = {args.ks}, "
+        f"{args.n_random} random subsets each | classes: {', '.join(names)}"
     )
-
-    # loop over categories
-    summary = {"weights": args.weights, "weights_source": weights_source, "n_features": config.n_features}
-    for name, category in categories.items():
-        prefix = "" if len(categories) == 1 else f"{name}_"
-        test_set = test_sets.pop(name)
-        summary[name] = run_category(name, category, test_set, extractor, config, args, device, log, prefix)
-    log.write_summary(summary)
+    per_class = {name: run_category(study, name, "" if len(names) == 1 else f"{name}_") for name in names}
+    report = cross_class(per_class)
+    if len(names) > 1:
+        write_json(log.path("cross_class.json"), report)
+        for pair, v in report["pairs"].items():
+            print(
+                f"{pair}: top-10 Jaccard {v['top10_jaccard']:.2f}, Spearman {v['spearman']:.3f}, "
+                f"top-3 clusters Jaccard {v['top3_clusters_jaccard']:.2f}"
+            )
+    log.write_summary(
+        {
+            "weights": args.weights,
+            "weights_source": weights_source,
+            "n_features": config.n_features,
+            "classes": per_class,
+            "cross_class": report,
+        }
+    )
     log.close()
 
 

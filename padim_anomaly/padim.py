@@ -28,8 +28,9 @@ EPSILON = 0.01  # added to every covariance diagonal (paper, Sec. 3.2: "regulari
 @dataclass
 class ModelConfig:
     n_features: int = 100  # channels kept from the 448 (paper: random subset, Sec. 4.2)
-    resize: int = 256  # shorter side before the crop (paper, Sec. 4.1)
-    image_size: int = 224  # centre crop; the embedding grid is image_size / 4 = 56
+    resize: int = 224  # shorter side before the centre crop (with crop; paper, Sec. 4.1: 256)
+    image_size: int = 224  # model input (square); the embedding grid is image_size / 4 = 56
+    crop: bool = False  # False: resize the whole image to image_size (as anomalib); True: resize + crop
     sigma: float = 4.0  # Gaussian blur of the upsampled map (paper, Sec. 4.1)
     epsilon: float = EPSILON
 
@@ -251,6 +252,32 @@ def permuted_squared_distance(
     return squared + 2 * delta * weighted[:, channel] + delta.square() * inv_diagonal[channel]
 
 
+def dropped_channel_squared(squared: torch.Tensor, weighted: torch.Tensor, inv_covariance: torch.Tensor):
+    """Exact squared distances of the model refitted without each channel in turn, for every channel.
+
+    Removing channel c from a Gaussian leaves the marginal of the others, whose precision is the Schur
+    complement of Lambda_cc; for the quadratic form that means d2' = d2 - w_c^2 / Lambda_cc with
+    w = Lambda (x - mu). The epsilon*I regulariser is kept by the marginal too (it is diagonal), so this
+    equals refitting without the channel. squared (B, P), weighted (B, C, P), inv_covariance (P, C, C)
+    -> (C, B, P).
+    """
+    inv_diagonal = inv_covariance.diagonal(dim1=1, dim2=2).T  # (C, P)
+    return squared.unsqueeze(0) - weighted.transpose(0, 1).square() / inv_diagonal.unsqueeze(1)
+
+
+def dropped_set_squared(
+    squared: torch.Tensor, weighted: torch.Tensor, inv_covariance: torch.Tensor, index: torch.Tensor
+) -> torch.Tensor:
+    """Exact squared distances without a set S of channels: d2' = d2 - w_S^T (Lambda_SS)^-1 w_S.
+
+    The set version of `dropped_channel_squared` (one batched solve per position); (B, P).
+    """
+    block = inv_covariance[:, index][:, :, index].double()  # (P, S, S)
+    w = weighted[:, index].permute(2, 1, 0).double()  # (P, S, B)
+    solved = torch.linalg.solve(block, w)  # (P, S, B)
+    return (squared - (w * solved).sum(dim=1).T).to(squared.dtype)
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -280,3 +307,54 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     rank_sum = rank_sum.sum(axis=-1)  # (R,)
     area = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     return torch.from_numpy(area).reshape(scores.shape[:-1])
+
+
+def region_weights(masks: np.ndarray) -> np.ndarray:
+    """Weight of every pixel for the per-region overlap: 1 / (|region| * n_regions) inside a defect.
+
+    masks (N, H, W) bool; regions are the 8-connected components of each image's mask (as MVTec AD's
+    evaluation code labels them). Normal pixels get 0. Returns (N, H, W) float64.
+    """
+    from scipy.ndimage import label
+
+    weights = np.zeros(masks.shape, dtype=np.float64)
+    sizes = []
+    for i, mask in enumerate(masks):
+        labels, n = label(mask, structure=np.ones((3, 3), dtype=int))
+        if n:
+            counts = np.bincount(labels.ravel())
+            per_pixel = np.where(labels > 0, 1.0 / counts[labels], 0.0)
+            weights[i] = per_pixel
+            sizes.append(n)
+    n_regions = sum(sizes)
+    return weights / n_regions if n_regions else weights
+
+
+def aupro(maps, masks, fpr_limit: float = 0.3, weights: np.ndarray | None = None) -> float:
+    """Area under the per-region-overlap curve up to a false positive rate, divided by that rate.
+
+    MVTec AD's localisation metric (Bergmann et al. 2021): at each threshold, PRO is the mean over all
+    defect regions of the share of the region's pixels above the threshold, FPR the share of normal
+    pixels above it; the PRO(FPR) curve is integrated (trapezoids) from 0 to `fpr_limit`, interpolating
+    at the limit, and normalised so that 1 is perfect. The mean over regions is a weighted count, so
+    the curve is one sort of all pixels. maps, masks (N, H, W); `weights` from `region_weights`.
+    """
+    scores = np.asarray(maps.detach().cpu() if torch.is_tensor(maps) else maps, dtype=np.float64).ravel()
+    masks = np.asarray(masks.detach().cpu() if torch.is_tensor(masks) else masks, dtype=bool)
+    weights = (region_weights(masks) if weights is None else weights).ravel()
+    negative = ~masks.ravel()
+    if not negative.any() or weights.sum() == 0:
+        return math.nan
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    last_of_tie = np.r_[sorted_scores[1:] != sorted_scores[:-1], True]  # thresholds between distinct scores
+    fpr = np.cumsum(negative[order])[last_of_tie] / negative.sum()
+    pro = np.cumsum(weights[order])[last_of_tie]
+    fpr, pro = np.r_[0.0, fpr], np.r_[0.0, pro]
+    inside = fpr <= fpr_limit
+    x, y = fpr[inside], pro[inside]
+    if x[-1] < fpr_limit:  # interpolate the curve at the limit
+        j = int(np.argmax(fpr > fpr_limit))
+        t = (fpr_limit - fpr[j - 1]) / (fpr[j] - fpr[j - 1])
+        x, y = np.r_[x, fpr_limit], np.r_[y, pro[j - 1] + t * (pro[j] - pro[j - 1])]
+    return float(np.trapezoid(y, x) / fpr_limit)

@@ -19,6 +19,7 @@ import torch
 import torchvision.transforms.functional as TF
 from padim import (
     TOTAL_CHANNELS,
+    FeatureExtractor,
     ModelConfig,
     OnlineGaussian,
     anomaly_map,
@@ -40,7 +41,42 @@ MVTEC_URLS = {  # MVTec's official per-category archives (.tar.xz); MVTec publis
     "transistor": _ARCHIVES + "420938166-1629953277/transistor.tar.xz",
     "metal_nut": _ARCHIVES + "420937637-1629952063/metal_nut.tar.xz",
 }
-CATEGORIES = tuple(MVTEC_URLS)
+CATEGORIES = tuple(MVTEC_URLS)  # the research's classes; any MVTec-layout folder works
+
+
+def model_config(args) -> ModelConfig:
+    """The model's preprocessing from a script's --n-features, --image-size and --crop."""
+    crop = getattr(args, "crop", False)
+    return ModelConfig(
+        n_features=n_features_of(args.n_features),
+        image_size=args.image_size,
+        resize=round(args.image_size * 8 / 7) if crop else args.image_size,
+        crop=crop,
+    )
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise a line every ~10% with the rate (a logged run is never silent)."""
+
+    def __init__(self, desc: str, total: int | None, unit: str = "img"):
+        self.desc, self.total, self.unit, self.done = desc, total, unit, 0
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False) if sys.stderr.isatty() else None
+        self.next_mark = 1
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+            if self.total and self.bar.n >= self.total:
+                self.bar.close()
+            return
+        self.done += n
+        if not self.total or self.done * 10 < self.next_mark * self.total:
+            return
+        self.next_mark = self.done * 10 // self.total + 1
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        percent = 100 * self.done // self.total
+        print(f"{self.desc}: {self.done}/{self.total} ({percent}%), {rate:.1f} {self.unit}/s", flush=True)
 
 
 def n_features_of(text: str, low: int = 1) -> int:
@@ -87,6 +123,9 @@ class Category:
     def test_labels(self) -> np.ndarray:
         return np.array([t != "good" for t in self.test_types], dtype=np.int64)
 
+    def train_batches(self, config: ModelConfig, batch_size: int):
+        return image_batches(self.train, config, batch_size)
+
 
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -125,13 +164,27 @@ def download_category(name: str, data_dir: Path, timeout: float = 60.0) -> None:
         ) from None
 
 
+def category_names(names: list[str], data_dir: str | Path) -> list[str]:
+    """--category values -> folder names; `all` = every folder under mvtec_ad/ that has train/good."""
+    if "all" not in names:
+        return list(dict.fromkeys(names))
+    root = Path(data_dir) / "mvtec_ad"
+    found = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir()) if root.is_dir() else []
+    if not found:
+        raise UserError(f"--category all: no class folders with train/good under {root}")
+    return found
+
+
 def find_category(name: str, data_dir: str | Path, download: bool = True) -> Category:
-    """List one category's files and check the layout; downloads the category when it is absent."""
-    if name not in MVTEC_URLS:
-        raise UserError(f"unknown MVTec AD category {name!r}; supported: {', '.join(CATEGORIES)}")
+    """List one category's files and check the layout; downloads bottle/transistor/metal_nut when absent."""
     data_dir = Path(data_dir)
     root = data_dir / "mvtec_ad" / name
     if not root.exists():
+        if name not in MVTEC_URLS:
+            raise UserError(
+                f"no folder {root}; --category takes any folder under {root.parent} with the MVTec AD layout "
+                "(train/good, test/<type>, ground_truth/<type>/*_mask.png)"
+            )
         if not download:
             raise UserError(
                 f"MVTec AD '{name}' is not in {root}; download {name}.tar.xz from {MVTEC_PAGE} "
@@ -177,11 +230,20 @@ def _open(path: Path, mode: str) -> Image.Image:
         ) from None
 
 
+def _geometry(image: Image.Image, config: ModelConfig, interpolation) -> Image.Image:
+    """Resize the whole image to image_size x image_size (default, as anomalib), or with --crop resize
+    the shorter side to `resize` and centre crop image_size (the paper's preprocessing)."""
+    if not config.crop:
+        return TF.resize(
+            image, [config.image_size, config.image_size], interpolation=interpolation, antialias=True
+        )
+    image = TF.resize(image, config.resize, interpolation=interpolation, antialias=True)
+    return TF.center_crop(image, config.image_size)
+
+
 def load_image(path: Path, config: ModelConfig) -> torch.Tensor:
-    """Any size -> (3, image_size, image_size) in [0, 1]: resize the shorter side, centre crop."""
-    image = _open(path, "RGB")
-    image = TF.resize(image, config.resize, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-    return TF.to_tensor(TF.center_crop(image, config.image_size))
+    """Any size, colour or grayscale -> (3, image_size, image_size) in [0, 1]."""
+    return TF.to_tensor(_geometry(_open(path, "RGB"), config, TF.InterpolationMode.BILINEAR))
 
 
 def load_mask(path: Path | None, image_path: Path, config: ModelConfig) -> torch.Tensor:
@@ -195,32 +257,53 @@ def load_mask(path: Path | None, image_path: Path, config: ModelConfig) -> torch
                 f"the mask {path} is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
                 f"{image.size[0]}x{image.size[1]}; masks must match their images"
             )
-    mask = TF.resize(mask, config.resize, interpolation=TF.InterpolationMode.NEAREST)
-    return TF.to_tensor(TF.center_crop(mask, config.image_size))[0] > 0.5
+    if not np.asarray(mask).any():
+        return torch.zeros(config.image_size, config.image_size, dtype=torch.bool)
+    out = TF.to_tensor(_geometry(mask, config, TF.InterpolationMode.NEAREST))[0] > 0.5
+    if not out.any():
+        warnings_emptied.append(path)
+    return out
+
+
+warnings_emptied: list[Path] = []  # masks a centre crop emptied (load_test_set warns once per set)
 
 
 def load_images(paths: list[Path], config: ModelConfig, desc: str) -> torch.Tensor:
     """(N, 3, S, S) in memory; decodes every file first, so a bad one stops the run before it starts."""
-    paths = tqdm(paths, desc=desc, unit="img", leave=False, disable=None)
-    return torch.stack([load_image(p, config) for p in paths])
+    progress = Progress(desc, len(paths))
+    images = []
+    for p in paths:
+        images.append(load_image(p, config))
+        progress.update(1)
+    return torch.stack(images)
 
 
 def load_test_set(category: Category, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
     images = load_images(category.test, config, f"{category.name} test images")
+    warnings_emptied.clear()
     masks = torch.stack([load_mask(m, p, config) for p, m in zip(category.test, category.masks)])
+    if warnings_emptied:
+        print(
+            f"warning: the centre crop (--crop) removes the whole defect from {len(warnings_emptied)} of "
+            f"{int(category.test_labels.sum())} defective test images of {category.name} (e.g. "
+            f"{warnings_emptied[0]}); they still count as defective; without --crop the whole image is kept",
+            file=sys.stderr,
+        )
     return images, masks
 
 
 def verify_images(paths: list[Path]) -> None:
-    """Cheap check that every file is a readable image (header and chunk checksums), before a run starts."""
+    """Decode every file fully (a truncated JPEG fails here, not mid-fit), before a run folder exists."""
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            raise UserError(
-                f"cannot decode the image {path} ({e.__class__.__name__}: {e}); replace or remove the file"
-            ) from None
+        _open(path, "RGB")
+
+
+def load_category(name, data_dir, download: bool, config: ModelConfig, verify_only: bool = False):
+    """Find a class, decode all its train images and its test set -> (Category, (images, masks))."""
+    category = find_category(name, data_dir, download)
+    verify_images(category.train)
+    test_set = load_test_set(category, config)
+    return None if verify_only else (category, test_set)
 
 
 def image_batches(paths: list[Path], config: ModelConfig, batch_size: int):
@@ -300,17 +383,17 @@ def fit_statistics(
     """
     n_channels, n_positions = len(extractor.channels), None
     stats, stored = None, []
-    with tqdm(total=n_images, desc=f"{desc} ({method})", unit="img", leave=False, disable=None) as bar:
-        for images in batches:
-            embedding = extractor(images.to(device)).flatten(2)  # (B, C, P)
-            if method == "online":
-                if stats is None:
-                    n_positions = embedding.shape[2]
-                    stats = OnlineGaussian(n_channels, n_positions, device=embedding.device)
-                stats.update(embedding)
-            else:
-                stored.append(embedding)
-            bar.update(len(images))
+    progress = Progress(f"{desc} ({method})", n_images)
+    for images in batches:
+        embedding = extractor(images.to(device)).flatten(2)  # (B, C, P)
+        if method == "online":
+            if stats is None:
+                n_positions = embedding.shape[2]
+                stats = OnlineGaussian(n_channels, n_positions, device=embedding.device)
+            stats.update(embedding)
+        else:
+            stored.append(embedding)
+        progress.update(len(images))
     if method == "online":
         mean, covariance = stats.finalize(epsilon)
     else:
@@ -334,10 +417,12 @@ def score_images(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, 3, S, S) -> anomaly maps (N, S, S) and image scores (N,), on the CPU."""
     maps = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", leave=False, disable=None):
+    progress = Progress(desc, len(images))
+    for start in range(0, len(images), batch_size):
         embedding = extractor(images[start : start + batch_size].to(device)).flatten(2)  # (B, C, P)
         distance = mahalanobis(embedding, mean, inv_covariance)  # (B, P)
         maps.append(anomaly_map(distance, config.grid, config.image_size, config.sigma).cpu())
+        progress.update(len(embedding))
     maps = torch.cat(maps)
     return maps, image_scores(maps)
 
@@ -360,11 +445,32 @@ def save_model(path: Path, config: ModelConfig, extractor, mean, inv_covariance,
     os.replace(tmp, path)
 
 
+MODEL_KEYS = ("config", "channels", "backbone", "mean", "inv_covariance")
+
+
 def load_model(path: Path) -> dict:
+    """A model.pt written by save_model; anything else -> one line naming the file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"cannot read the PaDiM model {path}: {e}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no PaDiM model {path}") from None
+    except Exception as e:  # noqa: BLE001 (torch.load raises many types on a corrupt or hostile file)
+        raise UserError(
+            f"cannot read the PaDiM model {path}: not a model.pt from train.py (truncated, corrupt or "
+            f"holding pickled objects; {e.__class__.__name__})"
+        ) from None
+    missing = [k for k in MODEL_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise UserError(f"{path} is not a PaDiM model.pt from train.py (missing {', '.join(missing)})")
+    return state
+
+
+def extractor_from_model(state: dict) -> tuple[ModelConfig, FeatureExtractor]:
+    """Rebuild the preprocessing and the feature extractor saved in a model.pt."""
+    config = ModelConfig(**state["config"])
+    extractor = FeatureExtractor(resnet18_backbone(), state["channels"])
+    extractor.load_state_dict(state["backbone"])
+    return config, extractor.eval()
 
 
 # ---------------------------------------------------------------- memory

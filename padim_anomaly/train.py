@@ -23,21 +23,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from padim import TOTAL_CHANNELS, FeatureExtractor, ModelConfig, choose_channels  # noqa: E402
+from padim import TOTAL_CHANNELS, FeatureExtractor, aupro, choose_channels  # noqa: E402
 from padim_io import (  # noqa: E402
-    CATEGORIES,
     PeakMemory,
     backbone_weights,
     check_image_size,
-    find_category,
     fit_statistics,
     image_batches,
-    load_test_set,
+    load_category,
+    model_config,
     n_features_of,
     pick_device,
     save_model,
     score_images,
-    verify_images,
 )
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
@@ -46,12 +44,13 @@ from common import RunLogger, default_data_dir, parse_args, run_main, run_name  
 
 @dataclass
 class Args:
-    category: str = "bottle"  # MVTec AD category: bottle, transistor or metal_nut
+    category: str = "bottle"  # a folder under mvtec_ad/ (any class in the MVTec AD layout)
     weights: str = "imagenet"  # backbone weights: imagenet (torchvision cache), none (random init), or a PATH
     n_features: str = "100"  # embedding channels kept (random subset, seeded), or 'all' (= 448)
     stats: Literal["online", "batch"] = "online"  # online: running mean/cov; batch: keep all, then fit
     batch_size: int = 16  # images per backbone forward pass
-    image_size: int = 224  # centre crop in pixels (resize = image_size * 8 / 7); multiple of 16
+    image_size: int = 224  # model input in pixels (images are resized to it); multiple of 16
+    crop: bool = False  # resize the shorter side to image_size*8/7 and centre crop, instead of resizing
     seed: int = 0  # seeds the random init (--weights none) and the channel subset
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     n_figure: int = 8  # test images shown in the anomaly-map figure
@@ -63,8 +62,8 @@ class Args:
 
 
 def check_args(args: Args) -> None:
-    if args.category not in CATEGORIES:
-        raise ValueError(f"--category must be one of {', '.join(CATEGORIES)} (got {args.category!r})")
+    if not args.category or "/" in args.category:
+        raise ValueError(f"--category must be a folder name under mvtec_ad/ (got {args.category!r})")
     n_features_of(args.n_features)  # raises on a bad value
     check_image_size(args.image_size)
     if args.batch_size < 1:
@@ -113,16 +112,10 @@ def main() -> None:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
-    config = ModelConfig(
-        n_features=n_features_of(args.n_features),
-        image_size=args.image_size,
-        resize=round(args.image_size * 8 / 7),
-    )
+    config = model_config(args)
 
-    # data: every file checked before a run folder exists
-    category = find_category(args.category, args.data_dir, args.download)
-    verify_images(category.train)
-    test_images, test_masks = load_test_set(category, config)
+    # data: every file decoded before a run folder exists
+    category, (test_images, test_masks) = load_category(args.category, args.data_dir, args.download, config)
     labels = category.test_labels
 
     # model
@@ -181,17 +174,20 @@ def main() -> None:
     score_seconds = time.perf_counter() - start
     image_auroc = roc_auc_score(labels, scores.numpy())
     pixel_auroc = roc_auc_score(test_masks.flatten().numpy(), maps.flatten().numpy())
+    region_overlap = aupro(maps, test_masks)
     log.log(
         0,
         {
             "eval/image_auroc": image_auroc,
             "eval/pixel_auroc": pixel_auroc,
+            "eval/aupro": region_overlap,
             "charts/fit_images_per_second": len(category.train) / fit_seconds,
             "charts/score_images_per_second": len(category.test) / score_seconds,
         },
     )
     print(
-        f"image AUROC {image_auroc:.4f} | pixel AUROC {pixel_auroc:.4f} | fit {fit_seconds:.1f} s, "
+        f"image AUROC {image_auroc:.4f} | pixel AUROC {pixel_auroc:.4f} | AUPRO {region_overlap:.4f} | "
+        f"fit {fit_seconds:.1f} s, "
         f"peak {meter.peak_mib:.0f} MiB | scoring {len(category.test) / score_seconds:.1f} images/s"
     )
 
@@ -214,6 +210,7 @@ def main() -> None:
             "category": args.category,
             "image_auroc": image_auroc,
             "pixel_auroc": pixel_auroc,
+            "aupro": region_overlap,
             "fit_seconds": fit_seconds,
             "fit_peak_memory_mib": meter.peak_mib,
             "memory_method": meter.method,

@@ -150,3 +150,54 @@ def test_channel_subset_is_a_slice_of_the_full_embedding():
     assert torch.equal(subset, full[:, channels])
     assert padim.channel_name(0) == "layer1[0]" and padim.channel_name(64) == "layer2[0]"
     assert padim.channel_name(447) == "layer3[255]"
+
+
+def test_dropping_a_channel_equals_refitting_without_it():
+    rng = np.random.default_rng(6)
+    fit = torch.from_numpy(rng.normal(size=(40, 6, 5))).double()
+    fit[:, 1] += 0.8 * fit[:, 0]  # correlated channels, so the Schur correction is not a no-op
+    mean, cov = padim.fit_gaussian_batch(fit, epsilon=0.01)
+    inverse = padim.invert_covariance_(cov.clone())
+    val = torch.from_numpy(rng.normal(size=(7, 6, 5))).double()
+    squared, weighted = padim.mahalanobis_terms(val, mean, inverse)
+    dropped = padim.dropped_channel_squared(squared, weighted, inverse)  # (C, V, P)
+    for c in range(6):
+        keep = [i for i in range(6) if i != c]
+        m, cv = padim.fit_gaussian_batch(fit[:, keep], epsilon=0.01)  # refit from scratch
+        refit, _ = padim.mahalanobis_terms(val[:, keep], m, padim.invert_covariance_(cv))
+        assert torch.allclose(dropped[c], refit, rtol=1e-8, atol=1e-8)
+    for channels in ([0, 1], [2, 4, 5]):
+        keep = [i for i in range(6) if i not in channels]
+        m, cv = padim.fit_gaussian_batch(fit[:, keep], epsilon=0.01)
+        refit, _ = padim.mahalanobis_terms(val[:, keep], m, padim.invert_covariance_(cv))
+        got = padim.dropped_set_squared(squared, weighted, inverse, torch.tensor(channels))
+        assert torch.allclose(got, refit, rtol=1e-8, atol=1e-8)
+    # a single-channel set is the one-channel formula
+    single = padim.dropped_set_squared(squared, weighted, inverse, torch.tensor([3]))
+    assert torch.allclose(single, dropped[3], rtol=1e-10)
+
+
+def test_aupro_on_hand_computed_cases():
+    # one image, one row: defect region A = pixel 0, region B = pixels 2-4; normal pixels 1 and 5
+    masks = np.array([[[1, 0, 1, 1, 1, 0]]], dtype=bool)
+    scores = np.array([[[0.9, 0.5, 0.8, 0.1, 0.1, 0.05]]])
+    # thresholds: 0.9 -> A covered, PRO (1 + 0) / 2 = 1/2, FPR 0; 0.8 -> B 1/3 covered, PRO 2/3, FPR 0;
+    # 0.5 -> FPR 1/2 (PRO 2/3); 0.1 -> PRO 1, FPR 1/2; 0.05 -> FPR 1
+    assert padim.aupro(scores, masks, fpr_limit=0.3) == pytest.approx(2 / 3)  # pixel-weighted would be 1/2
+    assert padim.aupro(scores, masks, fpr_limit=1.0) == pytest.approx(0.5 * 2 / 3 + 0.5 * 1)
+    # a defect pixel tied with a normal one: one step (0, 0) -> (1/2, 1), cut at the limit by interpolation
+    masks = np.array([[[0, 1, 0]]], dtype=bool)
+    scores = np.array([[[0.5, 0.5, 0.1]]])
+    assert padim.aupro(scores, masks, fpr_limit=0.3) == pytest.approx(0.5 * 0.3 * 0.6 / 0.3)
+    assert padim.aupro(scores, masks, fpr_limit=1.0) == pytest.approx(0.25 + 0.5)
+    # regions are 8-connected per image: a diagonal pair is one region, two images give two regions
+    masks = np.zeros((2, 3, 3), dtype=bool)
+    masks[0, 0, 0] = masks[0, 1, 1] = True
+    masks[1, 2, 2] = True
+    weights = padim.region_weights(masks)
+    assert weights[0, 0, 0] == pytest.approx(0.25) and weights[1, 2, 2] == pytest.approx(0.5)
+    assert weights.sum() == pytest.approx(1.0)
+    # a perfect map scores 1; a constant map is the chance diagonal PRO = FPR: mean of x over [0, 0.3]
+    perfect = masks.astype(float)
+    assert padim.aupro(perfect, masks) == pytest.approx(1.0)
+    assert padim.aupro(np.zeros_like(perfect), masks) == pytest.approx(0.15)

@@ -1,0 +1,116 @@
+"""Score a folder of images with a PaDiM model.pt saved by train.py: image scores and anomaly maps.
+
+Every image under --images (searched recursively; PNG, JPEG or BMP, colour or grayscale, any size) gets
+the model's own preprocessing (stored in model.pt), its anomaly map and its image score (the map's
+maximum). Writes to --out: scores.csv (file, score), maps.npz (one float32 map per file, at the model's
+input size), and a heat-map PNG per image (one colour scale for the whole folder, so maps compare).
+
+    python padim_anomaly/score.py --model runs/padim_anomaly/RUN/model.pt --images DIR --out DIR
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from padim import anomaly_map, image_scores, mahalanobis  # noqa: E402
+from padim_io import (  # noqa: E402
+    IMAGE_SUFFIXES,
+    Progress,
+    extractor_from_model,
+    image_batches,
+    load_model,
+    pick_device,
+    verify_images,
+)
+from PIL import Image  # noqa: E402
+
+from common import UserError, parse_args, run_main  # noqa: E402
+
+
+@dataclass
+class Args:
+    model: str = ""  # model.pt written by train.py (required)
+    images: str = ""  # folder of images to score, searched recursively (required)
+    out: str = ""  # folder for scores.csv, maps.npz and the heat maps (required; created)
+    batch_size: int = 16  # images per backbone forward pass
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    heatmaps: bool = True  # write one heat-map PNG per image
+
+
+def check_args(args: Args) -> None:
+    for flag, value in (("--model", args.model), ("--images", args.images), ("--out", args.out)):
+        if not value:
+            raise ValueError(f"{flag} is required")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
+
+
+def find_images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise UserError(f"--images {folder}: no such folder")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return paths
+
+
+def key_of(path: Path, root: Path) -> str:
+    """test/crack/000.png -> 'test__crack__000' (unique within the folder, safe as a file name)."""
+    return "__".join(path.relative_to(root).with_suffix("").parts)
+
+
+def heatmap(values: np.ndarray, vmax: float) -> Image.Image:
+    rgba = plt.get_cmap("jet")(np.clip(values / vmax, 0, 1))
+    return Image.fromarray((rgba[..., :3] * 255).astype(np.uint8))
+
+
+def main() -> None:
+    args = parse_args(Args, check=check_args, description=__doc__)
+    state = load_model(Path(args.model))
+    config, extractor = extractor_from_model(state)
+    root = Path(args.images)
+    paths = find_images(root)
+    verify_images(paths)  # every file decoded before anything is written
+    device = pick_device(args.device)
+    extractor = extractor.to(device)
+    mean, inv_covariance = state["mean"].to(device), state["inv_covariance"].to(device)
+    maps = []
+    progress = Progress("score", len(paths))
+    for batch in image_batches(paths, config, args.batch_size):
+        with torch.no_grad():
+            distance = mahalanobis(extractor(batch.to(device)).flatten(2), mean, inv_covariance)  # (B, P)
+        maps.append(anomaly_map(distance, config.grid, config.image_size, config.sigma).cpu())
+        progress.update(len(batch))
+    maps = torch.cat(maps)
+    maps, scores = maps.numpy(), image_scores(maps).numpy()
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out {out}: {e.strerror}") from None
+    keys = [key_of(p, root) for p in paths]
+    with open(out / "scores.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "score"])
+        writer.writerows([str(p.relative_to(root)), f"{s:.6g}"] for p, s in zip(paths, scores))
+    np.savez_compressed(out / "maps.npz", **{k: m.astype(np.float32) for k, m in zip(keys, maps)})
+    if args.heatmaps:
+        vmax = float(maps.max()) or 1.0
+        for key, m in zip(keys, maps):
+            heatmap(m, vmax).save(out / f"{key}_map.png")
+    category = state.get("category", "?")
+    print(f"scored {len(paths)} images with the {category} model {args.model}: scores.csv, maps.npz in {out}")
+
+
+if __name__ == "__main__":
+    run_main(main)
