@@ -132,28 +132,38 @@ class Job:
         progress.flush()
         return returns.mean(axis=1)
 
+    def env_step(self, obs: np.ndarray, progress, losses: list) -> np.ndarray:
+        """One step of every seed's env (autoreset in SAME_STEP mode), stored, then the learning."""
+        actions = self.act(obs, self.state["env_step"])
+        next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
+        done = terminated | truncated
+        true_next = next_obs.copy()  # the real last state of a finished episode, not the next reset
+        if done.any():
+            true_next[done] = np.stack(info["final_obs"][done])
+        self.buffer.add(obs, actions, rewards, true_next, terminated, truncated)
+        self.episode_return += rewards
+        self.state["env_step"] = step = self.state["env_step"] + 1
+        if done.any():
+            self._log_episodes(progress, step, done, self.episode_return)
+            self.episode_return[done] = 0.0
+        self.learn(step, losses)
+        return next_obs
+
+    def start_envs(self) -> np.ndarray:
+        self.episode_return = np.zeros(len(self.seeds))
+        resumes = self.state["resumes"]
+        return self.envs.reset(seed=[s + RESUME_SEED_STRIDE * resumes for s in self.seeds])[0]
+
     def loop(self, progress, report) -> float:
         """Train to total_steps; returns the wall seconds of this session."""
         r, st, agent = self.run, self.state, self.agent
         t0, start_step = time.perf_counter(), st["env_step"]
         if st["env_step"] == 0:
             self.record_eval(progress)
-        obs, _ = self.envs.reset(seed=[s + RESUME_SEED_STRIDE * st["resumes"] for s in self.seeds])
-        episode_return, losses = np.zeros(len(self.seeds)), []
+        obs, losses = self.start_envs(), []
         while st["env_step"] < r["total_steps"]:
-            actions = self.act(obs, st["env_step"])
-            next_obs, rewards, terminated, truncated, info = self.envs.step(actions)
-            done = terminated | truncated
-            true_next = next_obs.copy()
-            if done.any():
-                true_next[done] = np.stack(info["final_obs"][done])
-            self.buffer.add(obs, actions, rewards, true_next, terminated, truncated)
-            obs, episode_return = next_obs, episode_return + rewards
-            st["env_step"] = step = st["env_step"] + 1
-            if done.any():
-                self._log_episodes(progress, step, done, episode_return)
-                episode_return[done] = 0.0
-            self.learn(step, losses)
+            obs = self.env_step(obs, progress, losses)
+            step = st["env_step"]
             if step % 1000 == 0 and losses:
                 row = {
                     "step": step,
