@@ -20,10 +20,9 @@ Tiny:     python padim_anomaly/importance.py --weights none --n-features 16 --ks
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import matplotlib
 
@@ -69,11 +68,11 @@ from study import (  # noqa: E402
     stability,
 )
 
-from common import RunLogger, default_data_dir, parse_args, run_main, run_name, write_json  # noqa: E402
+from common import DataArgs, RunLogger, parse_args, read_json, run_main, run_name, write_json  # noqa: E402
 
 
 @dataclass
-class Args:
+class Args(DataArgs):
     category: list[str] = field(default_factory=lambda: ["bottle"])  # folder(s) under mvtec_ad/, or all
     weights: str = "imagenet"  # backbone weights: imagenet (torchvision cache), none (random init), or a PATH
     n_features: str = "100"  # channels ranked: a seeded random subset of this size, or 'all' (448)
@@ -88,14 +87,11 @@ class Args:
     batch_size: int = 16  # images per backbone forward pass
     image_size: int = 224  # model input in pixels (images are resized to it); multiple of 16
     crop: bool = False  # resize the shorter side to image_size*8/7 and centre crop, instead of resizing
-    seed: int = 0  # seeds the random init (--weights none), channel subset, folds, permutations, subsets
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    resume: bool = False  # with --out: reuse the folds a stopped run already finished
-    data_dir: str = default_data_dir()  # holds mvtec_ad/<category>/...
     download: bool = True  # fetch a missing bottle/transistor/metal_nut from MVTec (you accept its license)
-    out: str | None = None  # run folder (default runs/padim_anomaly/<name>)
-    clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML tracking mode
-    clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
+
+    # --resume reuses the finished folds; the subset study and the report after them are always redone
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"device", "download", "ks", "n_random", "n_boot"})
 
 
 def check_args(args: Args) -> None:
@@ -115,8 +111,6 @@ def check_args(args: Args) -> None:
     if not 0 < args.cluster_threshold <= 1:
         raise ValueError(f"--cluster-threshold must be in (0, 1] (got {args.cluster_threshold})")
     check_image_size(args.image_size)
-    if args.resume and not args.out:
-        raise ValueError("--resume needs --out (the folder of the run to continue)")
 
 
 @dataclass
@@ -221,8 +215,8 @@ def run_folds(study, name, prefix, train_embeddings, test, folds, groups) -> lis
     for i, fold in enumerate(folds):
         r, k = fold["repeat"], fold["fold"]
         path = study.log.path(f"{prefix}fold_r{r}k{k}_importance.json")
-        if study.args.resume and path.exists():
-            results.append(json.loads(path.read_text()))
+        if study.log.resumed and path.exists():
+            results.append(read_json(path))
             print(f"{name} shuffle {r} fold {k}: reusing {path.name}")
             continue
         start = time.perf_counter()
@@ -231,6 +225,7 @@ def run_folds(study, name, prefix, train_embeddings, test, folds, groups) -> lis
         result.update(repeat=r, fold=k, n_fit=len(fold["fit"]), n_val=len(fold["val"]))
         result["seconds"] = time.perf_counter() - start
         write_json(path, result)
+        study.log.keep()  # a finished fold is worth keeping: --resume continues from it
         results.append(result)
         study.log.log(
             i, {f"eval/{name}/image_auroc": result["image"], f"eval/{name}/pixel_auroc": result["pixel"]}
@@ -507,51 +502,49 @@ def cross_class(per_class: dict) -> dict:
     return cross_class_report(inputs)
 
 
-def main() -> None:
-    args = parse_args(Args, check=check_args, description=__doc__)
+def setup(args: Args):
+    """Device, model config, class names, every file decoded (before a run folder exists), backbone."""
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     config = model_config(args)
     names = category_names(args.category, args.data_dir)
-    for name in names:  # every file decoded before a run folder exists
+    for name in names:
         load_category(name, args.data_dir, args.download, config, verify_only=True)
     backbone, weights_source = backbone_weights(args.weights, args.seed)
     extractor = FeatureExtractor(backbone, choose_channels(config.n_features, args.seed)).to(device)
-    tag = args.category[0] if len(names) == 1 else "multi"
-    log = RunLogger(
-        "padim_anomaly",
-        run_name(f"importance_{tag}", args.seed),
-        asdict(args),
-        out=args.out,
-        clearml=args.clearml,
-        clearml_queue=args.clearml_queue,
-        resume=args.resume,
-    )
-    study = Study(args, config, extractor, device, log)
-    print(
-        f"weights: {weights_source} | device {device} | {config.n_features} channels | "
-        f"{args.repeats} x {args.folds} folds, {args.n_repeats} permutations | k = {args.ks}, "
-        f"{args.n_random} random subsets each | classes: {', '.join(names)}"
-    )
-    per_class = {name: run_category(study, name, "" if len(names) == 1 else f"{name}_") for name in names}
+    return device, config, names, extractor, weights_source
+
+
+def report_classes(log, per_class: dict) -> dict:
+    """cross_class.json (with two or more classes) and its lines."""
     report = cross_class(per_class)
-    if len(names) > 1:
+    if len(per_class) > 1:
         write_json(log.path("cross_class.json"), report)
         for pair, v in report["pairs"].items():
             print(
                 f"{pair}: top-10 Jaccard {v['top10_jaccard']:.2f}, Spearman {v['spearman']:.3f}, "
                 f"top-3 clusters Jaccard {v['top3_clusters_jaccard']:.2f}"
             )
-    log.write_summary(
-        {
-            "weights": args.weights,
-            "weights_source": weights_source,
-            "n_features": config.n_features,
-            "classes": per_class,
-            "cross_class": report,
-        }
+        for name, layers in report["layers_by_importance"].items():
+            print(f"{name}: layers by pixel importance {', '.join(layers)}")
+    return report
+
+
+def main() -> None:
+    args = parse_args(Args, check=check_args, description=__doc__)
+    device, config, names, extractor, weights_source = setup(args)
+    tag = names[0] if len(names) == 1 else f"{len(names)}classes"
+    print(
+        f"weights: {weights_source} | device {device} | {config.n_features} channels | "
+        f"{args.repeats} x {args.folds} folds, {args.n_repeats} permutations | k = {args.ks}, "
+        f"{args.n_random} random subsets each | classes: {', '.join(names)}"
     )
-    log.close()
+    with RunLogger("padim_anomaly", run_name(f"importance_{tag}", args.seed), args) as log:
+        study = Study(args, config, extractor, device, log)
+        per_class = {name: run_category(study, name, "" if len(names) == 1 else f"{name}_") for name in names}
+        report = report_classes(log, per_class)
+        summary = {"weights": args.weights, "weights_source": weights_source, "n_features": config.n_features}
+        log.write_summary({**summary, "classes": per_class, "cross_class": report})
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 """Where PaDiM's training memory goes, and online vs batch statistics as the training set grows.
 
-1. Stage profile of the traditional (batch) fit on the category's training set: feature extraction,
+1. Stage profile of the traditional (batch) fit on the class's training set: feature extraction,
    embedding storage, mean, covariance, inverse, scoring; each stage's peak and what it adds.
 2. Agreement: online and batch statistics from the same embeddings (max relative difference of
    means and covariances, and the test AUROCs of both models).
-3. Batch vs online fitting for N training images (images reused past the class size): peak memory,
-   seconds and images/s. Every (method, N) runs in a fresh process, so no run inherits another's heap.
+3. Batch vs online fitting for N training images: peak memory, seconds and images/s, --repeats times
+   per (method, N), every fit in a fresh process so no run inherits another's heap. Past the class's
+   size the training images are reused in order (N = 2000 on bottle's 209 images = each about 10 times).
 
-Memory is the allocator's counter: torch.cuda.max_memory_allocated on a GPU; on CPU the process RSS
-sampled every 2 ms (tracemalloc does not see torch's allocations), as peak above the fit's start.
+Two meters: live_peak_mib = live allocations (glibc mallinfo2: in-use heap + mmapped blocks, sampled
+every 2 ms; torch.cuda.max_memory_allocated on a GPU) and peak_mib = process RSS (what the OS charges,
+including memory glibc keeps after a free), both as peak above the fit's start.
 
 Full:  python padim_anomaly/memory.py --category bottle
-Here:  python padim_anomaly/memory.py --category bottle --weights none --data-dir ../shared/data
+Here:  python padim_anomaly/memory.py --category bottle --weights none --data-dir PATH
 Tiny:  python padim_anomaly/memory.py --weights none --ns 4 8 --n-features 10 --image-size 64 --clearml off
 """
 
@@ -20,13 +22,14 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from padim import (  # noqa: E402
     FeatureExtractor,
@@ -39,7 +42,6 @@ from padim import (  # noqa: E402
     mahalanobis,
 )
 from padim_io import (  # noqa: E402
-    CATEGORIES,
     PeakMemory,
     backbone_weights,
     check_image_size,
@@ -47,56 +49,51 @@ from padim_io import (  # noqa: E402
     fit_statistics,
     image_batches,
     live_mib,
+    load_category,
     load_test_set,
+    model_config,
     n_features_of,
     pick_device,
     score_images,
-    verify_images,
 )
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from common import RunLogger, default_data_dir, parse_args, run_main, run_name, write_json  # noqa: E402
+from common import DataArgs, RunLogger, parse_args, run_main, run_name, write_json  # noqa: E402
 
 
 @dataclass
-class Args:
-    category: str = "bottle"  # MVTec AD category: bottle, transistor or metal_nut
+class Args(DataArgs):
+    category: str = "bottle"  # a folder under mvtec_ad/ (any class in the MVTec AD layout)
     weights: str = "imagenet"  # backbone weights: imagenet (torchvision cache), none (random init), or a PATH
     n_features: str = "100"  # embedding channels kept (random subset, seeded), or 'all' (= 448)
-    ns: list[int] = field(default_factory=lambda: [25, 50, 100, 200, 1000])  # training-set sizes to fit
+    ns: list[int] = field(default_factory=lambda: [25, 100, 200, 1000, 2000])  # training-set sizes to fit
     methods: list[str] = field(default_factory=lambda: ["online", "batch"])  # fitting methods to compare
+    repeats: int = 3  # fits per (method, N), each in a fresh process
+    batch_max_n: int = 1000  # batch fits only up to this N (they hold all N embeddings: 2.5 GB at N=2000)
     profile: bool = True  # run the stage profile and the online-vs-batch agreement check first
     fixed_malloc_threshold: bool = False  # Linux: fix glibc's mmap threshold so freed buffers leave the RSS
     batch_size: int = 16  # images per backbone forward pass (the online method's memory unit)
-    image_size: int = 224  # centre crop in pixels (resize = image_size * 8 / 7); multiple of 16
-    seed: int = 0  # seeds the random init (--weights none) and the channel subset
+    image_size: int = 224  # model input in pixels (images are resized to it); multiple of 16
+    crop: bool = False  # resize the shorter side to image_size*8/7 and centre crop, instead of resizing
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    data_dir: str = default_data_dir()  # holds mvtec_ad/<category>/...
-    download: bool = True  # fetch a missing category from MVTec's archives (you accept its license)
-    out: str | None = None  # run folder (default runs/padim_anomaly/<name>)
-    clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML tracking mode
-    clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
+    download: bool = True  # fetch a missing bottle/transistor/metal_nut from MVTec (you accept its license)
+
+    # a measurement is redone whole on --resume; only where it runs may change
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"device", "download"})
 
 
 def check_args(args: Args) -> None:
-    if args.category not in CATEGORIES:
-        raise ValueError(f"--category must be one of {', '.join(CATEGORIES)} (got {args.category!r})")
+    if not args.category or "/" in args.category:
+        raise ValueError(f"--category must be a folder name under mvtec_ad/ (got {args.category!r})")
     n_features_of(args.n_features)  # raises on a bad value
     if min(args.ns) < 2:
         raise ValueError(f"--ns must each be >= 2 (a covariance needs two samples; got {args.ns})")
     if not set(args.methods) <= {"online", "batch"} or not args.methods:
         raise ValueError(f"--methods must be online and/or batch (got {args.methods})")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    for flag, value in (("--batch-size", args.batch_size), ("--repeats", args.repeats)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1 (got {value})")
     check_image_size(args.image_size)
-
-
-def model_config(args: Args) -> ModelConfig:
-    return ModelConfig(
-        n_features=n_features_of(args.n_features),
-        image_size=args.image_size,
-        resize=round(args.image_size * 8 / 7),
-    )
 
 
 def build_extractor(args: Args, config: ModelConfig, device):
@@ -117,22 +114,16 @@ def fit_worker(args: Args, method: str, n: int) -> dict:
     extractor, _ = build_extractor(args, config, device)
     with torch.no_grad():  # warm-up: one-off library initialisation is no method's cost
         extractor(next(image_batches(paths[:1], config, 1)).to(device))
+    batches = image_batches(paths, config, args.batch_size)
     with PeakMemory(device) as meter:
         start = time.perf_counter()
-        fit_statistics(
-            extractor,
-            image_batches(paths, config, args.batch_size),
-            n,
-            method,
-            config.epsilon,
-            device,
-            desc=f"{method} N={n}",
-        )
+        fit_statistics(extractor, batches, n, method, config.epsilon, device, desc=f"{method} N={n}")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
     return {
         "peak_mib": meter.peak_mib,
+        "live_peak_mib": meter.live_peak_mib,
         "seconds": seconds,
         "images_per_second": n / seconds,
         "method": meter.method,
@@ -140,16 +131,8 @@ def fit_worker(args: Args, method: str, n: int) -> dict:
 
 
 @torch.no_grad()
-def profile_worker(args: Args) -> dict:
-    """Stage-by-stage profile of the batch fit on the training set, then online-vs-batch agreement."""
-    torch.manual_seed(args.seed)
-    device = pick_device(args.device)
-    config = model_config(args)
-    category = find_category(args.category, args.data_dir, download=False)
-    extractor, _ = build_extractor(args, config, device)
-    test_images, test_masks = load_test_set(category, config)
-    labels = category.test_labels
-    n = len(category.train)
+def stage_profile(args: Args, config, device, category, extractor, test_images):
+    """Peak of each stage of the batch fit above the fit's start, and what the stage itself adds."""
     extractor(test_images[:1].to(device))  # warm-up: one-off library initialisation is no stage's cost
     base = live_mib(device)
     stages, added = {}, {}
@@ -160,17 +143,16 @@ def profile_worker(args: Args) -> dict:
         return meter
 
     def record(meter):
-        stages[meter.name] = meter.live_at_start + meter.peak_mib  # peak above the fit's start
-        added[meter.name] = meter.peak_mib  # what the stage itself adds on top of what was live
+        peak = meter.live_peak_mib if meter.live_peak_mib is not None else meter.peak_mib
+        stages[meter.name] = meter.live_at_start + peak  # peak above the fit's start
+        added[meter.name] = peak  # what the stage itself adds on top of what was live
 
     with stage("feature_extraction") as meter:  # backbone activations of one batch, nothing kept
         extractor(next(image_batches(category.train, config, args.batch_size)).to(device))
     record(meter)
     with stage("embedding_storage") as meter:  # every training embedding kept, then concatenated
-        stored = [
-            extractor(images.to(device)).flatten(2)
-            for images in image_batches(category.train, config, args.batch_size)
-        ]
+        batches = image_batches(category.train, config, args.batch_size)
+        stored = [extractor(images.to(device)).flatten(2) for images in batches]
         embeddings = torch.cat(stored)  # (N, C, P)
         del stored
     record(meter)
@@ -184,26 +166,29 @@ def profile_worker(args: Args) -> dict:
         inv_covariance = invert_covariance_(covariance)
     record(meter)
     with stage("scoring") as meter:  # one batch of test images: Mahalanobis for all patches, maps
-        distance = mahalanobis(
-            extractor(test_images[: args.batch_size].to(device)).flatten(2), mean, inv_covariance
+        embedding = extractor(test_images[: args.batch_size].to(device)).flatten(2)
+        anomaly_map(
+            mahalanobis(embedding, mean, inv_covariance), config.grid, config.image_size, config.sigma
         )
-        anomaly_map(distance, config.grid, config.image_size, config.sigma)
     record(meter)
-    del inv_covariance, covariance
+    return stages, added, embeddings
 
-    # agreement: the same embeddings through both estimators
+
+@torch.no_grad()
+def agreement_check(args: Args, config, device, extractor, embeddings, test_set, labels):
+    """The same embeddings through both estimators: differences, test AUROCs, scoring speed."""
+    test_images, test_masks = test_set
     batch_mean, batch_covariance = fit_gaussian_batch(embeddings, config.epsilon)
     online = OnlineGaussian(embeddings.shape[1], embeddings.shape[2], device=embeddings.device)
-    for start in range(0, n, args.batch_size):
+    for start in range(0, len(embeddings), args.batch_size):
         online.update(embeddings[start : start + args.batch_size])
     online_mean, online_covariance = online.finalize(config.epsilon)
-    del embeddings
 
     def relative(a, b):
         return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
     agreement = {
-        "n_train": n,
+        "n_train": len(embeddings),
         "mean_max_relative_difference": relative(online_mean, batch_mean),
         "covariance_max_relative_difference": relative(online_covariance, batch_covariance),
         "definition": "max |online - batch| / max |batch| over all entries",
@@ -218,12 +203,12 @@ def profile_worker(args: Args) -> dict:
         )
         timings[name] = len(test_images) / (time.perf_counter() - start)
         agreement[f"{name}_image_auroc"] = float(roc_auc_score(labels, scores.numpy()))
-        pixel = roc_auc_score(test_masks.flatten().numpy(), maps.flatten().numpy())
-        agreement[f"{name}_pixel_auroc"] = float(pixel)
+        agreement[f"{name}_pixel_auroc"] = float(
+            roc_auc_score(test_masks.flatten().numpy(), maps.flatten().numpy())
+        )
         if name == "online":  # the Mahalanobis map alone: all patches of a batch in one batched product
             test_embeddings = [
-                extractor(test_images[i : i + args.batch_size].to(device)).flatten(2)
-                for i in range(0, len(test_images), args.batch_size)
+                extractor(batch.to(device)).flatten(2) for batch in test_images.split(args.batch_size)
             ]
             start = time.perf_counter()
             for embedding in test_embeddings:
@@ -231,11 +216,25 @@ def profile_worker(args: Args) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             timings["mahalanobis"] = len(test_images) / (time.perf_counter() - start)
-            del test_embeddings
         del inverse, c
     agreement["aurocs_identical_to_4_decimals"] = all(
         round(agreement[f"online_{k}_auroc"], 4) == round(agreement[f"batch_{k}_auroc"], 4)
         for k in ("image", "pixel")
+    )
+    return agreement, timings
+
+
+def profile_worker(args: Args) -> dict:
+    """Stage-by-stage profile of the batch fit on the training set, then online-vs-batch agreement."""
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    config = model_config(args)
+    category = find_category(args.category, args.data_dir, download=False)
+    extractor, _ = build_extractor(args, config, device)
+    test_set = load_test_set(category, config)
+    stages, added, embeddings = stage_profile(args, config, device, category, extractor, test_set[0])
+    agreement, timings = agreement_check(
+        args, config, device, extractor, embeddings, test_set, category.test_labels
     )
     return {
         "stages": stages,
@@ -256,163 +255,158 @@ def in_fresh_process(function, *arguments):
 # ---------------------------------------------------------------- plot
 
 
-def memory_figure(fit, ns, floor_mib, name):
+def memory_figure(fit, floor_mib, name):
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for method, color in (("batch", "tab:red"), ("online", "tab:green")):
         if method not in fit:
             continue
-        left.plot(ns, [fit[method][str(n)]["peak_mib"] for n in ns], "o-", color=color, label=method)
-        speed = [fit[method][str(n)]["images_per_second"] for n in ns]
-        right.plot(ns, speed, "o-", color=color, label=method)
+        ns = sorted(int(n) for n in fit[method])
+        for key, style, label in (("live_peak_mib", "o-", "live"), ("peak_mib", "s:", "RSS")):
+            values = [fit[method][str(n)][key] for n in ns]
+            if None not in values:
+                left.plot(ns, values, style, color=color, label=f"{method} ({label})")
+        right.plot(
+            ns, [fit[method][str(n)]["images_per_second"] for n in ns], "o-", color=color, label=method
+        )
     left.axhline(floor_mib, color="gray", ls="--", label="covariances alone (P*C*C float32)")
     left.set(
-        xscale="log",
-        xlabel="training images N",
-        ylabel="peak memory above start (MiB)",
-        title=f"{name}: fit memory",
+        xscale="log", xlabel="training images N", ylabel="peak above start (MiB)", title=f"{name}: fit memory"
     )
     right.set(xscale="log", xlabel="training images N", ylabel="images / s", title="fit throughput")
-    left.legend()
+    left.legend(fontsize=7)
     right.legend()
     fig.tight_layout()
     return fig
 
 
+def print_profile(profile: dict, n_train: int) -> list[str]:
+    print(f"stage profile (batch fit, N = {n_train}), MiB above the fit's start [{profile['method']}]:")
+    for name, peak in profile["stages"].items():
+        print(f"  {name:<20} peak {peak:8.0f}   adds {profile['stage_added_mib'][name]:8.0f}")
+    biggest = sorted(profile["stage_added_mib"], key=profile["stage_added_mib"].get, reverse=True)[:3]
+    a = profile["agreement"]
+    print(
+        f"biggest consumers: {', '.join(biggest)}\n"
+        f"online vs batch: mean rel. diff {a['mean_max_relative_difference']:.2e}, covariance "
+        f"{a['covariance_max_relative_difference']:.2e}; image AUROC {a['online_image_auroc']:.4f} vs "
+        f"{a['batch_image_auroc']:.4f}, pixel {a['online_pixel_auroc']:.4f} vs {a['batch_pixel_auroc']:.4f}; "
+        f"scoring {profile['scoring_images_per_second']:.1f} images/s "
+        f"(Mahalanobis map alone {profile['mahalanobis_map_images_per_second']:.1f} images/s)"
+    )
+    return biggest
+
+
+def mean_std(values: list) -> tuple:
+    if not values or None in values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def fit_sweep(args: Args, log) -> dict:
+    """Every (N, method) --repeats times, each fit in a fresh process; means, stds and every run."""
+    fit = {method: {} for method in args.methods}
+    for step, n in enumerate(args.ns):
+        for method in args.methods:
+            if method == "batch" and n > args.batch_max_n:
+                continue
+            runs = [in_fresh_process(fit_worker, args, method, n) for _ in range(args.repeats)]
+            entry = {}
+            for key in ("live_peak_mib", "peak_mib", "seconds", "images_per_second"):
+                entry[key], entry[f"{key}_std"] = mean_std([r[key] for r in runs])
+                entry[f"{key}_runs"] = [r[key] for r in runs]
+            fit[method][str(n)] = entry
+            log.log(
+                step,
+                {f"train/{method}_peak_mib": entry["peak_mib"], f"charts/{method}_seconds": entry["seconds"]},
+            )
+            live = (
+                "n/a"
+                if entry["live_peak_mib"] is None
+                else f"{entry['live_peak_mib']:.1f} +- {entry['live_peak_mib_std']:.1f}"
+            )
+            print(
+                f"N={n:>5} {method:>6}: live peak {live} MiB, RSS peak {entry['peak_mib']:.0f} +- "
+                f"{entry['peak_mib_std']:.0f} MiB, {entry['images_per_second']:.1f} img/s "
+                f"({args.repeats} runs)",
+                flush=True,
+            )
+    return fit
+
+
+def ratio(fit, a: tuple, b: tuple, key: str):
+    """fit[a][key] / fit[b][key] for (method, N) pairs; None where either is missing."""
+    x, y = fit.get(a[0], {}).get(str(a[1]), {}).get(key), fit.get(b[0], {}).get(str(b[1]), {}).get(key)
+    return None if x is None or y is None or y == 0 else x / y
+
+
+def targets(args: Args, fit: dict) -> dict:
+    """The issue's memory targets, from the live peaks (RSS ratios beside them)."""
+    largest, smallest = max(args.ns), min(args.ns)
+    reference = 100 if 100 in args.ns else smallest
+    checks = {}
+    for key in ("live_peak_mib", "peak_mib"):
+        checks[f"online_{key}_N{largest}_over_N{reference}"] = ratio(
+            fit, ("online", largest), ("online", reference), key
+        )
+        checks[f"online_over_batch_{key}"] = {
+            n: ratio(fit, ("online", n), ("batch", n), key)
+            for n in fit.get("batch", {})
+            if n in fit.get("online", {})
+        }
+    print(
+        "checks: "
+        + ", ".join(
+            f"{k} {v}" if isinstance(v, dict) else f"{k} {v:.3f}" for k, v in checks.items() if v is not None
+        )
+    )
+    return checks
+
+
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
-
-    # setup and data checks (each worker re-reads the same files)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     config = model_config(args)
-    category = find_category(args.category, args.data_dir, args.download)
-    verify_images(category.train)
-    load_test_set(category, config)
+    category, _ = load_category(args.category, args.data_dir, args.download, config)  # every file decoded
     _, weights_source = backbone_weights(args.weights, args.seed)
     if args.fixed_malloc_threshold:
         # glibc raises its mmap threshold after each large free, so later buffers come from the heap and
         # stay in the RSS after they are freed; a fixed threshold returns them (read at worker start-up)
         os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
-    log = RunLogger(
-        "padim_anomaly",
-        run_name(f"memory_{args.category}", args.seed),
-        asdict(args),
-        out=args.out,
-        clearml=args.clearml,
-        clearml_queue=args.clearml_queue,
-    )
-    n_positions = config.grid**2
-    floor_mib = n_positions * config.n_features**2 * 4 / 2**20
+    floor_mib = config.grid**2 * config.n_features**2 * 4 / 2**20
     print(
-        f"{args.category}: {len(category.train)} train images | weights: {weights_source} | "
-        f"device {device} | {config.n_features} channels x {n_positions} positions: "
+        f"{args.category}: {len(category.train)} train images (reused in order past that N) | weights: "
+        f"{weights_source} | device {device} | {config.n_features} channels x {config.grid**2} positions: "
         f"covariances {floor_mib:.0f} MiB"
     )
-
-    # 1-2. stage profile and agreement
-    profile = {
-        "stages": {},
-        "stage_added_mib": {},
-        "agreement": {},
-        "scoring_images_per_second": None,
-        "mahalanobis_map_images_per_second": None,
-        "method": PeakMemory(device).method,
-    }
-    biggest = []
-    if args.profile:
-        profile = in_fresh_process(profile_worker, args)
-        print(
-            f"stage profile (batch fit, N = {len(category.train)}), MiB above the fit's start "
-            f"[{profile['method']}]:"
-        )
-        for name, peak in profile["stages"].items():
-            print(f"  {name:<20} peak {peak:8.0f}   adds {profile['stage_added_mib'][name]:8.0f}")
-        biggest = sorted(profile["stage_added_mib"], key=profile["stage_added_mib"].get, reverse=True)[:3]
-        a = profile["agreement"]
-        print(f"biggest consumers: {', '.join(biggest)}")
-        print(
-            f"online vs batch: mean rel. diff {a['mean_max_relative_difference']:.2e}, covariance "
-            f"{a['covariance_max_relative_difference']:.2e}; image AUROC {a['online_image_auroc']:.4f} vs "
-            f"{a['batch_image_auroc']:.4f}, pixel {a['online_pixel_auroc']:.4f} vs "
-            f"{a['batch_pixel_auroc']:.4f}; scoring {profile['scoring_images_per_second']:.1f} images/s "
-            f"(Mahalanobis map alone {profile['mahalanobis_map_images_per_second']:.1f} images/s)"
-        )
-    agreement = profile["agreement"]
-
-    # 3. batch vs online for growing N, each in a fresh process
-    fit = {method: {} for method in args.methods}
-    for step, n in enumerate(args.ns):
-        for method in args.methods:
-            result = in_fresh_process(fit_worker, args, method, n)
-            fit[method][str(n)] = {k: v for k, v in result.items() if k != "method"}
-            log.log(step, {f"{method}/peak_mib": result["peak_mib"], f"{method}/seconds": result["seconds"]})
-        print(
-            f"N={n:>5}: "
-            + " | ".join(
-                f"{method} {fit[method][str(n)]['peak_mib']:7.0f} MiB "
-                f"{fit[method][str(n)]['images_per_second']:5.1f} img/s"
-                for method in args.methods
-            )
-        )
-
-    # targets, computed from the numbers above
-    smallest, largest = str(min(args.ns)), str(max(args.ns))
-    checks = {
-        f"{method}_peak_largest_over_smallest_n": fit[method][largest]["peak_mib"]
-        / fit[method][smallest]["peak_mib"]
-        for method in args.methods
-    }
-    print(
-        f"peak at N={largest} / peak at N={smallest}: " + ", ".join(f"{k} {v:.3f}" for k, v in checks.items())
-    )
-    if set(args.methods) == {"online", "batch"}:
-        online, batch = fit["online"], fit["batch"]
-        checks["online_over_batch_peak"] = {n: online[n]["peak_mib"] / batch[n]["peak_mib"] for n in online}
-        checks["online_over_batch_throughput"] = {
-            n: online[n]["images_per_second"] / batch[n]["images_per_second"] for n in online
+    with RunLogger("padim_anomaly", run_name(f"memory_{args.category}", args.seed), args) as log:
+        profile = in_fresh_process(profile_worker, args) if args.profile else {}
+        biggest = print_profile(profile, len(category.train)) if args.profile else []
+        fit = fit_sweep(args, log)
+        memory = {
+            "stages": profile.get("stages"),
+            "stage_added_mib": profile.get("stage_added_mib"),
+            "biggest_consumers": biggest,
+            "agreement": profile.get("agreement"),
+            "scoring_images_per_second": profile.get("scoring_images_per_second"),
+            "mahalanobis_map_images_per_second": profile.get("mahalanobis_map_images_per_second"),
+            "fit": fit,
+            "checks": targets(args, fit),
+            "method": PeakMemory(device).method
+            + ("; glibc MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB" if args.fixed_malloc_threshold else ""),
+            "n_train_images": len(category.train),
+            "n_note": "past the class's size, its training images are reused in order to reach N",
+            "covariance_floor_mib": floor_mib,
+            **{k: getattr(args, k) for k in ("batch_size", "repeats", "weights")},
+            "n_features": config.n_features,
+            "weights_source": weights_source,
+            "device": str(device),
         }
-        checks["online_over_batch_throughput_all"] = sum(batch[n]["seconds"] for n in batch) / sum(
-            online[n]["seconds"] for n in online
+        write_json(log.path("memory.json"), memory)
+        log.save_figure("memory_vs_n", memory_figure(fit, floor_mib, args.category))
+        log.write_summary(
+            {k: memory[k] for k in ("biggest_consumers", "method", "agreement", "checks", "device")}
         )
-        ratios = ", ".join(f"N={n} {r:.2f}" for n, r in checks["online_over_batch_peak"].items())
-        print(
-            f"online/batch peak: {ratios} | throughput online/batch (all N): "
-            f"{checks['online_over_batch_throughput_all']:.2f}"
-        )
-
-    # save
-    memory = {
-        "stages": profile["stages"],
-        "stage_added_mib": profile["stage_added_mib"],
-        "biggest_consumers": biggest,
-        "fit": fit,
-        "agreement": agreement,
-        "method": profile["method"]
-        + ("; glibc MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB" if args.fixed_malloc_threshold else ""),
-        "scoring_images_per_second": profile["scoring_images_per_second"],
-        "checks": checks,
-        "mahalanobis_map_images_per_second": profile["mahalanobis_map_images_per_second"],
-        "covariance_floor_mib": floor_mib,
-        "n_features": config.n_features,
-        "batch_size": args.batch_size,
-        "weights": args.weights,
-        "weights_source": weights_source,
-        "device": str(device),
-    }
-    write_json(log.path("memory.json"), memory)
-    log.save_figure("memory_vs_n", memory_figure(fit, args.ns, floor_mib, args.category))
-    keys = (
-        "biggest_consumers",
-        "method",
-        "agreement",
-        "checks",
-        "scoring_images_per_second",
-        "mahalanobis_map_images_per_second",
-        "weights",
-        "device",
-    )
-    log.write_summary({k: memory[k] for k in keys})
-    log.close()
 
 
 if __name__ == "__main__":

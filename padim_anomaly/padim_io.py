@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import resource
@@ -32,7 +33,7 @@ from padim import (
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from common import UserError
+from common import UserError, load_torch, save_torch
 
 MVTEC_PAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 _ARCHIVES = "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"
@@ -440,9 +441,7 @@ def save_model(path: Path, config: ModelConfig, extractor, mean, inv_covariance,
         "inv_covariance": inv_covariance.cpu(),
         **extra,
     }
-    tmp = Path(f"{path}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_torch(state, path)
 
 
 MODEL_KEYS = ("config", "channels", "backbone", "mean", "inv_covariance")
@@ -450,15 +449,7 @@ MODEL_KEYS = ("config", "channels", "backbone", "mean", "inv_covariance")
 
 def load_model(path: Path) -> dict:
     """A model.pt written by save_model; anything else -> one line naming the file."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"no PaDiM model {path}") from None
-    except Exception as e:  # noqa: BLE001 (torch.load raises many types on a corrupt or hostile file)
-        raise UserError(
-            f"cannot read the PaDiM model {path}: not a model.pt from train.py (truncated, corrupt or "
-            f"holding pickled objects; {e.__class__.__name__})"
-        ) from None
+    state = load_torch(path)
     missing = [k for k in MODEL_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise UserError(f"{path} is not a PaDiM model.pt from train.py (missing {', '.join(missing)})")
@@ -481,10 +472,54 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _glibc_mallinfo2():
+    """glibc's mallinfo2 (2.33+), or None elsewhere (macOS, musl, older glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        function = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    function.restype = _MallInfo2
+    return function
+
+
+_MALLINFO2 = _glibc_mallinfo2() if sys.platform.startswith("linux") else None
+
+
+def _live_heap_bytes() -> int:
+    """Bytes the C allocator has handed out and not yet had back: in-use heap chunks + mmapped blocks.
+
+    Every CPU tensor, numpy array and Python object is malloc'd, so this counts live data only; memory
+    glibc keeps after a free (what the RSS still shows) is not in it.
+    """
+    info = _MALLINFO2()
+    return info.uordblks + info.hblkhd
+
+
 def live_mib(device: torch.device) -> float:
-    """Memory in use now: CUDA allocated bytes, or the process RSS (0 where /proc is missing)."""
+    """Memory in use now: CUDA allocated bytes, else live heap bytes (glibc), else the process RSS."""
     if torch.device(device).type == "cuda":
         return torch.cuda.memory_allocated(device) / 2**20
+    if _MALLINFO2 is not None:
+        return _live_heap_bytes() / 2**20
     return _rss_bytes() / 2**20 if os.path.exists("/proc/self/statm") else 0.0
 
 
@@ -493,30 +528,37 @@ def _max_rss_bytes() -> int:
 
 
 class PeakMemory:
-    """Peak memory of a block above its start, by the allocator's own counter where there is one.
+    """Peak memory of a block above its start, two ways.
 
-    CUDA: torch.cuda.max_memory_allocated (exact). CPU on Linux: resident set size sampled every
-    `interval` s in a thread (torch's CPU ops release the GIL, so the sampler runs during them).
-    Elsewhere: the process's ru_maxrss high-water mark (only meaningful in a fresh process).
+    peak_mib: resident set size (what the OS charges): CUDA max_memory_allocated on a GPU; on Linux the
+    RSS sampled every `interval` s in a thread (torch's CPU ops release the GIL, so it runs during them);
+    elsewhere ru_maxrss. live_peak_mib: live allocations only: torch.cuda.max_memory_allocated on a GPU,
+    glibc mallinfo2 (in-use heap + mmapped blocks) sampled with the RSS on Linux, else None.
     """
 
     def __init__(self, device: torch.device, interval: float = 0.002):
         self.device, self.interval = torch.device(device), interval
-        self.peak_bytes = 0
-        if self.device.type == "cuda":
+        self.peak_bytes, self.live_peak_bytes = 0, None
+        self.cuda = self.device.type == "cuda"
+        self.sampled = not self.cuda and os.path.exists("/proc/self/statm")
+        self.heap = self.sampled and _MALLINFO2 is not None
+        if self.cuda:
             self.method = "torch.cuda.max_memory_allocated (peak above the block's start)"
-        elif os.path.exists("/proc/self/statm"):
+        elif self.sampled:
             self.method = f"process RSS sampled every {interval * 1000:g} ms (peak above the block's start)"
+            if self.heap:
+                self.method += "; live: glibc mallinfo2 in-use heap + mmapped bytes, sampled with it"
         else:
             self.method = "ru_maxrss high-water mark minus the RSS at the block's start"
 
     def __enter__(self):
-        if self.device.type == "cuda":
+        if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
-        elif os.path.exists("/proc/self/statm"):
+        elif self.sampled:
             self._start = self._peak = _rss_bytes()
+            self._heap_start = self._heap_peak = _live_heap_bytes() if self.heap else 0
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -527,16 +569,22 @@ class PeakMemory:
     def _sample(self):
         while not self._stop.is_set():
             self._peak = max(self._peak, _rss_bytes())
+            if self.heap:
+                self._heap_peak = max(self._heap_peak, _live_heap_bytes())
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
+        if self.cuda:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
-        elif os.path.exists("/proc/self/statm"):
+            self.live_peak_bytes = max(0, peak - self._start)
+        elif self.sampled:
             self._stop.set()
             self._thread.join()
             peak = max(self._peak, _rss_bytes())
+            if self.heap:
+                heap_peak = max(self._heap_peak, _live_heap_bytes())
+                self.live_peak_bytes = max(0, heap_peak - self._heap_start)
         else:
             peak = _max_rss_bytes()
         self.peak_bytes = max(0, peak - self._start)
@@ -544,3 +592,7 @@ class PeakMemory:
     @property
     def peak_mib(self) -> float:
         return self.peak_bytes / 2**20
+
+    @property
+    def live_peak_mib(self) -> float | None:
+        return None if self.live_peak_bytes is None else self.live_peak_bytes / 2**20

@@ -92,10 +92,16 @@ def stability(per_fold: np.ndarray, top: int = 10) -> dict:
         "pairs": [list(p) for p in pairs],
         "spearman": rhos,
         f"top{top}_overlap": overlaps,
-        "spearman_mean": float(np.nanmean(rhos)) if rhos else float("nan"),
-        "spearman_min": float(np.nanmin(rhos)) if rhos else float("nan"),
+        "spearman_mean": _quiet(np.nanmean, rhos),
+        "spearman_min": _quiet(np.nanmin, rhos),
         f"top{top}_overlap_mean": float(np.mean(overlaps)) if overlaps else float("nan"),
     }
+
+
+def _quiet(reduce, values) -> float:
+    """nan-aware mean/min that is nan (without a warning) when every value is nan."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(reduce(finite)) if finite else float("nan")
 
 
 def bootstrap_rank_ci(per_fold: np.ndarray, n_boot: int, seed: int, level: float = 0.95) -> np.ndarray:

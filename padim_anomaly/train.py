@@ -5,17 +5,17 @@ Localization" (arXiv 2011.08785). ResNet18 layer1-3 embedding, a seeded channel 
 covariance per patch position (online by default), Mahalanobis map, blur, max = image score.
 
 Full:  python padim_anomaly/train.py --category bottle
-Here (no ImageNet weights, offline):
-       python padim_anomaly/train.py --category bottle --weights none --data-dir ../shared/data
+Offline (no ImageNet weights): python padim_anomaly/train.py --category bottle --weights none --data-dir PATH
 Tiny:  python padim_anomaly/train.py --category bottle --weights none --n-features 10 --clearml off
+Any folder mvtec_ad/NAME in the MVTec AD layout works: --category NAME.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import matplotlib
 
@@ -39,11 +39,11 @@ from padim_io import (  # noqa: E402
 )
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from common import RunLogger, default_data_dir, parse_args, run_main, run_name  # noqa: E402
+from common import DataArgs, RunLogger, parse_args, run_main, run_name  # noqa: E402
 
 
 @dataclass
-class Args:
+class Args(DataArgs):
     category: str = "bottle"  # a folder under mvtec_ad/ (any class in the MVTec AD layout)
     weights: str = "imagenet"  # backbone weights: imagenet (torchvision cache), none (random init), or a PATH
     n_features: str = "100"  # embedding channels kept (random subset, seeded), or 'all' (= 448)
@@ -51,14 +51,12 @@ class Args:
     batch_size: int = 16  # images per backbone forward pass
     image_size: int = 224  # model input in pixels (images are resized to it); multiple of 16
     crop: bool = False  # resize the shorter side to image_size*8/7 and centre crop, instead of resizing
-    seed: int = 0  # seeds the random init (--weights none) and the channel subset
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     n_figure: int = 8  # test images shown in the anomaly-map figure
-    data_dir: str = default_data_dir()  # holds mvtec_ad/<category>/...
-    download: bool = True  # fetch a missing category from MVTec's archives (you accept its license)
-    out: str | None = None  # run folder (default runs/padim_anomaly/<name>)
-    clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML tracking mode
-    clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
+    download: bool = True  # fetch a missing bottle/transistor/metal_nut from MVTec (you accept its license)
+
+    # a fit is one pass: --resume refits an unfinished run; only these may differ
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"device", "n_figure", "download"})
 
 
 def check_args(args: Args) -> None:
@@ -68,8 +66,6 @@ def check_args(args: Args) -> None:
     check_image_size(args.image_size)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    if args.n_figure < 0:
-        raise ValueError(f"--n-figure must be >= 0 (got {args.n_figure})")
 
 
 def figure_rows(types: list[str], n: int, seed: int) -> list[int]:
@@ -104,129 +100,109 @@ def anomaly_figure(images, masks, maps, scores, types, rows):
     return fig
 
 
-def main() -> None:
-    args = parse_args(Args, check=check_args, description=__doc__)
-
-    # setup
+def setup(args: Args):
+    """Seeds, device, data (every file decoded before a run folder exists), backbone."""
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     config = model_config(args)
-
-    # data: every file decoded before a run folder exists
-    category, (test_images, test_masks) = load_category(args.category, args.data_dir, args.download, config)
-    labels = category.test_labels
-
-    # model
+    category, test_set = load_category(args.category, args.data_dir, args.download, config)
     backbone, weights_source = backbone_weights(args.weights, args.seed)
-    channels = choose_channels(config.n_features, args.seed)
-    extractor = FeatureExtractor(backbone, channels).to(device)
-    n_positions = config.grid**2
-    stats_mib = n_positions * config.n_features**2 * 4 / 2**20
-    log = RunLogger(
-        "padim_anomaly",
-        run_name(f"padim_{args.category}", args.seed),
-        asdict(args),
-        out=args.out,
-        clearml=args.clearml,
-        clearml_queue=args.clearml_queue,
-    )
-    print(
-        f"{args.category}: {len(category.train)} train, {len(category.test)} test ({int(labels.sum())} "
-        f"defective) | weights: {weights_source} | device {device}"
-    )
-    print(
-        f"embedding {config.n_features} of {TOTAL_CHANNELS} channels on a {config.grid}x{config.grid} grid "
-        f"({n_positions} positions); covariances {n_positions}x{config.n_features}x{config.n_features} "
-        f"= {stats_mib:.0f} MiB in float32; stats: {args.stats}"
-    )
+    extractor = FeatureExtractor(backbone, choose_channels(config.n_features, args.seed)).to(device)
+    return config, device, category, test_set, extractor, weights_source
 
-    # fit
+
+def fit(args: Args, config, device, category, extractor):
+    """Mean and inverse covariance per patch position, with the fit's time and peak memory."""
     with PeakMemory(device) as meter:
         start = time.perf_counter()
         batches = image_batches(category.train, config, args.batch_size)
-        mean, inv_covariance = fit_statistics(
-            extractor,
-            batches,
-            len(category.train),
-            args.stats,
-            config.epsilon,
-            device,
-            desc=f"{args.category} train",
-        )
+        n, desc = len(category.train), f"{args.category} train"
+        mean, inv_covariance = fit_statistics(extractor, batches, n, args.stats, config.epsilon, device, desc)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        fit_seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+    return (
+        mean,
+        inv_covariance,
+        {"fit_seconds": seconds, "fit_peak_memory_mib": meter.peak_mib, "memory_method": meter.method},
+    )
 
-    # evaluate
+
+def evaluate(args: Args, config, device, category, test_set, extractor, mean, inv_covariance):
+    """Anomaly maps of the test split; image AUROC, pixel AUROC and AUPRO."""
+    test_images, test_masks = test_set
     start = time.perf_counter()
+    desc = f"{args.category} test"
     maps, scores = score_images(
-        extractor,
-        test_images,
-        mean,
-        inv_covariance,
-        config,
-        device,
-        args.batch_size,
-        desc=f"{args.category} test",
+        extractor, test_images, mean, inv_covariance, config, device, args.batch_size, desc
     )
-    score_seconds = time.perf_counter() - start
-    image_auroc = roc_auc_score(labels, scores.numpy())
-    pixel_auroc = roc_auc_score(test_masks.flatten().numpy(), maps.flatten().numpy())
-    region_overlap = aupro(maps, test_masks)
-    log.log(
-        0,
-        {
-            "eval/image_auroc": image_auroc,
-            "eval/pixel_auroc": pixel_auroc,
-            "eval/aupro": region_overlap,
-            "charts/fit_images_per_second": len(category.train) / fit_seconds,
-            "charts/score_images_per_second": len(category.test) / score_seconds,
-        },
-    )
-    print(
-        f"image AUROC {image_auroc:.4f} | pixel AUROC {pixel_auroc:.4f} | AUPRO {region_overlap:.4f} | "
-        f"fit {fit_seconds:.1f} s, "
-        f"peak {meter.peak_mib:.0f} MiB | scoring {len(category.test) / score_seconds:.1f} images/s"
-    )
+    seconds = time.perf_counter() - start
+    metrics = {
+        "image_auroc": float(roc_auc_score(category.test_labels, scores.numpy())),
+        "pixel_auroc": float(roc_auc_score(test_masks.flatten().numpy(), maps.flatten().numpy())),
+        "aupro": aupro(maps, test_masks),
+        "score_images_per_second": len(category.test) / seconds,
+    }
+    return maps, scores, metrics
 
-    # save
-    if args.n_figure:
-        rows = figure_rows(category.test_types, args.n_figure, args.seed)
-        log.save_figure(
-            "anomaly_maps", anomaly_figure(test_images, test_masks, maps, scores, category.test_types, rows)
+
+def main() -> None:
+    args = parse_args(Args, check=check_args, description=__doc__)
+    config, device, category, test_set, extractor, weights_source = setup(args)
+    labels = category.test_labels
+    n_positions = config.grid**2
+    print(
+        f"{args.category}: {len(category.train)} train, {len(category.test)} test ({int(labels.sum())} "
+        f"defective) | weights: {weights_source} | device {device}\n"
+        f"embedding {config.n_features} of {TOTAL_CHANNELS} channels on a {config.grid}x{config.grid} grid "
+        f"({n_positions} positions); covariances {n_positions}x{config.n_features}x{config.n_features} "
+        f"= {n_positions * config.n_features**2 * 4 / 2**20:.0f} MiB in float32; stats: {args.stats}"
+    )
+    with RunLogger("padim_anomaly", run_name(f"padim_{args.category}", args.seed), args) as log:
+        mean, inv_covariance, fit_info = fit(args, config, device, category, extractor)
+        maps, scores, metrics = evaluate(
+            args, config, device, category, test_set, extractor, mean, inv_covariance
         )
-    save_model(
-        log.path("model.pt"),
-        config,
-        extractor,
-        mean,
-        inv_covariance,
-        {"weights": args.weights, "weights_source": weights_source, "category": args.category},
-    )
-    log.write_summary(
-        {
-            "category": args.category,
-            "image_auroc": image_auroc,
-            "pixel_auroc": pixel_auroc,
-            "aupro": region_overlap,
-            "fit_seconds": fit_seconds,
-            "fit_peak_memory_mib": meter.peak_mib,
-            "memory_method": meter.method,
-            "fit_images_per_second": len(category.train) / fit_seconds,
-            "score_images_per_second": len(category.test) / score_seconds,
-            "n_train": len(category.train),
-            "n_test": len(category.test),
-            "n_features": config.n_features,
-            "weights": args.weights,
-            "weights_source": weights_source,
-            "stats": args.stats,
-            "seed": args.seed,
-            "device": str(device),
-        }
-    )
-    log.close()
+        fit_info["fit_images_per_second"] = len(category.train) / fit_info["fit_seconds"]
+        log.log(
+            0,
+            {
+                "eval/image_auroc": metrics["image_auroc"],
+                "eval/pixel_auroc": metrics["pixel_auroc"],
+                "eval/aupro": metrics["aupro"],
+                "charts/fit_images_per_second": fit_info["fit_images_per_second"],
+                "charts/score_images_per_second": metrics["score_images_per_second"],
+            },
+        )
+        m, f = metrics, fit_info
+        print(
+            f"image AUROC {m['image_auroc']:.4f} | pixel AUROC {m['pixel_auroc']:.4f} | "
+            f"AUPRO {m['aupro']:.4f} | fit {f['fit_seconds']:.1f} s, "
+            f"peak {f['fit_peak_memory_mib']:.0f} MiB | scoring "
+            f"{m['score_images_per_second']:.1f} images/s"
+        )
+        if args.n_figure:
+            rows = figure_rows(category.test_types, args.n_figure, args.seed)
+            figure = anomaly_figure(*test_set, maps, scores, category.test_types, rows)
+            log.save_figure("anomaly_maps", figure)
+        extra = {"weights": args.weights, "weights_source": weights_source, "category": args.category}
+        save_model(log.path("model.pt"), config, extractor, mean, inv_covariance, extra)
+        log.write_summary(
+            {
+                "category": args.category,
+                **metrics,
+                **fit_info,
+                "n_train": len(category.train),
+                "n_test": len(category.test),
+                "n_features": config.n_features,
+                **extra,
+                "stats": args.stats,
+                "seed": args.seed,
+                "device": str(device),
+            }
+        )
 
 
 if __name__ == "__main__":
