@@ -1,22 +1,25 @@
 """Speed, measured side by side in one run: training tokens/s against nanoGPT, and generation with and
-without the KV cache. Timings on a shared machine are noisy, so the systems alternate in rounds and the
-medians are compared.
+without the KV cache and against nanoGPT's own sampler. Timings on a shared machine are noisy, so the
+systems alternate in rounds and the medians (and their ratios) are compared.
 
-  # training throughput at the baby-GPT settings; nanoGPT checked out outside this repository with
-  # data/shakespeare_char/prepare.py run once (it reads data/shakespeare_char/input.txt if present)
-  python decoder_transformer/benchmark.py --task train --nanogpt-dir /tmp/nanogpt --data-dir /work/shared/data
-  # 500-token generation, cached vs uncached, for a checkpoint (or a fresh model of --preset's size)
-  python decoder_transformer/benchmark.py --task generate --ckpt runs/decoder_transformer/<run>/ckpt.pt
-  python decoder_transformer/benchmark.py --task generate --preset gpu --rounds 1 --clearml off  # tiny
+nanoGPT is read from a checkout outside this repository (`--nanogpt-dir PATH`; for --task train run its
+`data/shakespeare_char/prepare.py` there once). Nothing of it is copied here.
+
+  # training throughput at the baby-GPT settings
+  python decoder_transformer/benchmark.py --task train --nanogpt-dir PATH --data-dir PATH --threads 1
+  # 500-token generation: cached, uncached, and nanoGPT's sampler on a model of the same size
+  python decoder_transformer/benchmark.py --task generate --ckpt <run folder>/checkpoint.pt --nanogpt-dir PATH
+  python decoder_transformer/benchmark.py --task generate --preset gpu --rounds 1 --clearml off  # no nanoGPT
   # a finished nanoGPT run scored on the whole validation split, as train.py scores its own runs
-  python decoder_transformer/benchmark.py --task nanogpt-val --nanogpt-dir /tmp/nanogpt \
-      --nanogpt-ckpt /tmp/nanogpt_baby/ckpt.pt --data-dir /work/shared/data
+  python decoder_transformer/benchmark.py --task nanogpt-val --nanogpt-dir PATH --nanogpt-ckpt FILE \
+      --data-dir PATH
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -28,10 +31,9 @@ from typing import Literal
 
 import torch
 from model import DecoderLM, ModelConfig
-from sample import load_model
-from textdata import Vocab, get_batch, load_text, pick_device, split_tokens, tiled_windows
+from textdata import Vocab, get_batch, load_model, load_text, pick_device, split_tokens, tiled_windows
 
-from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name
+from common import DataArgs, RunLogger, UserError, load_torch, parse_args, run_main, run_name
 
 HERE = Path(__file__).resolve().parent
 BABY = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12)  # nanoGPT's CPU command
@@ -42,27 +44,26 @@ SIZES = {
 
 
 @dataclass
-class Args:
-    task: Literal["train", "generate", "nanogpt-val"] = "generate"  # what to measure (nanogpt-val: see below)
-    nanogpt_dir: str | None = None  # train: a nanoGPT checkout with data/shakespeare_char prepared
+class Args(DataArgs):
+    task: Literal["train", "generate", "nanogpt-val"] = "generate"  # what to measure (nanogpt-val: see above)
+    nanogpt_dir: str | None = (
+        None  # a nanoGPT checkout (needed by train and nanogpt-val, optional for generate)
+    )
     nanogpt_ckpt: str | None = None  # nanogpt-val: a nanoGPT ckpt.pt to score on our whole validation split
     iters: int = 150  # train: steps per round and system (the first 10 are dropped as warm-up)
     ckpt: str | None = None  # generate: checkpoint to time (default: a fresh model of --preset's size)
     preset: Literal["cpu", "gpu"] = "cpu"  # generate: model size when no --ckpt is given
     new_tokens: int = 500  # generate: tokens per generation
+    top_p: float = 1.0  # generate: our nucleus (1.0: plain sampling, as nanoGPT's sampler)
     rounds: int = 3  # alternating rounds per system
-    seed: int = 1337  # seeds models and sampling
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # generate: where to run
-    data_dir: str = default_data_dir()  # train: folder holding tinyshakespeare/input.txt
-    out: str | None = None  # run folder (default runs/decoder_transformer/<name>)
-    clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML mirroring
-    clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
+    threads: int | None = None  # torch CPU threads here and in the train subprocesses (None: default)
 
 
 def check_args(args: Args) -> None:
     if args.task in ("train", "nanogpt-val") and not args.nanogpt_dir:
         raise ValueError(
-            f"{args.task} needs --nanogpt-dir (a nanoGPT checkout, kept outside this repository)"
+            f"--task {args.task} needs --nanogpt-dir (a nanoGPT checkout, kept outside this repository)"
         )
     if args.task == "nanogpt-val" and not args.nanogpt_ckpt:
         raise ValueError("nanogpt-val needs --nanogpt-ckpt (the ckpt.pt of a finished nanoGPT run)")
@@ -71,42 +72,30 @@ def check_args(args: Args) -> None:
             f"--iters must be >= 20, --rounds and --new-tokens >= 1 "
             f"(got {args.iters}, {args.rounds}, {args.new_tokens})"
         )
+    if not 0 < args.top_p <= 1 or (args.threads is not None and args.threads < 1):
+        raise ValueError(f"--top-p must be in (0, 1] and --threads >= 1 (got {args.top_p}, {args.threads})")
+
+
+def subprocess_env(args: Args) -> dict:
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
 
 
 def run_ours(args: Args, pos: str, folder: Path) -> list[float]:
     """Seconds per step of our train.py, from the gaps between its per-step metric rows."""
-    cmd = [
-        sys.executable,
-        str(HERE / "train.py"),
-        "--pos",
-        pos,
-        "--max-iters",
-        str(args.iters),
-        "--lr-decay-iters",
-        "2000",
-        "--eval-interval",
-        "1000000",
-        "--eval-batches",
-        "1",
-        "--log-interval",
-        "1",
-        "--data-dir",
-        args.data_dir,
-        "--clearml",
-        "off",
-        "--out",
-        str(folder),
-        "--seed",
-        str(args.seed),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    flags = {"pos": pos, "max_iters": args.iters, "lr_decay_iters": 2000, "eval_interval": 1_000_000}
+    flags.update(
+        eval_batches=1, log_interval=1, data_dir=args.data_dir, clearml="off", out=folder, seed=args.seed
+    )
+    cmd = [sys.executable, str(HERE / "train.py")]
+    cmd += [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(args))
     if done.returncode:
         raise UserError(f"our train.py failed: {done.stderr.strip().splitlines()[-1:]}")
-    times = [
-        json.loads(r)["time"]
-        for r in (folder / "metrics.jsonl").read_text().splitlines()
-        if "charts/tokens_per_second" in r
-    ]
+    rows = [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines()]
+    times = [r["time"] for r in rows if "charts/tokens_per_second" in r]
     return [b - a for a, b in zip(times, times[1:])][10:]
 
 
@@ -128,7 +117,7 @@ def run_nanogpt(args: Args, folder: Path) -> list[float]:
     cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py"] + [
         f"--{k}={v}" for k, v in flags.items()
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=args.nanogpt_dir)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=args.nanogpt_dir, env=subprocess_env(args))
     if done.returncode:
         raise UserError(f"nanoGPT's train.py failed in {args.nanogpt_dir}: {done.stderr.strip()[-300:]}")
     ms = [
@@ -140,24 +129,29 @@ def run_nanogpt(args: Args, folder: Path) -> list[float]:
 
 
 def bench_train(args: Args, log: RunLogger) -> dict:
+    """Whole scripts, one after the other in alternating rounds; then the bare step, interleaved."""
     tokens = BABY["batch_size"] * BABY["block_size"]
     seconds = {"nanogpt": [], "ours_learned": [], "ours_rope": []}
+    ratios = {"learned": [], "rope": []}  # per round: ours / nanoGPT tokens per second
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            seconds["nanogpt"] += run_nanogpt(args, Path(tmp) / f"nano{r}")
+            nano = run_nanogpt(args, Path(tmp) / f"nano{r}")
+            seconds["nanogpt"] += nano
             for pos in ("learned", "rope"):
-                seconds[f"ours_{pos}"] += run_ours(args, pos, Path(tmp) / f"{pos}{r}")
-            medians = {k: statistics.median(v) for k, v in seconds.items()}
-            log.log(r, {f"train_speed/{k}_tokens_per_second": tokens / m for k, m in medians.items()})
+                ours = run_ours(args, pos, Path(tmp) / f"{pos}{r}")
+                seconds[f"ours_{pos}"] += ours
+                ratios[pos].append(statistics.median(nano) / statistics.median(ours))
+            log.log(r, {f"charts/round_ratio_{p}_vs_nanogpt": v[-1] for p, v in ratios.items()})
             print(
                 f"round {r + 1}/{args.rounds}: "
-                + ", ".join(f"{k} {tokens / m:,.0f} tok/s" for k, m in medians.items())
+                + ", ".join(f"{p} / nanoGPT {v[-1]:.3f}" for p, v in ratios.items())
             )
     result = {f"{k}_tokens_per_second": tokens / statistics.median(v) for k, v in seconds.items()}
     for pos in ("learned", "rope"):
         result[f"ratio_{pos}_vs_nanogpt"] = (
             result[f"ours_{pos}_tokens_per_second"] / result["nanogpt_tokens_per_second"]
         )
+        result[f"round_ratios_{pos}_vs_nanogpt"] = ratios[pos]
     result["steps_timed_per_system"] = len(seconds["nanogpt"])
     result.update(bench_steps_interleaved(args))
     return result
@@ -165,16 +159,18 @@ def bench_train(args: Args, log: RunLogger) -> dict:
 
 def load_nanogpt(folder: str):
     """nanoGPT's model.py, imported from its checkout (never copied here)."""
-    spec = importlib.util.spec_from_file_location("nanogpt_model", Path(folder) / "model.py")
+    path = Path(folder) / "model.py"
+    if not path.is_file():
+        raise UserError(f"--nanogpt-dir {folder}: no model.py there (a nanoGPT checkout is needed)")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def bench_steps_interleaved(args: Args) -> dict:
-    """The training step alone (forward, backward, clip, AdamW), the three models taking turns
-    step by step in this one process, so load slows them alike; nanoGPT's model.py is read from --nanogpt-dir.
-    """
+    """The training step alone (forward, backward, clip, AdamW), the three models taking turns step by
+    step in this one process, so load slows them alike; nanoGPT's model.py is read from --nanogpt-dir."""
     nanogpt = load_nanogpt(args.nanogpt_dir)
     torch.manual_seed(args.seed)
     size = dict(n_layer=4, n_head=4, n_embd=128, block_size=64)
@@ -212,9 +208,12 @@ def bench_steps_interleaved(args: Args) -> dict:
 def nanogpt_val_loss(args: Args) -> dict:
     """nanoGPT's checkpoint scored with this experiment's metric: the whole validation split in windows."""
     nanogpt = load_nanogpt(args.nanogpt_dir)
-    ckpt = torch.load(args.nanogpt_ckpt, map_location="cpu", weights_only=False)
-    model = nanogpt.GPT(nanogpt.GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    ckpt = load_torch(args.nanogpt_ckpt)
+    try:
+        model = nanogpt.GPT(nanogpt.GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{args.nanogpt_ckpt} is not a nanoGPT checkpoint ({str(e)[:200]})") from None
     model.eval()
     text, _ = load_text(None, args.data_dir)
     _, val = split_tokens(text, Vocab.from_text("char", text))  # nanoGPT's shakespeare_char vocabulary too
@@ -231,67 +230,75 @@ def nanogpt_val_loss(args: Args) -> dict:
     }
 
 
+def nanogpt_sampler(args: Args, config: ModelConfig, device: str):
+    """nanoGPT's GPT of our model's size (its learned positions, random weights) and its generate()."""
+    nanogpt = load_nanogpt(args.nanogpt_dir)
+    size = {k: getattr(config, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")}
+    model = nanogpt.GPT(nanogpt.GPTConfig(dropout=0.0, bias=False, **size)).to(device).eval()
+    return lambda prompt: model.generate(prompt, args.new_tokens, temperature=1.0)
+
+
 def bench_generate(args: Args, log: RunLogger, model: DecoderLM, device: str) -> dict:
+    """Ours with and without the cache, and nanoGPT's sampler, taking turns; same prompt and length."""
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-    seconds = {True: [], False: []}
-    outputs = {}
-    for r in range(args.rounds):
-        for use_cache in (True, False):
-            generator = torch.Generator(device=device).manual_seed(args.seed)
-            start = time.perf_counter()
-            outputs[use_cache] = model.generate(
-                prompt, args.new_tokens, 1.0, None, 0.95, use_cache, generator
-            )
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            seconds[use_cache].append(time.perf_counter() - start)
-        log.log(
-            r, {"generate/cached_seconds": seconds[True][-1], "generate/uncached_seconds": seconds[False][-1]}
-        )
-    cached, uncached = statistics.median(seconds[True]), statistics.median(seconds[False])
-    return {
+    systems = {
+        "cached": lambda p: model.generate(
+            p, args.new_tokens, 1.0, None, args.top_p, True, torch.Generator(device).manual_seed(args.seed)
+        ),
+        "uncached": lambda p: model.generate(
+            p, args.new_tokens, 1.0, None, args.top_p, False, torch.Generator(device).manual_seed(args.seed)
+        ),
+    }
+    if args.nanogpt_dir:
+        systems["nanogpt"] = nanogpt_sampler(args, model.config, device)
+    seconds, outputs = {k: [] for k in systems}, {}
+    with torch.no_grad():
+        for r in range(args.rounds):
+            for name, generate in systems.items():
+                start = time.perf_counter()
+                outputs[name] = generate(prompt)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                seconds[name].append(time.perf_counter() - start)
+            log.log(r, {f"charts/{k}_tokens_per_second": args.new_tokens / v[-1] for k, v in seconds.items()})
+    rates = {k: args.new_tokens / statistics.median(v) for k, v in seconds.items()}
+    result = {
         "device": device,
         "config": asdict(model.config),
         "new_tokens": args.new_tokens,
-        "cached_tokens_per_second": args.new_tokens / cached,
-        "uncached_tokens_per_second": args.new_tokens / uncached,
-        "speedup": uncached / cached,
-        "same_tokens": bool(torch.equal(outputs[True], outputs[False])),
+        "top_p": args.top_p,
     }
+    result.update({f"{k}_tokens_per_second": v for k, v in rates.items()})
+    result["speedup_cached_vs_uncached"] = rates["cached"] / rates["uncached"]
+    if "nanogpt" in rates:
+        result["speedup_cached_vs_nanogpt_sampler"] = rates["cached"] / rates["nanogpt"]
+    result["same_tokens"] = bool(torch.equal(outputs["cached"], outputs["uncached"]))
+    return result
 
 
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, device = None, pick_device(args.device)
     if args.task == "train":
         prepared = Path(args.nanogpt_dir) / "data" / "shakespeare_char" / "train.bin"
         if not prepared.is_file():
             raise UserError(f"{prepared} not found: run `python data/shakespeare_char/prepare.py` there")
-    elif args.task == "nanogpt-val":
-        if not Path(args.nanogpt_ckpt).is_file():
-            raise UserError(f"--nanogpt-ckpt {args.nanogpt_ckpt}: no such file")
-    elif args.ckpt:
+    elif args.task == "generate" and args.ckpt:
         model, _, _ = load_model(args.ckpt, device)
-    else:
+    elif args.task == "generate":
         torch.manual_seed(args.seed)
         model = DecoderLM(ModelConfig(vocab_size=65, **SIZES[args.preset])).to(device).eval()
-    log = RunLogger(
-        "decoder_transformer",
-        run_name(f"benchmark_{args.task}", args.seed),
-        asdict(args),
-        out=args.out,
-        clearml=args.clearml,
-        clearml_queue=args.clearml_queue,
-    )
-    if args.task == "train":
-        result = bench_train(args, log)
-    elif args.task == "nanogpt-val":
-        result = nanogpt_val_loss(args)
-    else:
-        result = bench_generate(args, log, model, device)
-    result["torch_threads"] = torch.get_num_threads()
-    log.write_summary(result)
-    log.close()
+    with RunLogger("decoder_transformer", run_name(f"benchmark_{args.task}", args.seed), args) as log:
+        if args.task == "train":
+            result = bench_train(args, log)
+        elif args.task == "nanogpt-val":
+            result = nanogpt_val_loss(args)
+        else:
+            result = bench_generate(args, log, model, device)
+        result["torch_threads"] = torch.get_num_threads()
+        log.write_summary(result)
     for key, value in result.items():
         print(f"{key}: {value:,.3f}" if isinstance(value, float) else f"{key}: {value}")
 

@@ -1,5 +1,8 @@
 """Compare finished train.py runs by position encoding: val-loss table (mean +- std over seeds) and curves.
 
+Losses are given in nats per token (the training loss) and in bits per character, which compares runs
+with character and byte vocabularies (a byte model predicts ~1.0-1.1 tokens per character of English).
+
 python decoder_transformer/compare_runs.py --runs runs/decoder_transformer/baby/*/ --clearml off
 """
 
@@ -8,26 +11,27 @@ from __future__ import annotations
 import json
 import statistics
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name  # noqa: E402
+from common import RunArgs, RunLogger, UserError, parse_args, read_json, run_main, run_name  # noqa: E402
+
+COLUMNS = (  # summary.json key, table header
+    ("val_loss", "val loss, nats/token (context T)"),
+    ("val_bits_per_char", "val bits/char (context T)"),
+    ("val_loss_2x_context", "val loss, nats/token (context 2T)"),
+    ("train_loss", "train loss, nats/token"),
+)
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     runs: list[str] = field(default_factory=list)  # run folders written by train.py (each with summary.json)
-    seed: int = 0  # unused (no randomness); present for the common command line
-    data_dir: str = default_data_dir()  # unused; present for the common command line
-    out: str | None = None  # run folder for the table and plot (default runs/decoder_transformer/<name>)
-    clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML mirroring
-    clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
 
 
 def check_args(args: Args) -> None:
@@ -42,66 +46,67 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {std:.4f}"
 
 
+def read_run(folder: Path) -> dict:
+    """summary.json, seed and periodic val-loss curve of one finished run; UserError naming a bad file."""
+    if not (folder / "summary.json").is_file():
+        raise UserError(f"{folder / 'summary.json'} not found: is {folder} a finished train.py run?")
+    summary = read_json(folder / "summary.json")
+    config = read_json(folder / "config.json")
+    metrics = folder / "metrics.jsonl"
+    try:
+        rows = [json.loads(r) for r in metrics.read_text().splitlines() if r]
+        curve = [(r["step"], r["eval/val_loss"]) for r in rows if "eval/val_loss" in r]
+        return {"summary": summary, "seed": config["args"]["seed"], "curve": curve, "pos": summary["pos"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(
+            f"{folder}: summary.json, config.json or metrics.jsonl is not a train.py run's ({e})"
+        ) from None
+
+
+def table(runs: dict) -> tuple[list[str], dict]:
+    lines = ["| positions | vocab | seeds | " + " | ".join(h for _, h in COLUMNS) + " | params |"]
+    lines.append("|---" * (len(COLUMNS) + 4) + "|")
+    result = {}
+    for (pos, vocab), items in sorted(runs.items()):
+        values = {
+            k: [i["summary"].get(k) for i in items if i["summary"].get(k) is not None] for k, _ in COLUMNS
+        }
+        result[f"{pos}_{vocab}"] = {"seeds": sorted(i["seed"] for i in items), **values}
+        cells = [mean_std(values[k]) if values[k] else "n/a" for k, _ in COLUMNS]
+        seeds = ", ".join(map(str, result[f"{pos}_{vocab}"]["seeds"]))
+        lines.append(
+            f"| {pos} | {vocab} | {seeds} | " + " | ".join(cells) + f" | {items[0]['summary']['params']:,} |"
+        )
+    return lines, result
+
+
+def plot(runs: dict):
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for ((pos, vocab), items), color in zip(sorted(runs.items()), plt.cm.tab10.colors):
+        for n, item in enumerate(items):
+            if item["curve"]:
+                steps, losses = zip(*item["curve"])
+                ax.plot(steps, losses, color=color, alpha=0.8, label=f"{pos} ({vocab})" if n == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("val loss, nats/token (periodic estimate, fixed windows)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Validation loss by position encoding (one line per seed)")
+    return fig
+
+
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
     runs = defaultdict(list)
     for folder in map(Path, args.runs):
-        summary_path = folder / "summary.json"
-        if not summary_path.is_file():
-            raise UserError(f"{summary_path} not found: is {folder} a finished train.py run?")
-        summary = json.loads(summary_path.read_text())
-        config = json.loads((folder / "config.json").read_text())["args"]
-        metrics = [json.loads(r) for r in (folder / "metrics.jsonl").read_text().splitlines() if r]
-        curve = [(r["step"], r["val/loss"]) for r in metrics if "val/loss" in r]
-        runs[summary["pos"]].append({"summary": summary, "seed": config["seed"], "curve": curve})
-    log = RunLogger(
-        "decoder_transformer",
-        run_name("compare", args.seed),
-        asdict(args),
-        out=args.out,
-        clearml=args.clearml,
-        clearml_queue=args.clearml_queue,
-    )
-
-    # table
-    lines = [
-        "| positions | seeds | val loss (context T) | val loss (context 2T) | train loss | params |",
-        "|---|---|---|---|---|---|",
-    ]
-    table = {}
-    for pos, items in sorted(runs.items()):
-        val = [i["summary"]["val_loss"] for i in items]
-        val_2x = [i["summary"]["val_loss_2x_context"] for i in items if i["summary"]["val_loss_2x_context"]]
-        train = [i["summary"]["train_loss"] for i in items]
-        table[pos] = {
-            "seeds": sorted(i["seed"] for i in items),
-            "val_loss": val,
-            "val_loss_2x_context": val_2x,
-            "train_loss": train,
-        }
-        lines.append(
-            f"| {pos} | {', '.join(map(str, table[pos]['seeds']))} | {mean_std(val)} | "
-            f"{mean_std(val_2x) if val_2x else 'n/a (no positions past T)'} | {mean_std(train)} | "
-            f"{items[0]['summary']['params']:,} |"
-        )
+        run = read_run(folder)
+        runs[(run["pos"], run["summary"].get("vocab", "char"))].append(run)
+    with RunLogger("decoder_transformer", run_name("compare", args.seed), args) as log:
+        lines, result = table(runs)
+        log.save_figure("val_loss_curves", plot(runs))
+        log.path("table.md").write_text("\n".join(lines) + "\n")
+        log.write_summary(result)
     print("\n".join(lines))
-
-    # curves
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for (pos, items), color in zip(sorted(runs.items()), plt.cm.tab10.colors):
-        for n, item in enumerate(items):
-            steps, losses = zip(*item["curve"])
-            ax.plot(steps, losses, color=color, alpha=0.8, label=pos if n == 0 else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("val loss (periodic estimate, fixed windows)")
-    ax.set_ylim(top=2.6)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title("Validation loss by position encoding (one line per seed)")
-    log.save_figure("val_loss_curves", fig)
-    log.path("table.md").write_text("\n".join(lines) + "\n")
-    log.write_summary(table)
-    log.close()
 
 
 if __name__ == "__main__":

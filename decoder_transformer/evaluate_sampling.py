@@ -8,16 +8,16 @@ For each setting, `--num-samples` samples of `--length` tokens are drawn and sco
 and the same numbers for as many chunks of held-out validation text: the reference point (Holtzman et al.
 2019 compare against human text the same way). Writes sampling_eval.json, samples.txt and the plots.
 
-  python decoder_transformer/evaluate_sampling.py --ckpt runs/decoder_transformer/<run>/ckpt.pt
-  python decoder_transformer/evaluate_sampling.py --ckpt <run>/ckpt.pt --temperatures 1.0 --top-ps 0.9 1.0 \
-      --num-samples 2 --length 40 --clearml off                                         # tiny
+  python decoder_transformer/evaluate_sampling.py --ckpt <run folder>/best.pt --data-dir PATH
+  python decoder_transformer/evaluate_sampling.py --ckpt <run>/checkpoint.pt --temperatures 1.0 \
+      --top-ps 0.9 1.0 --num-samples 2 --length 40 --clearml off                        # tiny
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import matplotlib
@@ -26,37 +26,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sample import load_model  # noqa: E402
-from textdata import encode_prompt, load_text, pick_device, split_tokens  # noqa: E402
+from textdata import encode_prompt, load_model, load_text, pick_device, split_tokens  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name, write_json  # noqa: E402
+from common import DataArgs, RunLogger, UserError, parse_args, run_main, run_name, write_json  # noqa: E402
 
 
 @dataclass
-class Args:
-    ckpt: str = ""  # checkpoint written by train.py (<run folder>/ckpt.pt)
+class Args(DataArgs):
+    ckpt: str = ""  # checkpoint written by train.py (<run folder>/checkpoint.pt or best.pt)
     temperatures: list[float] = field(default_factory=lambda: [0.5, 0.8, 1.0, 1.2])  # temperatures to sweep
-    top_ps: list[float] = field(
-        default_factory=lambda: [0.5, 0.8, 0.9, 0.95, 1.0]
-    )  # top-p values, each in (0, 1]
+    # top-p values to sweep, each in (0, 1]
+    top_ps: list[float] = field(default_factory=lambda: [0.5, 0.8, 0.9, 0.95, 1.0])
     num_samples: int = 16  # samples per setting (and held-out chunks for the reference)
     length: int = 500  # tokens per sample
     prompt: str = "\n"  # text every sample continues
-    seed: int = 1337  # seeds the sampling
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
-    data_dir: str = default_data_dir()  # folder with tinyshakespeare/input.txt, for the held-out reference
     text: str | None = None  # reference text file (default: the checkpoint's training text)
-    out: str | None = None  # run folder (default runs/decoder_transformer/<name>)
-    clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML mirroring
-    clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
 
 
 def check_args(args: Args) -> None:
     if not args.ckpt:
-        raise ValueError("--ckpt is required (a ckpt.pt written by train.py)")
-    if any(not (t >= 0 and math.isfinite(t)) for t in args.temperatures):
-        raise ValueError(f"--temperatures must be finite and >= 0 (got {args.temperatures})")
+        raise ValueError("--ckpt is required (a checkpoint.pt written by train.py)")
     if any(not 0 < p <= 1 for p in args.top_ps):
         raise ValueError(f"--top-ps must each be in (0, 1] (got {args.top_ps})")
     if args.num_samples < 1 or args.length < 8:
@@ -136,45 +127,29 @@ def plot_tradeoff(results: list[dict], reference: dict):
     return fig
 
 
-def main() -> None:
-    args = parse_args(Args, check=check_args, description=__doc__)
-
-    # setup
-    device = pick_device(args.device)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    model, vocab, ckpt = load_model(args.ckpt, device)
-    prompt_ids = encode_prompt(vocab, args.prompt, model.config.block_size)
-
-    # data: held-out chunks of the training text's validation split
+def held_out_reference(args: Args, model, vocab, ckpt, n_prompt: int, device: str) -> tuple[dict, str]:
+    """The same statistics for chunks of the validation split of the checkpoint's training text."""
     text_path = args.text or ckpt["args"].get("text")
     text, source = load_text(text_path, args.data_dir)
     try:
         _, val = split_tokens(text, vocab)
     except ValueError as e:
         raise UserError(f"{source}: {e} (is this the checkpoint's training text?)") from None
-    span = args.length + len(prompt_ids)
+    span = args.length + n_prompt
     if len(val) < args.num_samples * span:
         raise UserError(
             f"{source}: the validation split ({len(val)} tokens) is shorter than --num-samples x "
             f"--length ({args.num_samples} x {span}); lower them"
         )
-    log = RunLogger(
-        "decoder_transformer",
-        run_name("sampling_eval", args.seed),
-        asdict(args),
-        out=args.out,
-        clearml=args.clearml,
-        clearml_queue=args.clearml_queue,
-    )
     chunks = val[: args.num_samples * span].view(args.num_samples, span).to(device)  # (N, span)
     reference = {
-        "self_perplexity": math.exp(token_nll(model, chunks, len(prompt_ids))),
-        **text_stats([vocab.decode(c[len(prompt_ids) :].tolist()) for c in chunks]),
+        "self_perplexity": math.exp(token_nll(model, chunks, n_prompt)),
+        **text_stats([vocab.decode(c[n_prompt:].tolist()) for c in chunks]),
     }
+    return reference, source
 
-    # sweep
+
+def sweep(args: Args, model, vocab, prompt_ids: list[int], device: str, log) -> tuple[list[dict], list[str]]:
     results, shown = [], []
     idx = torch.tensor([prompt_ids] * args.num_samples, dtype=torch.long, device=device)  # (N, prompt)
     settings = [(t, p) for t in args.temperatures for p in args.top_ps]
@@ -189,22 +164,12 @@ def main() -> None:
             **text_stats(texts),
         }
         results.append(row)
-        log.log(step, {f"sweep/{k}": v for k, v in row.items()})
+        log.log(step, {f"eval/{k}": v for k, v in row.items()})
         shown.append(f"=== temperature {temperature}, top-p {top_p} ===\n{texts[0][:400]}\n")
+    return results, shown
 
-    # save
-    log.path("samples.txt").write_text("".join(shown))
-    summary = {
-        "settings": results,
-        "reference_heldout": reference,
-        "num_samples": args.num_samples,
-        "length": args.length,
-        "ckpt": args.ckpt,
-        "reference_text": source,
-    }
-    log.write_summary(summary)
-    write_json(log.path("sampling_eval.json"), summary)
-    log.save_figure("quality_diversity", plot_tradeoff(results, reference))
+
+def print_table(results: list[dict], reference: dict) -> None:
     distinct_header = " ".join(f"{f'dist-{n}':>7}" for n in range(1, 5))
     print(f"{'T':>5} {'top-p':>6} {'self-ppl':>9} {distinct_header} {'rep':>6}")
     for r in results + [dict(reference, temperature="real", top_p="-")]:
@@ -212,7 +177,32 @@ def main() -> None:
             f"{r['temperature']:>5} {r['top_p']:>6} {r['self_perplexity']:9.3f} {r['distinct_1']:7.3f} "
             f"{r['distinct_2']:7.3f} {r['distinct_3']:7.3f} {r['distinct_4']:7.3f} {r['repetition']:6.3f}"
         )
-    log.close()
+
+
+def main() -> None:
+    args = parse_args(Args, check=check_args, description=__doc__)
+    device = pick_device(args.device)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model, vocab, ckpt = load_model(args.ckpt, device)
+    prompt_ids = encode_prompt(vocab, args.prompt, model.config.block_size)
+    with RunLogger("decoder_transformer", run_name("sampling_eval", args.seed), args) as log:
+        reference, source = held_out_reference(args, model, vocab, ckpt, len(prompt_ids), device)
+        results, shown = sweep(args, model, vocab, prompt_ids, device, log)
+        log.path("samples.txt").write_text("".join(shown))
+        summary = {
+            "settings": results,
+            "reference_heldout": reference,
+            "num_samples": args.num_samples,
+            "length": args.length,
+            "ckpt": args.ckpt,
+            "reference_text": source,
+        }
+        log.write_summary(summary)
+        write_json(log.path("sampling_eval.json"), summary)
+        log.save_figure("quality_diversity", plot_tradeoff(results, reference))
+    print_table(results, reference)
 
 
 if __name__ == "__main__":

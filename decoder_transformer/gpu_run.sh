@@ -19,14 +19,14 @@ RUN="$OUT/train_gpu_rope"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/device.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/device.txt"
 python $D/train.py --preset gpu --pos rope --seed 1 --clearml off --out "$RUN" ${TRAIN_FLAGS:-} \
     > "$OUT/train.log" 2>&1
-python $D/benchmark.py --task generate --ckpt "$RUN/ckpt.pt" --new-tokens 500 --rounds 3 --clearml off \
+python $D/benchmark.py --task generate --ckpt "$RUN/checkpoint.pt" --new-tokens 500 --rounds 3 --clearml off \
     --out "$OUT/bench_generate" > "$OUT/bench_generate.log" 2>&1
-python $D/evaluate_sampling.py --ckpt "$RUN/ckpt.pt" --num-samples 8 ${SWEEP_FLAGS:-} --clearml off --out "$OUT/sampling_eval" \
+python $D/evaluate_sampling.py --ckpt "$RUN/checkpoint.pt" --num-samples 8 ${SWEEP_FLAGS:-} --clearml off --out "$OUT/sampling_eval" \
     > "$OUT/sampling_eval.log" 2>&1
 for setting in "0.8 0.95" "1.0 1.0" "0.5 0.5"; do
     set -- $setting
-    python $D/sample.py --ckpt "$RUN/ckpt.pt" --prompt "ROMEO:" --temperature "$1" --top-p "$2" \
+    python $D/sample.py --ckpt "$RUN/checkpoint.pt" --prompt "ROMEO:" --temperature "$1" --top-p "$2" \
         --max-new-tokens 300 --clearml off --out "$OUT/sample_T$1_p$2" > "$OUT/sample_T$1_p$2.txt" 2>&1
 done
-rm -f "$RUN/ckpt.pt"  # 120 MB; the summaries, metrics and logs are what come back
+rm -f "$RUN/checkpoint.pt" "$RUN/best.pt"  # 120 MB each; the summaries, metrics and logs are what come back
 tail -n 3 "$OUT/train.log"; tail -n 7 "$OUT/bench_generate.log"; tail -n 25 "$OUT/sampling_eval.log"

@@ -84,6 +84,11 @@ def window_mask(q_start: int, n_q: int, k_start: int, n_k: int, window: int, dev
     return (offset >= 0) & (offset < window)
 
 
+def linear_t(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight_t (+ bias): nn.Linear with its weight stored transposed, (in, out)."""
+    return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
+
+
 # ---------------------------------------------------------------------------------------------
 # KV cache
 
@@ -91,11 +96,11 @@ def window_mask(q_start: int, n_q: int, k_start: int, n_k: int, window: int, dev
 class KVCache:
     """Keys and values of the last `window` positions of every layer, in one preallocated ring buffer.
 
-    The i-th token held lives in slot i % window. A single new token writes its slot and attends to every filled
-    slot (softmax does not care about their order); several new tokens attend to the cached ones (read in
-    position order) and to each other through `window_mask`. RoPE keys are stored rotated at their
-    absolute position: a query at m and a key at n score by m - n only (Su et al. eq. 16), so stored keys
-    stay valid as the window slides.
+    The i-th token held lives in slot i % window. A single new token writes its slot and attends to
+    every filled slot (softmax does not care about their order); several new tokens attend to the
+    cached ones (read in position order) and to each other through `window_mask`. RoPE keys are stored
+    rotated at their absolute position: a query at m and a key at n score by m - n only (Su et al.
+    eq. 16), so stored keys stay valid as the window slides.
     """
 
     def __init__(
@@ -122,7 +127,10 @@ class KVCache:
         all_k, all_v = k, v
         if n_past:
             slots = torch.arange(start - n_past, start, device=k.device) % window
-            all_k, all_v = torch.cat((keys[:, :, slots], k), dim=2), torch.cat((values[:, :, slots], v), dim=2)
+            all_k, all_v = (
+                torch.cat((keys[:, :, slots], k), dim=2),
+                torch.cat((values[:, :, slots], v), dim=2),
+            )
         kept = min(t, window)  # only the last `window` new positions can be seen again
         slots = torch.arange(start + t - kept, start + t, device=k.device) % window
         keys[:, :, slots], values[:, :, slots] = k[:, :, -kept:], v[:, :, -kept:]
@@ -211,6 +219,8 @@ class DecoderLM(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         # RoPE rotations for positions 0 .. len - 1, computed once (grown by doubling when decoding past it)
         self.register_buffer("rope_table", self._rope_rotations(config.block_size), persistent=False)
+        sin_table = sinusoidal_table(torch.arange(config.block_size), config.n_embd)
+        self.register_buffer("sin_table", sin_table if config.pos == "sinusoidal" else None, persistent=False)
 
     def _rope_rotations(self, length: int, device=None) -> torch.Tensor | None:
         if self.config.pos != "rope":
@@ -252,13 +262,14 @@ class DecoderLM(nn.Module):
             x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
         elif self.config.pos == "sinusoidal":  # Vaswani et al. 3.4: embeddings times sqrt(d_model), so the
             # unit-amplitude table does not drown tokens embedded at std 0.02
-            table = sinusoidal_table(torch.arange(start, start + T, device=idx.device), self.config.n_embd)
+            if start + T <= len(self.sin_table):
+                table = self.sin_table[start : start + T]
+            else:
+                table = sinusoidal_table(
+                    torch.arange(start, start + T, device=idx.device), self.config.n_embd
+                )
             x = x * math.sqrt(self.config.n_embd) + table.to(x.dtype)
-        rope = None
-        if self.config.pos == "rope":
-            if start + T > len(self.rope_table):
-                self.rope_table = self._rope_rotations(2 * (start + T), idx.device)
-            rope = self.rope_table[start : start + T]
+        rope = self._rope_at(start, T)
         x = self.drop(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rope, cache, layer, window)
@@ -271,6 +282,62 @@ class DecoderLM(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
+
+    def _rope_at(self, start: int, length: int) -> torch.Tensor | None:
+        """Rotations of positions start .. start + length - 1 (None without RoPE), from the table."""
+        if self.config.pos != "rope":
+            return None
+        if start + length > len(self.rope_table):
+            self.rope_table = self._rope_rotations(2 * (start + length), self.rope_table.device)
+        return self.rope_table[start : start + length]
+
+    def decode_weights(self) -> list:
+        """The weights `decode_step` reads, matrices transposed to (in, out) and contiguous: a one-row
+        product x @ W^T runs about twice as fast on a CPU from that layout. A copy: take it again after
+        the weights change."""
+
+        def t(linear):
+            return linear.weight.detach().t().contiguous(), linear.bias
+
+        layers = [
+            (b.ln_1.weight, b.ln_1.bias, *t(b.attn.qkv), *t(b.attn.proj), b.ln_2.weight, b.ln_2.bias)
+            + (*t(b.mlp.fc), *t(b.mlp.proj))
+            for b in self.blocks
+        ]
+        return [layers, self.ln_f.weight, self.ln_f.bias, self.lm_head.weight.detach().t().contiguous()]
+
+    @torch.no_grad()
+    def decode_step(self, token: torch.Tensor, cache: KVCache, weights: list | None = None) -> torch.Tensor:
+        """Logits (B, vocab) for one new token per row (token (B, 1)) after the cached ones.
+
+        The arithmetic of forward(token, cache=cache) in eval mode, written as plain tensor calls on
+        preallocated buffers: at this size a decoding step is bound by per-operation overhead."""
+        layers, ln_w, ln_b, head = weights or self.decode_weights()
+        B, C, p = token.size(0), self.config.n_embd, cache.length
+        nh, hd = self.config.n_head, C // self.config.n_head
+        self._check_length(p + 1, True)
+        x = self.wte.weight[token[:, 0]]  # (B, C)
+        if self.config.pos == "learned":
+            x = x + self.wpe.weight[p]
+        elif self.config.pos == "sinusoidal":
+            x = x * math.sqrt(C) + self.sin_table[p].to(x.dtype)
+        rope = self._rope_at(p, 1)  # (1, hd // 2): broadcasts over (B, 2, nh, hd // 2)
+        slot, n = (p - cache.first) % cache.window, min(p - cache.first + 1, cache.window)
+        for layer, (w1, b1, qkv_w, qkv_b, proj_w, proj_b, w2, b2, fc_w, fc_b, out_w, out_b) in enumerate(
+            layers
+        ):
+            qkv = linear_t(F.layer_norm(x, (C,), w1, b1), qkv_w, qkv_b).view(B, 3, nh, hd)
+            qk = qkv[:, :2] if rope is None else apply_rope(qkv[:, :2], rope)  # (B, 2, nh, hd)
+            keys, values = cache.keys[layer], cache.values[layer]  # (B, nh, window, hd)
+            keys[:, :, slot] = qk[:, 1]
+            values[:, :, slot] = qkv[:, 2]
+            y = F.scaled_dot_product_attention(
+                qk[:, 0, :, None], keys[:, :, :n], values[:, :, :n]
+            )  # (B, nh, 1, hd)
+            x = x + linear_t(y.view(B, C), proj_w, proj_b)
+            x = x + linear_t(F.gelu(linear_t(F.layer_norm(x, (C,), w2, b2), fc_w, fc_b)), out_w, out_b)
+        cache.length += 1
+        return F.layer_norm(x, (C,), ln_w, ln_b) @ head
 
     def _check_length(self, end: int, cached: bool) -> None:
         absolute = self.config.pos == "learned" or (cached and self.config.pos == "sinusoidal")
@@ -294,11 +361,13 @@ class DecoderLM(nn.Module):
         return self.config.pos in ("rope", "none")
 
     @torch.no_grad()
-    def next_logits(self, out: torch.Tensor, n: int, cache: KVCache | None) -> torch.Tensor:
+    def next_logits(self, out: torch.Tensor, n: int, cache: KVCache | None, weights=None) -> torch.Tensor:
         """Logits (B, vocab) for the token after out[:, :n], under `generate`'s context rule."""
         W = self.config.block_size
+        if cache is not None and cache.length == n - 1 and (self.sliding or n <= W):
+            return self.decode_step(out[:, n - 1 : n], cache, weights)  # one new token
         if self.sliding:
-            if cache is not None:  # the prompt at once, then one token at a time
+            if cache is not None:  # the prompt at once
                 return self(out[:, cache.length : n], cache=cache, last_only=True)[0][:, -1]
             field = self.config.n_layer * (W - 1) + 1  # every token that reaches the last one's logits
             return self(out[:, max(0, n - field) : n], window=W, last_only=True)[0][:, -1]
@@ -333,8 +402,9 @@ class DecoderLM(nn.Module):
         out = idx.new_empty(B, T0 + max_new_tokens)  # preallocated: no torch.cat per token
         out[:, :T0] = idx
         cache = KVCache(self.config, B, idx.device, self.wte.weight.dtype) if use_cache else None
+        weights = self.decode_weights() if use_cache else None
         for n in range(T0, T0 + max_new_tokens):
-            logits = self.next_logits(out, n, cache)
+            logits = self.next_logits(out, n, cache, weights)
             out[:, n : n + 1] = sample_next_token(logits, temperature, top_k, top_p, generator)
         return out
 

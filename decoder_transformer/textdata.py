@@ -9,8 +9,9 @@ import urllib.request
 from pathlib import Path
 
 import torch
+from model import DecoderLM, ModelConfig
 
-from common import UserError
+from common import UserError, load_torch
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -92,6 +93,24 @@ class Vocab:
     def state(self) -> dict:
         return {"kind": self.kind, "chars": self.chars}
 
+    def unit_counts(self, ids: torch.Tensor) -> tuple[int, int]:
+        """(characters, UTF-8 bytes) that the tokens `ids` stand for: a byte counts as a character when
+        it starts one (it is not a continuation byte 10xxxxxx)."""
+        ids = ids.flatten().cpu()
+        if self.kind == "byte":
+            return int(((ids & 0xC0) != 0x80).sum()), len(ids)
+        byte_lengths = torch.tensor([len(c.encode("utf-8")) for c in self.chars])
+        return len(ids), int(byte_lengths[ids].sum())
+
+    def decode_generated(self, ids: list[int]) -> tuple[str, int]:
+        """Text of generated tokens and how many U+FFFD replacement characters decoding had to insert
+        (always 0 for characters; for bytes, one per invalid or incomplete UTF-8 sequence)."""
+        if self.kind == "char":
+            return self.decode(ids), 0
+        raw = bytes(ids)
+        text = raw.decode("utf-8", errors="replace")
+        return text, len(text) - len(raw.decode("utf-8", errors="ignore"))
+
 
 def split_tokens(text: str, vocab: Vocab) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode the whole text and cut it 90 / 10 into train and validation token tensors (int64)."""
@@ -143,14 +162,29 @@ def pick_device(choice: str) -> str:
     return choice
 
 
-def load_checkpoint(path: str, device="cpu") -> dict:
-    """A checkpoint written by train.py; UserError if it is missing or not one of ours."""
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint {path} not found (train.py writes ckpt.pt into its run folder)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:  # torch raises many types for a truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_config", "vocab", "iter"} <= ckpt.keys():
+def load_checkpoint(path, device="cpu") -> dict:
+    """A checkpoint written by train.py (weights_only load); UserError naming the file if it is missing,
+    damaged, carries pickled objects, or holds a model config or vocabulary this code does not know."""
+    ckpt = load_torch(path, map_location=device)
+    needed = {"model", "model_config", "vocab", "iter", "args"}
+    if not isinstance(ckpt, dict) or not needed <= ckpt.keys():
         raise UserError(f"{path} is not a decoder_transformer checkpoint (no model_config / vocab inside)")
+    try:
+        ModelConfig(**ckpt["model_config"])
+        Vocab(**ckpt["vocab"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: unusable model config or vocabulary ({e})") from None
     return ckpt
+
+
+def load_model(path, device: str) -> tuple[DecoderLM, Vocab, dict]:
+    """Rebuild the model a checkpoint describes, in eval mode; UserError if its weights don't fit it."""
+    ckpt = load_checkpoint(path, device)
+    model = DecoderLM(ModelConfig(**ckpt["model_config"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise UserError(
+            f"{path}: weights do not match the checkpoint's model config ({str(e)[:200]})"
+        ) from None
+    return model.to(device).eval(), Vocab(**ckpt["vocab"]), ckpt

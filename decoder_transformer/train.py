@@ -4,17 +4,18 @@ Defaults are nanoGPT's CPU "baby GPT" (4 layers, 4 heads, 128 dims, context 64, 
 lr 1e-3, no dropout) on character-level Tiny Shakespeare; `--preset gpu` is nanoGPT's shakespeare_char model
 (6 layers, 6 heads, 384 dims, context 256, batch 64, 5000 iterations, dropout 0.2).
 
-  python decoder_transformer/train.py --data-dir /work/shared/data --pos rope --seed 1
-  python decoder_transformer/train.py --preset gpu --compile                      # one GPU, bf16 autocast
-  torchrun --nproc_per_node 2 decoder_transformer/train.py                        # DDP (gloo CPU, nccl GPU)
+  python decoder_transformer/train.py --data-dir PATH --pos rope --seed 1
+  python decoder_transformer/train.py --data-dir PATH --preset gpu --compile     # one GPU, bf16 autocast
+  torchrun --nproc_per_node 2 decoder_transformer/train.py --data-dir PATH      # DDP (gloo CPU, nccl GPU)
   python decoder_transformer/train.py --text notes.txt --vocab byte --max-iters 50 --n-layer 1   # tiny
-  python decoder_transformer/train.py <same flags> --resume runs/decoder_transformer/<run>      # continue
+  python decoder_transformer/train.py <same flags> --out <run folder> --resume                  # continue
 
-Ctrl-C saves ckpt.pt and stops; rerun the same command with --resume <run folder> to continue it.
+Ctrl-C saves checkpoint.pt and stops; the same command with --resume (and that run's --out) continues it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,9 +23,9 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import matplotlib
 
@@ -37,23 +38,21 @@ from model import DecoderLM, ModelConfig  # noqa: E402
 from textdata import Vocab, get_batch, load_checkpoint, load_text, pick_device, split_tokens, tiled_windows
 from tqdm import tqdm  # noqa: E402
 
-from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name, write_json
+from common import CHECKPOINT_PT, DataArgs, RunLogger, UserError, parse_args, run_main, run_name, save_torch
 
 PRESETS = {  # nanoGPT: the CPU "baby GPT" command in its README, and config/train_shakespeare_char.py
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, dropout=0.0),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=5000, dropout=0.2),
 }
+BEST = "best.pt"  # the model at the lowest periodic val loss (small data overfits)
 
 
 @dataclass
-class Args:
-    seed: int = 1337  # seeds initialisation, batches and dropout
-    data_dir: str = default_data_dir()  # folder holding tinyshakespeare/input.txt (downloaded when absent)
+class Args(DataArgs):
     text: str | None = None  # train on this UTF-8 text file instead of Tiny Shakespeare
     vocab: Literal["char", "byte"] = "char"  # characters of the text, or the 256 UTF-8 byte values
-    preset: Literal["cpu", "gpu"] = (
-        "cpu"  # model and run sizes; the flags below set to None take it from here
-    )
+    # model and run sizes; the flags below left at None take their value from the preset
+    preset: Literal["cpu", "gpu"] = "cpu"
     n_layer: int | None = None  # decoder blocks (cpu 4, gpu 6)
     n_head: int | None = None  # attention heads (cpu 4, gpu 6)
     n_embd: int | None = None  # model width (cpu 128, gpu 384)
@@ -74,50 +73,29 @@ class Args:
     log_interval: int = 10  # steps between train-loss log lines
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
     compile: bool = False  # torch.compile the training step
-    resume: str | None = None  # run folder (or its ckpt.pt) to continue; pass the same flags as the first run
-    out: str | None = None  # run folder (default runs/decoder_transformer/<name>)
-    clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML mirroring
-    clearml_queue: str | None = None  # enqueue on this ClearML agent queue instead of running here
+    threads: int | None = None  # torch CPU threads (None: torch's default)
 
-
-# flags that may differ between a run and its --resume (everything else must match the checkpoint)
-RESUME_FREE = (
-    "resume",
-    "out",
-    "data_dir",
-    "text",
-    "max_iters",
-    "device",
-    "compile",
-    "clearml",
-    "clearml_queue",
-)
+    # more steps, another device, compile or thread count change nothing already trained
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"max_iters", "device", "compile", "threads"})
 
 
 def check_args(args: Args) -> None:
     for name, value in PRESETS[args.preset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in (
-        "n_layer",
-        "n_head",
-        "n_embd",
-        "block_size",
-        "batch_size",
-        "eval_interval",
-        "eval_batches",
-        "log_interval",
-    ):
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval", "eval_batches"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    if args.max_iters < 0 or args.warmup_iters < 0:
+    if args.log_interval < 1 or (args.threads is not None and args.threads < 1):
         raise ValueError(
-            f"--max-iters and --warmup-iters must be >= 0 (got {args.max_iters}, {args.warmup_iters})"
+            f"--log-interval and --threads must be >= 1 (got {args.log_interval}, {args.threads})"
         )
-    if not (args.lr > 0 and 0 <= args.min_lr <= args.lr):
+    if not (args.lr > 0 and args.min_lr <= args.lr):
         raise ValueError(f"--lr must be > 0 and --min-lr in [0, lr] (got {args.lr}, {args.min_lr})")
-    if not 0 <= args.dropout < 1:
+    if not args.dropout < 1:
         raise ValueError(f"--dropout must be in [0, 1) (got {args.dropout})")
+    if not args.beta2 < 1:
+        raise ValueError(f"--beta2 must be in [0, 1) (got {args.beta2})")
     if args.n_embd % args.n_head or (args.pos == "rope" and (args.n_embd // args.n_head) % 2):
         raise ValueError(
             f"--n-embd ({args.n_embd}) must split into --n-head ({args.n_head}) heads"
@@ -142,7 +120,7 @@ def learning_rate(it: int, args: Args) -> float:
 
 @torch.no_grad()
 def mean_loss(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, autocast) -> float:
-    """Token-weighted mean cross-entropy over windows x, y (N, T)."""
+    """Token-weighted mean cross-entropy (nats per token) over windows x, y (N, T)."""
     was_training = model.training
     model.eval()
     total = 0.0
@@ -154,30 +132,28 @@ def mean_loss(model, x: torch.Tensor, y: torch.Tensor, batch_size: int, autocast
     return total / len(x)
 
 
-def save_checkpoint(path: Path, model, optimizer, vocab, args, it, evaluated, best_val, interval) -> None:
-    """Everything a resumed run needs to draw the same batches and dropout masks; written atomically."""
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "model_config": asdict(model.config),
-        "vocab": vocab.state(),
-        "args": asdict(args),
-        "iter": it,
-        "evaluated": evaluated,
-        "best_val_loss": best_val,
-        "interval": interval,
-        "rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-    }
-    tmp = Path(f"{path}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+# ---------------------------------------------------------------------------------------------
+# set-up
 
 
-def main() -> None:
-    args = parse_args(Args, check=check_args, description=__doc__)
+@dataclass
+class Setup:
+    """What every stage reads: the process's place in a DDP group, its device and numeric mode."""
 
-    # setup: distributed (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK), device, seeds
+    ddp: bool
+    rank: int
+    world: int
+    device: str
+    use_bf16: bool
+    autocast: object = field(repr=False)
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def set_up(args: Args) -> Setup:
+    """Distributed group (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK), device, seeds, precision."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     device = pick_device(args.device)
@@ -186,7 +162,8 @@ def main() -> None:
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    master = rank == 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)  # same initial weights on every rank
@@ -196,30 +173,21 @@ def main() -> None:
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else torch.autocast("cpu", enabled=False)
     )
+    return Setup(ddp, rank, world, device, use_bf16, autocast)
 
-    # resume: the checkpoint's arguments must match this command's
-    ckpt, run_dir = None, None
-    if args.resume:
-        ckpt_path = Path(args.resume) if args.resume.endswith(".pt") else Path(args.resume) / "ckpt.pt"
-        ckpt = load_checkpoint(str(ckpt_path), device)
-        run_dir = ckpt_path.parent
-        saved = ckpt["args"]
-        different = [k for k, v in asdict(args).items() if k not in RESUME_FREE and saved.get(k) != v]
-        if different:
-            raise UserError(
-                f"{ckpt_path} was trained with another config: "
-                + ", ".join(
-                    f"--{k.replace('_', '-')} {saved.get(k)} (this command: {getattr(args, k)})"
-                    for k in different
-                )
-                + "; rerun with the checkpoint's flags"
-            )
-        if args.max_iters < ckpt["iter"]:
-            raise UserError(f"--max-iters {args.max_iters} is below the checkpoint's {ckpt['iter']} steps")
 
-    # data: the whole text on the device; batches are indexed there, so no loader threads are needed
-    text, source = load_text(args.text, args.data_dir)
-    vocab = Vocab(**ckpt["vocab"]) if ckpt else Vocab.from_text(args.vocab, text)
+@dataclass
+class Data:
+    train: torch.Tensor
+    val: torch.Tensor
+    vocab: Vocab
+    source: str
+    eval_sets: dict
+
+
+def load_data(args: Args, text: str, source: str, vocab_state: dict | None, device: str) -> Data:
+    """The whole text on the device (batches are indexed there: no loader threads) and fixed eval windows."""
+    vocab = Vocab(**vocab_state) if vocab_state else Vocab.from_text(args.vocab, text)
     try:
         train_data, val_data = split_tokens(text, vocab)
     except ValueError as e:
@@ -235,8 +203,21 @@ def main() -> None:
         split: get_batch(d, args.eval_batches * args.batch_size, args.block_size, fixed)
         for split, d in (("train", train_data), ("val", val_data))
     }
+    return Data(train_data, val_data, vocab, source, eval_sets)
 
-    # model and optimizer
+
+@dataclass
+class State:
+    """The training state a checkpoint holds besides weights and optimizer."""
+
+    it: int = 0
+    best_val: float = math.inf
+    evaluated: bool = False  # the checkpoint's step was evaluated before it was saved
+    loss_sum: float = 0.0  # train loss summed over the steps of the current log interval
+    steps: int = 0
+
+
+def build(args: Args, vocab: Vocab, device: str):
     config = ModelConfig(
         vocab_size=vocab.size,
         block_size=args.block_size,
@@ -253,179 +234,219 @@ def main() -> None:
         betas=(0.9, args.beta2),
         fused=device.startswith("cuda"),
     )
-    start_iter, best_val, interval = 0, math.inf, {"loss_sum": 0.0, "steps": 0}
-    if ckpt:
+    return model, optimizer
+
+
+def restore(ckpt: dict, path, model, optimizer, device: str) -> State:
+    try:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_iter, best_val, interval = ckpt["iter"], ckpt["best_val_loss"], ckpt["interval"]
+        state = State(**ckpt["state"])
         torch.set_rng_state(ckpt["rng"].cpu())
-        if ckpt["cuda_rng"] is not None and device.startswith("cuda"):
-            torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
-    step_model = torch.compile(model) if args.compile else model
-    if ddp:
-        step_model = torch.nn.parallel.DistributedDataParallel(step_model)
-    tokens_per_step = args.batch_size * args.block_size * world
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{path}: checkpoint does not fit this model ({str(e)[:200]})") from None
+    if ckpt.get("cuda_rng") is not None and device.startswith("cuda"):
+        torch.cuda.set_rng_state(ckpt["cuda_rng"].cpu())
+    return state
 
-    log = None
-    if master:
-        if ckpt:  # drop metric rows logged after the checkpoint, so the resumed curve has no duplicates
-            metrics = run_dir / "metrics.jsonl"
-            if metrics.exists():
-                rows = [
-                    r for r in metrics.read_text().splitlines() if r and json.loads(r)["step"] <= start_iter
-                ]
-                metrics.write_text("".join(r + "\n" for r in rows))
-        log = RunLogger(
-            "decoder_transformer",
-            run_name(f"{args.pos}", args.seed),
-            asdict(args),
-            out=str(run_dir) if run_dir else args.out,
-            clearml=args.clearml,
-            clearml_queue=args.clearml_queue,
-            resume=bool(ckpt),
-        )
-        print(
-            f"{source}: {len(train_data):,} train / {len(val_data):,} val tokens, "
-            f"vocab {vocab.size} ({vocab.kind})"
-        )
-        print(f"model: {model.num_params():,} parameters, {asdict(config)}")
-        print(
-            f"device {device}{' bf16' if use_bf16 else ''}, {world} process(es), "
-            f"{tokens_per_step:,} tokens/step, "
-            f"steps {start_iter} -> {args.max_iters}"
-        )
 
-    # Ctrl-C: finish the current step, save, stop (a second Ctrl-C aborts at once)
-    stop = {"now": False}
+def save_checkpoint(path: Path, model, optimizer, vocab: Vocab, args: Args, state: State) -> None:
+    """Plain types only (weights_only loading): everything a resumed run needs to draw the same batches
+    and dropout masks; written atomically."""
+    save_torch(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "model_config": asdict(model.config),
+            "vocab": vocab.state(),
+            "args": asdict(args),
+            "iter": state.it,
+            "state": asdict(state),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        },
+        path,
+    )
 
-    def request_stop(signum, frame):
-        stop["now"] = True
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+class Trainer:
+    """The loop: batches, steps, periodic evaluation and checkpoints, Ctrl-C."""
+
+    def __init__(self, args: Args, setup: Setup, data: Data, model, optimizer, state: State, log):
+        self.args, self.setup, self.data, self.log = args, setup, data, log
+        self.model, self.optimizer, self.state = model, optimizer, state
+        self.step_model = torch.compile(model) if args.compile else model
+        if setup.ddp:
+            self.step_model = torch.nn.parallel.DistributedDataParallel(self.step_model)
+        self.tokens_per_step = args.batch_size * args.block_size * setup.world
+        self.train_seconds, self.steps_timed = 0.0, 0
+        self.stop = False
+
+    def request_stop(self, signum, frame):
+        self.stop = True  # finish this step, save, stop; a second Ctrl-C aborts at once
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    signal.signal(signal.SIGINT, request_stop)
+    def checkpoint(self, name: str = CHECKPOINT_PT) -> None:
+        save_checkpoint(
+            self.log.path(name), self.model, self.optimizer, self.data.vocab, self.args, self.state
+        )
+        self.log.keep()
 
-    def evaluate_and_save(it: int) -> None:
-        nonlocal best_val
-        losses = {f"{s}/loss": mean_loss(model, *eval_sets[s], args.batch_size, autocast) for s in eval_sets}
-        improved = losses["val/loss"] < best_val
-        best_val = min(best_val, losses["val/loss"])
-        log.log(it, losses)
-        tqdm.write(f"step {it}: train loss {losses['train/loss']:.4f}, val loss {losses['val/loss']:.4f}")
-        save_checkpoint(log.path("ckpt.pt"), model, optimizer, vocab, args, it, True, best_val, interval)
+    def evaluate_and_save(self) -> None:
+        eval_sets, s = self.data.eval_sets, self.state
+        losses = {
+            f"eval/{split}_loss": mean_loss(
+                self.model, *eval_sets[split], self.args.batch_size, self.setup.autocast
+            )
+            for split in eval_sets
+        }
+        improved = losses["eval/val_loss"] < s.best_val
+        s.best_val, s.evaluated = min(s.best_val, losses["eval/val_loss"]), True
+        self.log.log(s.it, losses)
+        tqdm.write(
+            f"step {s.it}: train loss {losses['eval/train_loss']:.4f}, val loss {losses['eval/val_loss']:.4f}"
+        )
+        self.checkpoint()
         if improved:  # small data overfits (nanoGPT keeps only its best checkpoint for the same reason)
-            save_checkpoint(log.path("best.pt"), model, optimizer, vocab, args, it, True, best_val, interval)
+            self.checkpoint(BEST)
 
-    # training loop
-    train_seconds, steps_timed = 0.0, 0
-    t_interval = time.perf_counter()
-    batch_gen = torch.Generator(device=train_data.device)
-    progress = tqdm(
-        range(start_iter, args.max_iters),
-        initial=start_iter,
-        total=args.max_iters,
-        disable=not master,
-        dynamic_ncols=True,
-    )
-    it = start_iter
-    for it in progress:
-        if master and it % args.eval_interval == 0 and not (ckpt and ckpt["evaluated"] and it == start_iter):
-            train_seconds += time.perf_counter() - t_interval
-            evaluate_and_save(it)
-            t_interval = time.perf_counter()
+    def step(self, batch_gen: torch.Generator) -> None:
+        args, s = self.args, self.state
         # batches depend only on (seed, rank, step), so a resumed run draws the ones it would have drawn
-        batch_gen.manual_seed((args.seed * 1_000_003 + rank) * 1_000_033 + it)
-        x, y = get_batch(train_data, args.batch_size, args.block_size, batch_gen)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(it, args)
-        # learn
-        with autocast:
-            _, loss = step_model(x, y)
+        batch_gen.manual_seed((args.seed * 1_000_003 + self.setup.rank) * 1_000_033 + s.it)
+        x, y = get_batch(self.data.train, args.batch_size, args.block_size, batch_gen)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(s.it, args)
+        with self.setup.autocast:
+            _, loss = self.step_model(x, y)
         loss.backward()
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        interval["loss_sum"] += loss.detach()
-        interval["steps"] += 1
-        steps_timed += 1
-        # log
-        if master and (it + 1) % args.log_interval == 0:
-            mean_train = (interval["loss_sum"] / interval["steps"]).item()  # syncs the device
-            elapsed = time.perf_counter() - t_interval
-            train_seconds += elapsed
-            log.log(
-                it + 1,
-                {
-                    "train/batch_loss": mean_train,
-                    "train/lr": learning_rate(it, args),
-                    "charts/tokens_per_second": tokens_per_step * interval["steps"] / elapsed,
-                },
-            )
-            progress.set_postfix(loss=f"{mean_train:.4f}")
-            interval = {"loss_sum": 0.0, "steps": 0}
-            t_interval = time.perf_counter()
-        if stop["now"]:
-            it += 1
-            break
-    else:
-        it = args.max_iters
-    progress.close()
-    if torch.is_tensor(interval["loss_sum"]):
-        interval["loss_sum"] = interval["loss_sum"].item()
-    train_seconds += time.perf_counter() - t_interval
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), args.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        s.loss_sum += loss.detach()
+        s.steps += 1
+        s.it += 1
+        s.evaluated = False
+        self.steps_timed += 1
 
-    if stop["now"]:
-        if master:
-            save_checkpoint(log.path("ckpt.pt"), model, optimizer, vocab, args, it, False, best_val, interval)
-            tqdm.write(
-                f"stopped at step {it}; checkpoint saved: continue with --resume {log.run_dir}",
-                file=sys.stderr,
-            )
-            log.close()
-        raise KeyboardInterrupt
-
-    # evaluate: the whole validation split in non-overlapping windows, at 1x and (where positions allow) 2x
-    if master:
-        evaluate_and_save(args.max_iters)
-        val_loss = mean_loss(model, *tiled_windows(val_data, args.block_size), args.batch_size, autocast)
-        val_loss_2x = None
-        if args.pos != "learned":
-            val_loss_2x = mean_loss(
-                model, *tiled_windows(val_data, 2 * args.block_size), max(1, args.batch_size // 2), autocast
-            )
-        summary = {
-            "val_loss": val_loss,
-            "val_loss_2x_context": val_loss_2x,
-            "train_loss": log_last(log.path("metrics.jsonl"), "train/loss"),
-            "val_loss_estimate": log_last(log.path("metrics.jsonl"), "val/loss"),
-            "best_val_loss": best_val,
-            "iters": args.max_iters,
-            "params": model.num_params(),
-            "pos": args.pos,
-            "tokens_per_second": tokens_per_step * steps_timed / train_seconds if steps_timed else None,
-            "train_seconds": train_seconds,
-            "device": device,
-            "world_size": world,
-            "text": source,
+    def log_interval(self, started: float) -> float:
+        s = self.state
+        mean_train = (s.loss_sum / s.steps).item()  # syncs the device
+        elapsed = time.perf_counter() - started
+        self.train_seconds += elapsed
+        metrics = {
+            "train/batch_loss": mean_train,
+            "charts/lr": learning_rate(s.it - 1, self.args),
+            "charts/tokens_per_second": self.tokens_per_step * s.steps / elapsed,
         }
-        log.write_summary(summary)
-        write_json(log.path("vocab.json"), vocab.state())
-        log.save_figure("loss_curves", plot_curves(log.path("metrics.jsonl"), args.pos))
-        print(
-            f"val loss {val_loss:.4f} (whole split, context {args.block_size})"
-            + (f", {val_loss_2x:.4f} at context {2 * args.block_size}" if val_loss_2x is not None else "")
-            + f"; {summary['tokens_per_second'] or 0:,.0f} train tokens/s"
+        self.log.log(s.it, metrics)
+        s.loss_sum, s.steps = 0.0, 0
+        return time.perf_counter()
+
+    def run(self) -> None:
+        """Train to max_iters (or Ctrl-C); only the master process logs, evaluates and saves."""
+        args, s, master = self.args, self.state, self.setup.master
+        signal.signal(signal.SIGINT, self.request_stop)
+        batch_gen = torch.Generator(device=self.data.train.device)
+        progress = tqdm(initial=s.it, total=args.max_iters, disable=not master, dynamic_ncols=True)
+        started = time.perf_counter()
+        while s.it < args.max_iters and not self.stop:
+            if master and s.it % args.eval_interval == 0 and not s.evaluated:
+                self.train_seconds += time.perf_counter() - started
+                self.evaluate_and_save()
+                started = time.perf_counter()
+            self.step(batch_gen)
+            progress.update()
+            if master and s.it % args.log_interval == 0:
+                started = self.log_interval(started)
+        progress.close()
+        self.train_seconds += time.perf_counter() - started
+        if torch.is_tensor(s.loss_sum):
+            s.loss_sum = s.loss_sum.item()
+        if self.stop:
+            if master:
+                self.checkpoint()
+                where = f"--out {self.log.run_dir} --resume"
+                tqdm.write(
+                    f"stopped at step {s.it}; checkpoint saved: continue with {where}", file=sys.stderr
+                )
+            raise KeyboardInterrupt
+        if master and not s.evaluated:
+            self.evaluate_and_save()
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation and report
+
+
+def whole_split_loss(model, data: Data, context: int, batch_size: int, autocast) -> dict:
+    """The whole validation split in non-overlapping windows of `context` tokens: nats per token, and
+    the same total in bits per character and per UTF-8 byte, so char and byte vocabularies compare."""
+    x, y = tiled_windows(data.val, context)
+    nats = mean_loss(model, x, y, batch_size, autocast)
+    chars, n_bytes = data.vocab.unit_counts(y)
+    total_bits = nats * y.numel() / math.log(2)
+    return {
+        "nats_per_token": nats,
+        "bits_per_char": total_bits / chars,
+        "bits_per_byte": total_bits / n_bytes,
+    }
+
+
+def report(trainer: Trainer) -> dict:
+    args, setup, data, log, model = trainer.args, trainer.setup, trainer.data, trainer.log, trainer.model
+    val = whole_split_loss(model, data, args.block_size, args.batch_size, setup.autocast)
+    val_2x = None
+    if args.pos != "learned":  # learned positions have no embedding past block_size
+        val_2x = whole_split_loss(
+            model, data, 2 * args.block_size, max(1, args.batch_size // 2), setup.autocast
         )
-        log.close()
-    if ddp:
-        dist.destroy_process_group()
+    rows = [json.loads(r) for r in log.path("metrics.jsonl").read_text().splitlines() if r]
+    last = {k: [r[k] for r in rows if k in r][-1:] or [None] for k in ("eval/train_loss", "eval/val_loss")}
+    summary = {
+        "val_loss": val["nats_per_token"],
+        "val_bits_per_char": val["bits_per_char"],
+        "val_bits_per_byte": val["bits_per_byte"],
+        "val_loss_2x_context": val_2x and val_2x["nats_per_token"],
+        "val_bits_per_char_2x_context": val_2x and val_2x["bits_per_char"],
+        "train_loss": last["eval/train_loss"][0],
+        "val_loss_estimate": last["eval/val_loss"][0],
+        "best_val_loss": trainer.state.best_val,
+        "iters": args.max_iters,
+        "params": model.num_params(),
+        "pos": args.pos,
+        "vocab": data.vocab.kind,
+        "tokens_per_second": (
+            trainer.tokens_per_step * trainer.steps_timed / trainer.train_seconds
+            if trainer.steps_timed
+            else None
+        ),
+        "train_seconds": trainer.train_seconds,
+        "torch_threads": torch.get_num_threads(),
+        "device": setup.device,
+        "world_size": setup.world,
+        "text": data.source,
+    }
+    log.write_summary(summary)
+    log.save_figure("loss_curves", plot_curves(rows, args.pos))
+    print(
+        f"val loss {val['nats_per_token']:.4f} nats/token = {val['bits_per_char']:.4f} bits/char "
+        f"(whole split, context {args.block_size})"
+        + (f"; {val_2x['nats_per_token']:.4f} at context {2 * args.block_size}" if val_2x else "")
+        + f"; {summary['tokens_per_second'] or 0:,.0f} train tokens/s"
+    )
+    return summary
 
 
-def plot_curves(path: Path, pos: str):
-    """Per-step batch loss and the periodic train / val estimates."""
-    rows = [json.loads(r) for r in path.read_text().splitlines() if r]
+def plot_curves(rows: list[dict], pos: str):
+    """Per-interval batch loss and the periodic train / val estimates."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, style in (("train/batch_loss", "-"), ("train/loss", "o-"), ("val/loss", "s-")):
+    for key, style in (("train/batch_loss", "-"), ("eval/train_loss", "o-"), ("eval/val_loss", "s-")):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             ax.plot(*zip(*points), style, label=key, alpha=0.6 if key == "train/batch_loss" else 1.0)
@@ -437,11 +458,45 @@ def plot_curves(path: Path, pos: str):
     return fig
 
 
-def log_last(path: Path, key: str):
-    """The last value of `key` in a metrics.jsonl file."""
-    rows = [json.loads(r) for r in path.read_text().splitlines() if r]
-    values = [r[key] for r in rows if key in r]
-    return values[-1] if values else None
+# ---------------------------------------------------------------------------------------------
+
+
+def describe(args: Args, setup: Setup, data: Data, model, state: State) -> None:
+    vocab = data.vocab
+    print(f"{data.source}: {len(data.train):,} train / {len(data.val):,} val tokens, ", end="")
+    print(f"vocab {vocab.size} ({vocab.kind})")
+    print(f"model: {model.num_params():,} parameters, {asdict(model.config)}")
+    tokens = args.batch_size * args.block_size * setup.world
+    print(
+        f"device {setup.device}{' bf16' if setup.use_bf16 else ''}, {setup.world} process(es), "
+        f"{tokens:,} tokens/step, steps {state.it} -> {args.max_iters}"
+    )
+
+
+def main() -> None:
+    args = parse_args(Args, check=check_args, description=__doc__)
+    setup = set_up(args)
+    # inputs first: a bad text or checkpoint fails in one line, before a run folder is touched
+    text, source = load_text(args.text, args.data_dir)
+    ckpt_path = Path(args.out or "") / CHECKPOINT_PT
+    ckpt = load_checkpoint(ckpt_path, setup.device) if args.resume and args.out else None
+    if ckpt and args.max_iters < ckpt["iter"]:
+        raise UserError(f"--max-iters {args.max_iters} is below the checkpoint's {ckpt['iter']} steps")
+    logger = RunLogger("decoder_transformer", run_name(args.pos, args.seed), args) if setup.master else None
+    with logger or contextlib.nullcontext() as log:
+        data = load_data(args, text, source, ckpt and ckpt["vocab"], setup.device)
+        model, optimizer = build(args, data.vocab, setup.device)
+        state = restore(ckpt, ckpt_path, model, optimizer, setup.device) if ckpt else State()
+        if log:
+            if ckpt:
+                log.rewind(state.it)  # metric rows after the checkpoint would appear twice
+            describe(args, setup, data, model, state)
+        trainer = Trainer(args, setup, data, model, optimizer, state, log)
+        trainer.run()
+        if setup.master:
+            report(trainer)
+    if setup.ddp:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
