@@ -1,57 +1,72 @@
-"""Memory and speed of the numpy RevNet, its stored-activation counterpart, a plain MLP, and torch.
+"""Memory and speed of the numpy RevNet, its stored-activation counterpart (resnet) and a plain MLP.
 
-Side by side in one process, on the same batches, for each depth: the peak memory allocated by
-one training step above what was held before it (tracemalloc, which counts numpy's buffers), and
-the median step time (forward, backward, Adam update), with the models taking turns in short runs
-so a busy machine slows them alike. The torch reference is the `resnet` network written in torch
-(CPU, autograd, AdamW) with the same weights and thread count. Also checks the reversible
-backward's numerics per depth: gradient error against stored-activation backprop, and how far
-rebuilding the stack's input from its output drifts, in float64 and float32.
+Two studies:
 
-    python revnet_mnist/benchmark.py --data-dir /work/shared/data                 # full, a few minutes
-    python revnet_mnist/benchmark.py --depths 2 4 --steps 5 --clearml off         # tiny
+`--rss` (memory as a user measures it): for each depth and model, footprint.py trains a few steps
+in a fresh process, and the peak RSS of that process (its ru_maxrss, from wait4) is recorded beside
+the training footprint computed from array sizes (dataset, weights, gradients, optimizer state, the
+batch, activations stored for backward) and the peak memory of one step (tracemalloc, in a second
+fresh process). Then revnet and resnet steps are timed side by side at --time-depth, and with
+--runs DIR the test accuracies of the train.py runs in DIR are compared. Prints the targets and
+writes rss.json and rss.png (peak RSS vs depth):
 
-Writes benchmark.json (memory_mib[model][depth], step_seconds[model][depth], torch_step_seconds[depth],
-numerics) and benchmark.png (memory and step time vs depth) to the run folder (or --out).
+    python revnet_mnist/benchmark.py --rss --data-dir PATH --width 128 --batch-size 8192 \\
+        --depths 4 8 16 32 48 --runs runs/revnet_mnist/rss_config
+
+Default (step study): in one process, per depth, the peak memory of one training step above what
+was held before it (tracemalloc), the median step time of each model and of the same resnet in torch
+(CPU, autograd, AdamW, same weights and threads), models taking turns so a busy machine slows them
+alike; and the reversible backward's numerics (gradient error against stored activations, rebuild
+error) in float64 and float32. Writes benchmark.json and benchmark.png:
+
+    python revnet_mnist/benchmark.py --data-dir PATH                  # a few minutes
+    python revnet_mnist/benchmark.py --depths 2 4 --steps 5 --clearml off        # tiny
+
+Without MNIST files in --data-dir, random data of the same size and type is used (a step's cost does
+not depend on the pixels). Timings use --threads BLAS threads (default 1).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import statistics
+import subprocess
+import sys
 import time
 import tracemalloc
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
-import matplotlib
+import numpy as np
+from mnist_data import load_split, normalise, split_present
+from revnet import MODELS, Adam, ModelConfig, Network, softmax_cross_entropy, train_step
+from threadpoolctl import threadpool_info, threadpool_limits
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.ticker import LogLocator, NullFormatter, NullLocator, ScalarFormatter  # noqa: E402
-from mnist_data import load_split, normalise, split_present  # noqa: E402
-from revnet import MODELS, Adam, ModelConfig, Network, softmax_cross_entropy, train_step  # noqa: E402
-from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
-
-from common import RunLogger, default_data_dir, parse_args, run_main, run_name, write_json  # noqa: E402
+from common import DataArgs, RunLogger, UserError, parse_args, read_json, run_main, run_name, write_json
 
 MIB = 2**20
 LR, WEIGHT_DECAY = 1e-3, 5e-5  # train.py's defaults; the values don't change the cost of a step
+FOOTPRINT = Path(__file__).resolve().parent / "footprint.py"
+TARGETS = {"rss_ratio": 0.35, "flat": 1.10, "time_ratio": 1.5, "accuracy_points": 0.2}
 
 
 @dataclass
-class Args:
+class Args(DataArgs):
     depths: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])  # network depths to measure
-    batch_size: int = 128  # images per step (train.py's default)
-    width: int = 256  # features after the input projection (train.py's default)
-    steps: int = 30  # timed steps per model and depth (median reported)
-    threads: int = 1  # BLAS and torch threads, the same for both (1: steady timings on a busy machine)
+    batch_size: int = 128  # images per step
+    width: int = 256  # features after the input projection
+    steps: int = 30  # timed steps per model (median reported)
+    threads: int = 1  # BLAS and torch threads, the same for all models (1: steady timings on a busy machine)
     memory_steps: int = 2  # traced steps per model and depth (max reported), after a warm-up step
-    seed: int = 0  # seeds weights and batch choice
-    data_dir: str = default_data_dir()  # MNIST/raw/ here gives real batches; otherwise random ones
-    out: str | None = None  # run folder (default runs/revnet_mnist/<run name>)
-    clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML mirror of the run
-    clearml_queue: str | None = None  # hand the run to this ClearML agent queue
+    rss: bool = False  # the whole-process memory study (fresh process per model and depth) instead
+    rss_steps: int = 3  # --rss: training steps per process
+    val_size: int = 5000  # --rss: training images held out for validation, as in train.py
+    time_depth: int = 16  # --rss: depth at which revnet and resnet steps are timed side by side
+    runs: str | None = None  # --rss: folder of train.py runs (any depth) whose test accuracies are compared
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset()
 
 
 def check_args(args: Args) -> None:
@@ -59,68 +74,61 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--depths must all be >= 1 (got {args.depths})")
     if args.width < 4 or args.width % 2:
         raise ValueError(f"--width must be an even number >= 4 (got {args.width})")
-    if min(args.batch_size, args.steps, args.memory_steps, args.threads) < 1:
-        raise ValueError("--batch-size, --steps, --memory-steps and --threads must be >= 1")
-
-
-class TorchResNet(torch.nn.Module):
-    """revnet.Network(model='resnet') in torch: stem, y1 = x1 + F(x2), y2 = x2 + G(y1), ReLU, head."""
-
-    def __init__(self, network: Network):
-        super().__init__()
-        config = network.config
-
-        def linear(layer):
-            module = torch.nn.Linear(*layer.params["W"].shape)
-            with torch.no_grad():
-                module.weight.copy_(torch.from_numpy(layer.params["W"].T.copy()))
-                module.bias.copy_(torch.from_numpy(layer.params["b"]))
-            return module
-
-        def branch(seq):
-            return torch.nn.Sequential(linear(seq.layers[0]), torch.nn.ReLU(), linear(seq.layers[2]))
-
-        self.half = config.width // 2
-        self.stem, self.head = linear(network.stem), linear(network.head)
-        self.F = torch.nn.ModuleList(branch(block.F) for block in network.blocks)
-        self.G = torch.nn.ModuleList(branch(block.G) for block in network.blocks)
-
-    def forward(self, x):
-        x1, x2 = self.stem(x).split(self.half, dim=1)  # two (B, width/2)
-        for F, G in zip(self.F, self.G):
-            x1 = x1 + F(x2)
-            x2 = x2 + G(x1)
-        return self.head(torch.relu(torch.cat([x1, x2], dim=1)))
-
-
-class Contestants:
-    """`step(model, i)`: one training step of numpy model `model` (or 'torch') on batch i."""
-
-    def __init__(self, nets: dict[str, Network], batches: list):
-        self.nets, self.batches = nets, batches
-        self.optimizers = {m: Adam(net.parameters(), weight_decay=WEIGHT_DECAY) for m, net in nets.items()}
-        self.reference = TorchResNet(nets["resnet"])  # copies the numpy resnet's starting weights
-        self.torch_optimizer = torch.optim.AdamW(
-            self.reference.parameters(), lr=LR, weight_decay=WEIGHT_DECAY
+    if min(args.batch_size, args.steps, args.memory_steps, args.threads, args.rss_steps, args.time_depth) < 1:
+        raise ValueError(
+            "--batch-size, --steps, --memory-steps, --threads, --rss-steps, --time-depth must be >= 1"
         )
-        self.torch_batches = [(torch.from_numpy(x), torch.from_numpy(y)) for x, y in batches]
-
-    def __call__(self, model: str, i: int) -> None:
-        if model == "torch":
-            x, labels = self.torch_batches[i % len(self.batches)]
-            self.torch_optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(self.reference(x), labels).backward()
-            self.torch_optimizer.step()
-        else:
-            train_step(self.nets[model], self.optimizers[model], *self.batches[i % len(self.batches)], LR)
+    if args.resume:
+        raise ValueError("--resume: a benchmark has nothing to continue; run it again")
 
 
-def traced_peak(step) -> int:
-    """Peak bytes allocated while `step()` runs, above what was held before it."""
+def batches_for(args: Args) -> tuple[list, str]:
+    """Four (x float32, labels) batches of real MNIST, or random ones when the files are absent."""
+    rng = np.random.default_rng(args.seed)
+    if split_present(args.data_dir, "train"):
+        images, labels = load_split(args.data_dir, "train", allow_download=False)
+        source = "mnist"
+    else:
+        images, labels = rng.integers(0, 256, (4 * args.batch_size, 28, 28), dtype=np.uint8), None
+        labels, source = rng.integers(0, 10, len(images)), "random"
+        print(
+            f"no MNIST training files in {args.data_dir}: random batches "
+            "(a step's cost does not depend on them)"
+        )
+    picks = [rng.choice(len(images), args.batch_size, replace=False) for _ in range(4)]
+    return [(normalise(images[p], "float32"), labels[p]) for p in picks], source
+
+
+def time_steps(steps: dict, batches: list, n: int) -> dict[str, float]:
+    """Median seconds of `steps[name](x, labels)`, names taking turns in short runs (a busy machine slows
+    them alike), after one warm-up step each."""
+    for step in steps.values():
+        step(*batches[0])
+    times = {name: [] for name in steps}
+    run_length = max(1, n // 5)
+    for start in range(0, n, run_length):
+        for name, step in steps.items():
+            for i in range(start, min(start + run_length, n)):
+                started = time.perf_counter()
+                step(*batches[i % len(batches)])
+                times[name].append(time.perf_counter() - started)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def numpy_steps(nets: dict[str, Network]) -> dict:
+    optimizers = {m: Adam(net.parameters(), weight_decay=WEIGHT_DECAY) for m, net in nets.items()}
+    return {m: (lambda x, y, m=m: train_step(nets[m], optimizers[m], x, y, LR)) for m in nets}
+
+
+# ----------------------------------------------------------------------------- step study (default)
+
+
+def traced_peak(step, x, labels) -> int:
+    """Peak bytes allocated while `step(x, labels)` runs, above what was held before it."""
     tracemalloc.start()
     held_before = tracemalloc.get_traced_memory()[0]
     tracemalloc.reset_peak()
-    step()
+    step(x, labels)
     peak = tracemalloc.get_traced_memory()[1] - held_before
     tracemalloc.stop()
     return peak
@@ -151,22 +159,253 @@ def numerics(depth: int, width: int, x: np.ndarray, labels: np.ndarray, dtype: s
     x1, x2 = h[:, : net.half], h[:, net.half :]
     r1, r2 = net.body_inverse(*net.body_forward(x1, x2))
     rebuilt = np.concatenate([r1, r2], axis=1)
-    rebuild_error = float(np.abs(rebuilt - h).max() / np.abs(h).max())
     return {
         "grad_rel_error": grad_error,
         "grad_rel_error_all": (squared_diff / squared_norm) ** 0.5,
-        "reconstruction_rel_error": rebuild_error,
+        "reconstruction_rel_error": float(np.abs(rebuilt - h).max() / np.abs(h).max()),
     }
 
 
-def plot(result: dict, depths: list[int]):
+def step_study_depth(args: Args, depth: int, batches: list) -> dict:
+    """Step memory, step times (numpy models and torch) and numerics at one depth."""
+    from torch_reference import TorchStep  # torch only here: the --rss study never imports it
+
+    nets = {m: Network(ModelConfig(m, depth, args.width), np.random.default_rng(args.seed)) for m in MODELS}
+    steps = numpy_steps(nets)
+    steps["torch"] = TorchStep(
+        nets["resnet"], LR, WEIGHT_DECAY, args.threads
+    )  # the resnet's starting weights
+    memory = {}
+    for model in MODELS:
+        steps[model](*batches[0])  # warm-up: one-time allocations are not a step's
+        memory[model] = max(
+            traced_peak(steps[model], *batches[i % 4]) for i in range(1, args.memory_steps + 1)
+        )
+    seconds = time_steps(steps, batches, args.steps)
+    return {
+        "memory_mib": {m: memory[m] / MIB for m in MODELS},
+        "step_seconds": seconds,
+        "params": {m: nets[m].num_params() for m in MODELS},
+        "numerics": {
+            dt: numerics(depth, args.width, *batches[0], dt, args.seed) for dt in ("float64", "float32")
+        },
+    }
+
+
+def step_study(args: Args, log: RunLogger) -> None:
+    batches, source = batches_for(args)
+    result = {"batch_size": args.batch_size, "width": args.width, "threads": args.threads, "data": source}
+    per_depth = {}
+    for depth in args.depths:
+        r = per_depth[str(depth)] = step_study_depth(args, depth, batches)
+        mem, sec, num = r["memory_mib"], r["step_seconds"], r["numerics"]
+        print(
+            f"depth {depth:3d}: step memory MiB revnet {mem['revnet']:7.2f}  resnet {mem['resnet']:7.2f}  "
+            f"mlp {mem['mlp']:7.2f} | step ms revnet {1e3 * sec['revnet']:7.2f}  "
+            f"resnet {1e3 * sec['resnet']:7.2f}  "
+            f"mlp {1e3 * sec['mlp']:7.2f}  torch {1e3 * sec['torch']:7.2f} "
+            f"(revnet/resnet {sec['revnet'] / sec['resnet']:.2f}) | grad err f64 "
+            f"{num['float64']['grad_rel_error']:.1e} f32 {num['float32']['grad_rel_error']:.1e}, rebuild err "
+            f"f64 {num['float64']['reconstruction_rel_error']:.1e} "
+            f"f32 {num['float32']['reconstruction_rel_error']:.1e}",
+            flush=True,
+        )
+    for key in ("memory_mib", "step_seconds", "params"):
+        names = per_depth[str(args.depths[0])][key]
+        result[key] = {m: {d: r[key][m] for d, r in per_depth.items()} for m in names}
+    result["numerics"] = {
+        dt: {d: r["numerics"][dt] for d, r in per_depth.items()} for dt in ("float64", "float32")
+    }
+    mem, sec = result["memory_mib"], result["step_seconds"]
+    result["ratios"] = {
+        "revnet_over_resnet_memory": {d: mem["revnet"][d] / mem["resnet"][d] for d in per_depth},
+        "revnet_over_resnet_time": {d: sec["revnet"][d] / sec["resnet"][d] for d in per_depth},
+        "numpy_resnet_over_torch_time": {d: sec["resnet"][d] / sec["torch"][d] for d in per_depth},
+    }
+    for key, value in result["ratios"].items():
+        print(f"{key}: { ({k: round(v, 3) for k, v in value.items()}) }")
+    write_json(log.path("benchmark.json"), result)
+    log.save_figure("benchmark", plot_steps(result, args.depths))
+
+
+# ----------------------------------------------------------------------------- rss study
+
+
+def child(args: Args, model: str, depth: int, step_memory: int = 0) -> dict:
+    """Run footprint.py in a fresh process; its JSON line, with the process's peak RSS from wait4."""
+    argv = [
+        sys.executable,
+        str(FOOTPRINT),
+        "--model",
+        model,
+        "--depth",
+        str(depth),
+        "--width",
+        str(args.width),
+    ]
+    argv += [
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.rss_steps),
+        "--threads",
+        str(args.threads),
+    ]
+    argv += ["--seed", str(args.seed), "--data-dir", args.data_dir, "--step-memory", str(step_memory)]
+    argv += ["--val-size", str(args.val_size)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "OPENBLAS_NUM_THREADS": str(args.threads)}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    out, err = proc.stdout.read(), proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"footprint.py --model {model} --depth {depth} failed ({proc.returncode}): {last}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["process_peak_rss_mib"] = usage.ru_maxrss / 1024  # Linux reports KiB
+    return result
+
+
+def accuracy_table(folder: str, args: Args) -> dict:
+    """Test accuracy (and the training process's peak RSS) of the train.py runs in `folder`, per model."""
+    runs = {}
+    for path in sorted(Path(folder).glob("*/summary.json")):
+        s = read_json(path)
+        if (s.get("width"), s.get("batch_size")) == (args.width, args.batch_size):
+            runs.setdefault(f"{s['model']} d{s['depth']}", []).append(s)
+    if not runs:
+        raise UserError(
+            f"--runs: no train.py summaries with --width {args.width} "
+            f"--batch-size {args.batch_size} in {folder}"
+        )
+    table = {}
+    for name, group in runs.items():
+        acc = [100 * s["test_accuracy"] for s in group]
+        table[name] = {
+            "seeds": [s["seed"] for s in group],
+            "test_accuracy": acc,
+            "mean": statistics.mean(acc),
+            "std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+            "peak_rss_mib": [s["peak_rss_mib"] for s in group],
+            "train_seconds": [s["train_seconds"] for s in group],
+            "epochs": group[0]["epochs"],
+            "threads": group[0].get("threads"),
+        }
+        print(
+            f"{name}: test accuracy {table[name]['mean']:.2f} ± {table[name]['std']:.2f} % over seeds "
+            f"{table[name]['seeds']} ({', '.join(f'{a:.2f}' for a in acc)}), train.py peak RSS "
+            f"{', '.join(f'{r:.0f}' for r in table[name]['peak_rss_mib'])} MiB, "
+            f"{statistics.mean(table[name]['train_seconds']):.0f} s training each "
+            f"({group[0]['epochs']} epochs, {group[0].get('threads')} thread(s))"
+        )
+    return table
+
+
+def rss_measure(args: Args) -> dict:
+    """Peak RSS, footprint and step memory per model and depth, each from fresh processes."""
+    rss, footprint, step = ({m: {} for m in MODELS} for _ in range(3))
+    for depth in args.depths:
+        for model in MODELS:
+            r = child(args, model, depth)
+            rss[model][str(depth)] = r["process_peak_rss_mib"]
+            footprint[model][str(depth)] = r["footprint_mib"]
+            step[model][str(depth)] = child(args, model, depth, step_memory=args.memory_steps)[
+                "step_memory_mib"
+            ]
+            f, peak = r["footprint_mib"], rss[model][str(depth)]
+            print(
+                f"depth {depth:3d} {model:6s}: peak RSS {peak:6.1f} MiB = dataset {f['dataset']:.1f}"
+                f" + weights {f['weights']:.1f} + gradients {f['gradients']:.1f}"
+                f" + optimizer {f['optimizer']:.1f} + batch {f['batch']:.1f}"
+                f" + stored activations {f['stored_activations']:.1f} + rest {peak - sum(f.values()):.1f}"
+                f"; step memory (tracemalloc) {step[model][str(depth)]:.1f}",
+                flush=True,
+            )
+    return {"peak_rss_mib": rss, "footprint_mib": footprint, "step_memory_mib": step, "data": r["data"]}
+
+
+def rss_targets(args: Args, result: dict) -> dict:
+    rss, deepest = result["peak_rss_mib"], str(max(args.depths))
+    targets = {
+        f"revnet/resnet peak RSS at depth {deepest}": (
+            rss["revnet"][deepest] / rss["resnet"][deepest],
+            "<=",
+            TARGETS["rss_ratio"],
+        )
+    }
+    if {4, 32} <= set(args.depths):
+        targets["revnet peak RSS depth 32 / depth 4"] = (
+            rss["revnet"]["32"] / rss["revnet"]["4"],
+            "<=",
+            TARGETS["flat"],
+        )
+    sec = result["step_seconds"]
+    targets[f"revnet/resnet step time at depth {args.time_depth}"] = (
+        sec["revnet"] / sec["resnet"],
+        "<=",
+        TARGETS["time_ratio"],
+    )
+    if result.get("accuracy"):
+        acc = result["accuracy"]
+        for name in sorted(acc):
+            twin = name.replace("revnet", "resnet")
+            if name.startswith("revnet") and twin in acc:
+                rev, res = acc[name], acc[twin]
+                label = f"|revnet - resnet| test accuracy at {name[7:]}, mean of {len(rev['seeds'])} seeds"
+                targets[label] = (abs(rev["mean"] - res["mean"]), "<=", TARGETS["accuracy_points"])
+    for name, (value, op, limit) in targets.items():
+        print(f"target {name}: {value:.3f} {op} {limit}: {'met' if value <= limit else 'MISSED'}")
+    return {name: {"value": v, "limit": limit, "met": v <= limit} for name, (v, _, limit) in targets.items()}
+
+
+def rss_study(args: Args, log: RunLogger) -> None:
+    started = time.perf_counter()
+    result = {
+        "config": {
+            "width": args.width,
+            "batch_size": args.batch_size,
+            "depths": args.depths,
+            "dtype": "float32",
+            "threads": args.threads,
+            "steps_per_process": args.rss_steps,
+        }
+    }
+    result.update(rss_measure(args))
+    batches, _ = batches_for(args)
+    nets = {
+        m: Network(ModelConfig(m, args.time_depth, args.width), np.random.default_rng(args.seed))
+        for m in ("revnet", "resnet")
+    }
+    result["step_seconds"] = time_steps(numpy_steps(nets), batches, args.steps)
+    del nets, batches
+    print(
+        f"step time at depth {args.time_depth}: "
+        + ", ".join(f"{m} {1e3 * s:.1f} ms" for m, s in result["step_seconds"].items())
+        + f" (median of {args.steps}, {args.threads} thread(s))"
+    )
+    if args.runs:
+        result["accuracy"] = accuracy_table(args.runs, args)
+    result["targets"] = rss_targets(args, result)
+    result["seconds"] = time.perf_counter() - started
+    print(f"benchmark --rss took {result['seconds']:.0f} s")
+    write_json(log.path("rss.json"), result)
+    log.save_figure("rss", plot_rss(result, args.depths))
+
+
+# ----------------------------------------------------------------------------- plots and main
+
+
+def plot_steps(result: dict, depths: list[int]):
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullFormatter, NullLocator, ScalarFormatter
+
     fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(10, 3.8))
     for m in MODELS:
         ax_mem.plot(depths, [result["memory_mib"][m][str(d)] for d in depths], marker="o", label=m)
         ax_time.plot(depths, [1e3 * result["step_seconds"][m][str(d)] for d in depths], marker="o", label=m)
     ax_time.plot(
         depths,
-        [1e3 * result["torch_step_seconds"][str(d)] for d in depths],
+        [1e3 * result["step_seconds"]["torch"][str(d)] for d in depths],
         marker="s",
         ls="--",
         label="resnet (torch)",
@@ -196,115 +435,39 @@ def plot(result: dict, depths: list[int]):
     return fig
 
 
+def plot_rss(result: dict, depths: list[int]):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for m in MODELS:
+        ax.plot(
+            depths, [result["peak_rss_mib"][m][str(d)] for d in depths], marker="o", label=f"{m}: peak RSS"
+        )
+    floor = [
+        sum(v for k, v in result["footprint_mib"]["revnet"][str(d)].items() if k != "stored_activations")
+        for d in depths
+    ]
+    ax.plot(depths, floor, ls=":", color="gray", label="dataset + weights + grads + Adam + batch")
+    c = result["config"]
+    ax.set(
+        ylim=(0, None),
+        xlabel="depth (blocks)",
+        ylabel="MiB",
+        title=f"training process peak RSS (width {c['width']}, batch {c['batch_size']}, float32)",
+    )
+    ax.set_xticks(depths, [str(d) for d in depths])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
-    real = split_present(args.data_dir, "train")
-    if real:
-        images, all_labels = load_split(args.data_dir, "train", allow_download=False)
-        x_all = normalise(images, "float64")
-    else:
-        print(
-            f"no MNIST training files in {args.data_dir}: random batches "
-            "(a step's cost does not depend on the pixels)"
-        )
-        rng, n = np.random.default_rng(args.seed), 4 * args.batch_size
-        x_all, all_labels = rng.standard_normal((n, 784)), rng.integers(0, 10, n)
-    threadpool_limits(args.threads, user_api="blas")  # numpy's BLAS and torch get the same threads
-    torch.set_num_threads(args.threads)
-    blas_threads = max((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=1)
-    torch.manual_seed(args.seed)
-    print(
-        f"batch {args.batch_size}, width {args.width}, float32, {blas_threads} BLAS and torch threads, "
-        f"{'MNIST' if real else 'random'} batches"
-    )
-    log = RunLogger(
-        "revnet_mnist",
-        run_name("benchmark", args.seed),
-        asdict(args),
-        out=args.out,
-        clearml=args.clearml,
-        clearml_queue=args.clearml_queue,
-    )
-
-    rng = np.random.default_rng(args.seed)
-    batches = [rng.choice(len(x_all), args.batch_size, replace=False) for _ in range(4)]
-    batches = [(x_all[b].astype(np.float32), all_labels[b]) for b in batches]
-    result = {
-        "batch_size": args.batch_size,
-        "width": args.width,
-        "threads": blas_threads,
-        "data": "mnist" if real else "random",
-        "memory_mib": {m: {} for m in MODELS},
-        "step_seconds": {m: {} for m in MODELS},
-        "torch_step_seconds": {},
-        "params": {m: {} for m in MODELS},
-        "numerics": {"float64": {}, "float32": {}},
-    }
-    for depth in args.depths:
-        # build: every model starts from the same seed; torch copies the numpy resnet's weights
-        nets = {
-            m: Network(ModelConfig(m, depth, args.width), np.random.default_rng(args.seed)) for m in MODELS
-        }
-        step = Contestants(nets, batches)
-
-        # memory: a warm-up step, then the max over traced steps
-        for model in MODELS:
-            step(model, 0)
-            peak = max(traced_peak(lambda: step(model, i)) for i in range(1, args.memory_steps + 1))  # noqa: B023
-            result["memory_mib"][model][str(depth)] = peak / MIB
-            result["params"][model][str(depth)] = nets[model].num_params()
-        # time: models take turns in short runs of steps (a busy machine slows them alike), medians
-        times = {m: [] for m in (*MODELS, "torch")}
-        step("torch", 0)
-        run_length = max(1, args.steps // 5)
-        for start in range(0, args.steps, run_length):
-            for model in times:
-                for i in range(start, min(start + run_length, args.steps)):
-                    started = time.perf_counter()
-                    step(model, i)
-                    times[model].append(time.perf_counter() - started)
-        for model in MODELS:
-            result["step_seconds"][model][str(depth)] = float(np.median(times[model]))
-        result["torch_step_seconds"][str(depth)] = float(np.median(times["torch"]))
-        # numerics on one batch, float64 and float32
-        for dtype in ("float64", "float32"):
-            result["numerics"][dtype][str(depth)] = numerics(depth, args.width, *batches[0], dtype, args.seed)
-
-        mem, sec = result["memory_mib"], result["step_seconds"]
-        d = str(depth)
-        print(
-            f"depth {depth:3d}: memory MiB revnet {mem['revnet'][d]:7.2f}  resnet {mem['resnet'][d]:7.2f}  "
-            f"mlp {mem['mlp'][d]:7.2f} (revnet/resnet {mem['revnet'][d] / mem['resnet'][d]:.3f}) | step ms "
-            f"revnet {1e3 * sec['revnet'][d]:6.2f}  resnet {1e3 * sec['resnet'][d]:6.2f}  "
-            f"mlp {1e3 * sec['mlp'][d]:6.2f}  torch {1e3 * result['torch_step_seconds'][d]:6.2f} "
-            f"(revnet/resnet {sec['revnet'][d] / sec['resnet'][d]:.2f}, "
-            f"resnet/torch {sec['resnet'][d] / result['torch_step_seconds'][d]:.2f}) | grad err "
-            f"f64 {result['numerics']['float64'][d]['grad_rel_error']:.1e} "
-            f"f32 {result['numerics']['float32'][d]['grad_rel_error']:.1e}, rebuild err "
-            f"f64 {result['numerics']['float64'][d]['reconstruction_rel_error']:.1e} "
-            f"f32 {result['numerics']['float32'][d]['reconstruction_rel_error']:.1e}",
-            flush=True,
-        )
-
-    # ratios the targets are stated in
-    mem, sec = result["memory_mib"], result["step_seconds"]
-    d0 = str(4 if 4 in args.depths else args.depths[0])  # the targets compare with depth 4
-    d1 = str(args.depths[-1])
-    result["ratios"] = {
-        f"revnet_memory_depth{d1}_over_depth{d0}": mem["revnet"][d1] / mem["revnet"][d0],
-        f"resnet_memory_depth{d1}_over_depth{d0}": mem["resnet"][d1] / mem["resnet"][d0],
-        "revnet_over_resnet_memory": {d: mem["revnet"][d] / mem["resnet"][d] for d in mem["revnet"]},
-        "revnet_over_resnet_time": {d: sec["revnet"][d] / sec["resnet"][d] for d in sec["revnet"]},
-        "numpy_resnet_over_torch_time": {
-            d: sec["resnet"][d] / result["torch_step_seconds"][d] for d in sec["revnet"]
-        },
-    }
-    for key, value in result["ratios"].items():
-        shown = {k: round(v, 3) for k, v in value.items()} if isinstance(value, dict) else round(value, 3)
-        print(f"{key}: {shown}")
-    write_json(log.path("benchmark.json"), result)
-    log.save_figure("benchmark", plot(result, args.depths))
-    log.close()
+    threadpool_limits(args.threads, user_api="blas")
+    blas = max((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=1)
+    print(f"batch {args.batch_size}, width {args.width}, float32, {blas} BLAS thread(s)")
+    with RunLogger("revnet_mnist", run_name("rss" if args.rss else "benchmark", args.seed), args) as log:
+        (rss_study if args.rss else step_study)(args, log)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import os
 import struct
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ FILES = {  # name -> MD5 of the .gz file, as torchvision lists them
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049  # idx headers: 0x00000803 (uint8, 3 dims), 0x00000801 (1 dim)
 MEAN, STD = 0.1307, 0.3081  # MNIST training-set pixel mean and std (after scaling to [0, 1])
 TIMEOUT_S = 30
+CHUNK = 2**20  # bytes decompressed at a time
+MAX_BYTES = 2**30  # an idx header asking for more than this is corrupt (MNIST: 47 MB)
 
 
 def _find(raw: Path, name: str) -> Path | None:
@@ -80,24 +83,35 @@ def download(raw: Path, name: str) -> Path:
 
 
 def read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
-    """An idx file's uint8 array, shape (n,) or (n, rows, cols); UserError if it is not one."""
-    try:
-        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise UserError(f"cannot read {path}: {e}; delete it to download it again") from None
+    """An idx file's uint8 array, shape (n,) or (n, rows, cols); UserError if it is not one.
+
+    Decompresses straight into the array, so reading needs no more memory than the array itself."""
     header = 4 + 4 * dims
-    if len(data) < header or struct.unpack(">I", data[:4])[0] != magic:
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            head = f.read(header)
+            if len(head) < header or struct.unpack(">I", head[:4])[0] != magic:
+                raise UserError(
+                    f"{path} is not an MNIST idx file (expected magic number {magic}); "
+                    "delete it to download it again"
+                )
+            shape = struct.unpack(f">{dims}I", head[4:])
+            expected = int(np.prod(shape))
+            if expected > MAX_BYTES:
+                raise UserError(f"{path} is corrupt (header says {shape}); delete it to download it again")
+            array = np.empty(expected, dtype=np.uint8)
+            view, got = memoryview(array), 0
+            while got < expected and (n := f.readinto(view[got : got + CHUNK])):  # chunks: no big copy
+                got += n
+            extra = len(f.read(1))  # also makes gzip check the stream's CRC and length
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise UserError(f"cannot read {path}: {e}; delete it to download it again") from None
+    if got != expected or extra:
         raise UserError(
-            f"{path} is not an MNIST idx file (expected magic number {magic}); delete it to download it again"
+            f"{path} is truncated or corrupt ({header + got}{'+' if extra else ''} bytes, "
+            f"header says {header + expected}); delete it to download it again"
         )
-    shape = struct.unpack(f">{dims}I", data[4:header])
-    expected = header + int(np.prod(shape))
-    if len(data) != expected:
-        raise UserError(
-            f"{path} is truncated or corrupt ({len(data)} bytes, header says {expected}); "
-            "delete it to download it again"
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    return array.reshape(shape)
 
 
 def load_split(data_dir: str | Path, split: str, allow_download: bool = True) -> tuple[np.ndarray, ...]:
@@ -120,8 +134,30 @@ def load_split(data_dir: str | Path, split: str, allow_download: bool = True) ->
     return images, labels.astype(np.int64)
 
 
+def load_mnist(data_dir: str | Path, val_size: int, allow_download: bool = True) -> dict[str, np.ndarray]:
+    """MNIST as uint8 images (n, 28, 28) and int64 labels: train, val, test.
+
+    The validation split is the last `val_size` images of the 60,000 training images, as views
+    (no copy): the dataset stays 52 MiB of uint8 in memory; batches are normalised as they are drawn."""
+    train_images, train_labels = load_split(data_dir, "train", allow_download)
+    test_images, test_labels = load_split(data_dir, "t10k", allow_download)
+    if not 0 <= val_size < len(train_images):
+        raise UserError(f"--val-size must be below the {len(train_images)} training images in {data_dir}")
+    cut = len(train_images) - val_size
+    return {
+        "train_images": train_images[:cut],
+        "train_labels": train_labels[:cut],
+        "val_images": train_images[cut:],
+        "val_labels": train_labels[cut:],
+        "test_images": test_images,
+        "test_labels": test_labels,
+    }
+
+
 def normalise(images: np.ndarray, dtype) -> np.ndarray:
-    """uint8 (n, 28, 28) -> (n, 784) in `dtype`, zero mean and unit variance over the training set."""
+    """uint8 (n, 28, 28) -> (n, 784) in `dtype`, zero mean and unit variance over the training set.
+
+    Called per batch, so only the batch being used exists in floating point."""
     x = images.reshape(len(images), -1).astype(dtype)  # (n, 784)
     x *= 1 / (255 * STD)
     x -= MEAN / STD

@@ -180,6 +180,9 @@ class Network:
         self.head_relu = ReLU()
         self.head = Linear(width, config.classes, rng, dtype)
         self.top = None  # revnet: the last block's output, the only activation kept for backward
+        self.reversible_pass = False  # whether the last forward(train=True) kept only the top
+        self.keep_input = False  # keep a copy of the stack's input to measure the rebuild (see forward)
+        self.bottom, self.rebuild_error = None, None
 
     @property
     def reversible(self) -> bool:
@@ -216,17 +219,24 @@ class Network:
                 raise ValueError(f"{name}: shape {state[name].shape} does not fit {p.shape}")
             p[...] = state[name]
 
-    def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
-        """Logits (B, classes). `train` keeps what backward needs: everything, or only the top for revnet."""
+    def forward(self, x: np.ndarray, train: bool = True, store_all: bool = False) -> np.ndarray:
+        """Logits (B, classes). `train` keeps what backward needs: everything, or only the top for revnet.
+
+        `store_all` makes a revnet keep every activation like resnet (the reference of
+        `reversibility_check`); `keep_input` (attribute) makes a reversible pass also keep a copy of
+        the stack's input, which backward compares with the input it rebuilds (`rebuild_error`)."""
+        self.reversible_pass = train and self.reversible and not store_all
         h = self.stem.forward(x, store=train)  # (B, width)
         if self.config.model == "mlp":
             for block in self.blocks:
                 h = block.forward(h, store=train)
         else:
+            if self.reversible_pass and self.keep_input:
+                self.bottom = h.copy()  # one extra (B, width) array
             x1, x2 = h[:, : self.half], h[:, self.half :]  # two (B, width/2) views
             for block in self.blocks:
-                x1, x2 = block.forward(x1, x2, store=train and not self.reversible)
-            if train and self.reversible:
+                x1, x2 = block.forward(x1, x2, store=train and not self.reversible_pass)
+            if self.reversible_pass:
                 self.top = (x1, x2)
             h = np.concatenate([x1, x2], axis=1)  # (B, width)
         return self.head.forward(self.head_relu.forward(h, store=train), store=train)
@@ -241,11 +251,18 @@ class Network:
                 dh = block.backward(dh)
         else:
             d1, d2 = dh[:, : self.half], dh[:, self.half :]
-            if self.reversible:
+            if self.reversible_pass:
                 y1, y2 = self.top
                 self.top = None
                 for block in reversed(self.blocks):
                     y1, y2, d1, d2 = block.backward_reversible(y1, y2, d1, d2)
+                if self.bottom is not None:  # y1, y2 now hold the rebuilt input of the stack
+                    scale = float(np.abs(self.bottom).max()) or 1.0
+                    error = max(
+                        np.abs(y1 - self.bottom[:, : self.half]).max(),
+                        np.abs(y2 - self.bottom[:, self.half :]).max(),
+                    )
+                    self.rebuild_error, self.bottom = float(error) / scale, None
             else:
                 for block in reversed(self.blocks):
                     d1, d2 = block.backward(d1, d2)
@@ -382,11 +399,59 @@ def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int
     return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def reversibility_check(network: Network, x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """How faithful the reversible backward is on one batch, with the network's current weights.
+
+    rebuild_error: max |x' - x| / max |x| between the stack's input rebuilt by the backward pass and
+    a copy stored at the forward pass. grad_error: ||g_rev - g|| / ||g|| over all parameters as one
+    vector, g from stored-activation backprop of the same network. Call between training steps: it
+    overwrites the gradient buffers (the optimizer reads them only inside `step`)."""
+    network.keep_input = True
+    try:
+        network.backward(softmax_cross_entropy(network.forward(x), labels)[1])
+    finally:
+        network.keep_input = False
+    rebuild_error = network.rebuild_error
+    reversible = [g.copy() for _, _, g in network.parameters()]
+    network.backward(softmax_cross_entropy(network.forward(x, store_all=True), labels)[1])
+    squared_diff = squared_norm = 0.0
+    for (_, _, g), g_rev in zip(network.parameters(), reversible):
+        squared_diff += float(np.sum(np.square(g_rev - g, dtype=np.float64)))
+        squared_norm += float(np.sum(np.square(g, dtype=np.float64)))
+    return {"rebuild_error": rebuild_error, "grad_error": (squared_diff / (squared_norm or 1.0)) ** 0.5}
+
+
+def held_bytes(network: Network) -> int:
+    """Bytes of the arrays the network holds for backward right now (each array counted once)."""
+    held = {}
+    for layer in network.linears().values():
+        if layer.x is not None:
+            held[id(layer.x)] = layer.x
+    relus = [network.head_relu] + [
+        layer for block in network.blocks for seq in _branches(block) for layer in seq.layers
+    ]
+    for layer in relus:
+        if isinstance(layer, ReLU) and layer.y is not None:
+            held[id(layer.y)] = layer.y
+    for array in (*(network.top or ()), network.bottom):
+        if array is not None:
+            held[id(array)] = array
+    return sum(a.nbytes for a in held.values())
+
+
+def _branches(block) -> tuple:
+    return (block.F, block.G) if isinstance(block, ReversibleBlock) else (block,)
+
+
 def train_step(
-    network: Network, optimizer: Optimizer, x: np.ndarray, labels: np.ndarray, lr: float
+    network: Network, optimizer: Optimizer, x: np.ndarray, labels: np.ndarray, lr: float, after_forward=None
 ) -> tuple[float, int]:
-    """One forward, backward and update; returns (loss, correct predictions in the batch)."""
+    """One forward, backward and update; returns (loss, correct predictions in the batch).
+
+    `after_forward(network)`, if given, runs between forward and backward (memory accounting)."""
     logits = network.forward(x, train=True)
+    if after_forward is not None:
+        after_forward(network)
     loss, dlogits = softmax_cross_entropy(logits, labels)
     correct = int((logits.argmax(axis=1) == labels).sum())
     del logits

@@ -1,11 +1,13 @@
 """Train a reversible residual MLP (RevNet; Gomez et al. 2017, arXiv 1707.04585) on MNIST, in numpy.
 
-Reports test accuracy and the measured peak memory of one training step (forward, backward,
-update), so the reversible network can be compared with its classic counterpart:
+Holds out the last --val-size training images for validation (watched every epoch), tests once on
+the 10,000 test images at the end, and reports the memory a user sees (the process's peak RSS) and
+the memory of one training step. For revnet, every epoch also checks how faithfully the reversible
+backward rebuilds the activations it did not store, and warns when it stops doing so.
 
-    python revnet_mnist/train.py --data-dir /work/shared/data                  # default RevNet
-    python revnet_mnist/train.py --data-dir /work/shared/data --model resnet   # same net, stored activations
-    python revnet_mnist/train.py --data-dir /work/shared/data --model mlp      # plain MLP
+    python revnet_mnist/train.py --data-dir PATH                  # default RevNet, ~1 min per epoch
+    python revnet_mnist/train.py --data-dir PATH --model resnet   # same net, stored activations
+    python revnet_mnist/train.py --data-dir PATH --model mlp      # plain MLP
     python revnet_mnist/train.py --epochs 1 --limit-train 2000 --clearml off   # tiny run, seconds
 
 Writes runs/revnet_mnist/<model>_seed<seed>_<time>/ (or --out): config.json, metrics.jsonl,
@@ -18,28 +20,26 @@ import json
 import math
 import os
 import resource
+import sys
 import time
 import tracemalloc
+import zipfile
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-import matplotlib
+import numpy as np
+from mnist_data import load_mnist, normalise
+from revnet import SGD, Adam, ModelConfig, Network, learning_rate, reversibility_check, train_step
+from threadpoolctl import threadpool_limits
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from mnist_data import load_split, normalise  # noqa: E402
-from revnet import SGD, Adam, ModelConfig, Network, learning_rate, train_step  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from common import RunLogger, UserError, default_data_dir, parse_args, run_main, run_name  # noqa: E402
+from common import CHECKPOINT_NPZ, DataArgs, RunLogger, UserError, parse_args, run_main, run_name
 
 MIB = 2**20
+CHECK_BATCH = 256  # images in the per-epoch reversibility check
 
 
 @dataclass
-class Args:
+class Args(DataArgs):
     model: Literal["revnet", "resnet", "mlp"] = "revnet"  # reversible, stored-activation backprop, plain MLP
     depth: int = 4  # reversible blocks (revnet, resnet) or hidden layers (mlp)
     width: int = 256  # features after the input projection; even, split in two halves per block
@@ -51,15 +51,16 @@ class Args:
     weight_decay: float = 5e-5  # decoupled weight decay on weight matrices, per unit learning rate
     warmup_epochs: float = 0.5  # linear learning-rate warmup, in epochs
     dtype: Literal["float32", "float64"] = "float32"  # precision of parameters and activations
+    val_size: int = 5000  # the last N of the 60,000 training images, held out for validation
     limit_train: int | None = None  # train on the first N training images only (quick runs)
     memory_steps: int = 3  # training steps whose peak memory is traced (tracemalloc), after a warm-up step
-    threads: int | None = None  # BLAS threads (default: all cores; 1 is steadier on a busy machine)
-    seed: int = 0  # seeds initialisation and data order
-    data_dir: str = default_data_dir()  # holds MNIST/raw/*-ubyte(.gz); downloaded there when absent
-    out: str | None = None  # run folder (default runs/revnet_mnist/<run name>)
-    resume: bool = False  # continue the run in --out from its checkpoint.npz
-    clearml: Literal["auto", "offline", "online", "off"] = "auto"  # ClearML mirror of the run
-    clearml_queue: str | None = None  # hand the run to this ClearML agent queue
+    # warn when the reversible rebuild's relative error exceeds this (default: 1e4 x the dtype's epsilon)
+    rebuild_tolerance: float | None = None
+    threads: int = 1  # BLAS threads (1: the README's timings; more: faster on an idle machine)
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset(
+        {"epochs", "threads", "memory_steps", "rebuild_tolerance"}
+    )
 
 
 def check_args(args: Args) -> None:
@@ -67,42 +68,60 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--depth must be >= 1 (got {args.depth})")
     if args.width < 4 or args.width % 2:
         raise ValueError(f"--width must be an even number >= 4, split into two halves (got {args.width})")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be > 0 (got {args.lr})")
-    if args.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1 (got {args.epochs})")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    for flag, value in (("--lr", args.lr), ("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value <= 0:
+            raise ValueError(f"{flag} must be > 0 (got {value})")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1 (got {args.threads})")
     if args.limit_train is not None and args.limit_train < args.batch_size:
         raise ValueError(f"--limit-train must be >= --batch-size {args.batch_size} (got {args.limit_train})")
-    if not 0 <= args.momentum < 1:
+    if args.momentum >= 1:
         raise ValueError(f"--momentum must be in [0, 1) (got {args.momentum})")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be >= 1 (got {args.threads})")
-    if args.weight_decay < 0 or args.warmup_epochs < 0 or args.memory_steps < 0:
-        raise ValueError("--weight-decay, --warmup-epochs and --memory-steps must be >= 0")
-    if args.resume and not args.out:
-        raise ValueError("--resume needs --out, the run folder to continue")
+    if args.rebuild_tolerance is not None and args.rebuild_tolerance <= 0:
+        raise ValueError(f"--rebuild-tolerance must be > 0 (got {args.rebuild_tolerance})")
 
 
-def measured_step(network, optimizer, x, labels, lr):
-    """train_step under tracemalloc: (loss, correct, peak bytes allocated above what was held before)."""
-    held_before = tracemalloc.get_traced_memory()[0]
-    tracemalloc.reset_peak()
-    loss, correct = train_step(network, optimizer, x, labels, lr)
-    return loss, correct, tracemalloc.get_traced_memory()[1] - held_before
-
-
-def evaluate(network: Network, x: np.ndarray, labels: np.ndarray, batch: int = 1000) -> float:
-    correct = 0
-    for i in range(0, len(x), batch):
-        predicted = network.forward(x[i : i + batch], train=False).argmax(axis=1)
-        correct += int((predicted == labels[i : i + batch]).sum())
-    return correct / len(x)
+# ----------------------------------------------------------------------------- pieces
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def evaluate(network: Network, images: np.ndarray, labels: np.ndarray, dtype: str, batch: int = 1000):
+    """(accuracy, mean cross-entropy) over uint8 `images`, normalised a batch at a time."""
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(images), batch):
+        logits = network.forward(normalise(images[i : i + batch], dtype), train=False)
+        y = labels[i : i + batch]
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        loss_sum -= float(log_probs[np.arange(len(y)), y].sum())
+        correct += int((logits.argmax(axis=1) == y).sum())
+    return correct / len(images), loss_sum / len(images)
+
+
+def measured_step(network, optimizer, x, labels, lr):
+    """train_step under tracemalloc: (loss, correct, peak bytes allocated above what was held before)."""
+    tracemalloc.start()
+    held_before = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    loss, correct = train_step(network, optimizer, x, labels, lr)
+    peak = tracemalloc.get_traced_memory()[1] - held_before
+    tracemalloc.stop()
+    return loss, correct, peak
+
+
+def rebuild_warning(check: dict, tolerance: float, epoch: int) -> str | None:
+    """One line of advice when the reversible backward no longer rebuilds its activations faithfully."""
+    if check["rebuild_error"] <= tolerance:
+        return None
+    return (
+        f"warning: epoch {epoch}: the reversible blocks rebuild their input with relative error "
+        f"{check['rebuild_error']:.1e} (> {tolerance:.0e}) and their gradients are off by "
+        f"{check['grad_error']:.1e}: the branches have become too expansive to invert in this precision; "
+        "lower --lr, raise --weight-decay, train in --dtype float64, or use --model resnet"
+    )
 
 
 def save_checkpoint(path, network, optimizer, meta: dict) -> None:
@@ -118,186 +137,229 @@ def save_checkpoint(path, network, optimizer, meta: dict) -> None:
 
 def load_checkpoint(path, network, optimizer) -> dict:
     try:
-        with np.load(path) as ckpt:
+        with np.load(path, allow_pickle=False) as ckpt:
             meta = json.loads(str(ckpt["meta"]))
-            if meta["model_config"] != asdict(network.config):
-                raise UserError(
-                    f"--resume: {path} holds {meta['model_config']}, "
-                    f"not {asdict(network.config)}; pass the same flags as the run it continues"
-                )
             network.load_state_dict({k[6:]: ckpt[k] for k in ckpt.files if k.startswith("param/")})
             optimizer.load_state({k[4:]: ckpt[k] for k in ckpt.files if k.startswith("opt/")})
             return meta
-    except (OSError, KeyError, ValueError) as e:
-        raise UserError(f"cannot resume from {path}: {e}") from None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot resume from {path}: {e}; it is corrupt, start a new --out") from None
 
 
 def plot_curves(history: list[dict]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # imported here: the training process stays lean (see README)
+
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
     epochs = [h["epoch"] for h in history]
-    ax_loss.plot(epochs[1:], [h["train_loss"] for h in history[1:]], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
+    ax_loss.plot(epochs[1:], [h["train_loss"] for h in history[1:]], marker="o", label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
+    ax_loss.legend()
     ax_acc.plot(epochs[1:], [100 * h["train_accuracy"] for h in history[1:]], marker="o", label="train")
-    ax_acc.plot(epochs, [100 * h["test_accuracy"] for h in history], marker="o", label="test")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(90, 100), title="accuracy")
+    ax_acc.plot(epochs, [100 * h["val_accuracy"] for h in history], marker="o", label="validation")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(80, 100), title="accuracy")
     ax_acc.legend()
     fig.tight_layout()
     return fig
 
 
-def main() -> None:
-    args = parse_args(Args, check=check_args, description=__doc__)
-    config = ModelConfig(model=args.model, depth=args.depth, width=args.width, dtype=args.dtype)
-    if args.threads is not None:
-        threadpool_limits(args.threads, user_api="blas")
+# ----------------------------------------------------------------------------- stages
 
-    # data: every check before the run folder exists, so bad input writes nothing
-    train_images, train_labels = load_split(args.data_dir, "train")
-    test_images, test_labels = load_split(args.data_dir, "t10k")
-    if args.limit_train is not None:
-        train_images, train_labels = train_images[: args.limit_train], train_labels[: args.limit_train]
-    if len(train_images) < args.batch_size:
-        raise UserError(f"only {len(train_images)} training images in {args.data_dir}; need >= --batch-size")
-    x_train, x_test = normalise(train_images, args.dtype), normalise(test_images, args.dtype)
-    steps_per_epoch = len(x_train) // args.batch_size  # the last partial batch is dropped
-    total_steps = steps_per_epoch * args.epochs
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
-    checkpoint = os.path.join(args.out, "checkpoint.npz") if args.out else None
-    if args.resume and not os.path.isfile(checkpoint):
-        raise UserError(f"--resume: no checkpoint.npz in {args.out}")
 
-    # model and optimizer
-    network = Network(config, np.random.default_rng(args.seed))
-    params = network.parameters()
-    if args.optimizer == "adam":
-        optimizer = Adam(params, weight_decay=args.weight_decay)
-    else:
-        optimizer = SGD(params, momentum=args.momentum, weight_decay=args.weight_decay)
-    order_rng = np.random.default_rng([args.seed, 1])  # data order, apart from the init stream
-    start_epoch, history = 0, []
-    if args.resume:
-        meta = load_checkpoint(checkpoint, network, optimizer)
-        start_epoch, history = meta["epoch"], meta["history"]
-        order_rng.bit_generator.state = meta["order_rng"]
-    print(
-        f"{args.model}: depth {args.depth}, width {args.width}, {network.num_params():,} parameters, "
-        f"{args.dtype}; {len(x_train):,} train / {len(x_test):,} test images, "
-        f"{steps_per_epoch} steps per epoch, {total_steps} steps, warmup {warmup_steps}"
-    )
+class Run:
+    """Everything one training run holds: data (uint8), network, optimizer, schedule, history."""
 
-    log = RunLogger(
-        "revnet_mnist",
-        run_name(args.model, args.seed),
-        asdict(args),
-        out=args.out,
-        clearml=args.clearml,
-        clearml_queue=args.clearml_queue,
-        resume=args.resume,
-    )
-    if not history:  # evaluation at step 0
-        history.append({"epoch": 0, "test_accuracy": evaluate(network, x_test, test_labels)})
-        log.log(0, {"test/accuracy": history[0]["test_accuracy"]})
+    def __init__(self, args: Args):
+        self.args = args
+        data = load_mnist(args.data_dir, args.val_size)  # every data check before the run folder exists
+        if args.limit_train is not None:
+            data["train_images"] = data["train_images"][: args.limit_train]
+            data["train_labels"] = data["train_labels"][: args.limit_train]
+        if len(data["train_images"]) < args.batch_size:
+            raise UserError(f"only {len(data['train_images'])} training images; need >= --batch-size")
+        if args.val_size == 0:
+            raise UserError("--val-size 0 leaves nothing to validate on; keep some training images back")
+        self.data = data
+        self.steps_per_epoch = len(data["train_images"]) // args.batch_size  # last partial batch dropped
+        self.total_steps = self.steps_per_epoch * args.epochs
+        self.warmup_steps = round(args.warmup_epochs * self.steps_per_epoch)
+        config = ModelConfig(model=args.model, depth=args.depth, width=args.width, dtype=args.dtype)
+        self.network = Network(config, np.random.default_rng(args.seed))
+        params = self.network.parameters()
+        if args.optimizer == "adam":
+            self.optimizer = Adam(params, weight_decay=args.weight_decay)
+        else:
+            self.optimizer = SGD(params, momentum=args.momentum, weight_decay=args.weight_decay)
+        self.order_rng = np.random.default_rng([args.seed, 1])  # data order, apart from the init stream
+        self.tolerance = args.rebuild_tolerance or 1e4 * float(np.finfo(args.dtype).eps)
+        self.start_epoch, self.history = 0, []
+        self.peak_step_bytes, self.step_seconds, self.train_seconds = 0, [], 0.0
 
-    peak_step_bytes, epoch_seconds, step_seconds = 0, [], []
-    for epoch in range(start_epoch, args.epochs):
-        # train
-        order = order_rng.permutation(len(x_train))
+    def describe(self) -> str:
+        a, d = self.args, self.data
+        return (
+            f"{a.model}: depth {a.depth}, width {a.width}, {self.network.num_params():,} parameters, "
+            f"{a.dtype}; {len(d['train_images']):,} train / {len(d['val_images']):,} validation images, "
+            f"batch {a.batch_size}, {self.steps_per_epoch} steps per epoch, {self.total_steps} steps, "
+            f"{a.threads} BLAS thread(s)"
+        )
+
+    def restore(self, path) -> int:
+        meta = load_checkpoint(path, self.network, self.optimizer)
+        self.start_epoch, self.history = meta["epoch"], meta["history"]
+        self.order_rng.bit_generator.state = meta["order_rng"]
+        self.train_seconds = meta.get("train_seconds", 0.0)
+        return self.start_epoch * self.steps_per_epoch
+
+    def save(self, path) -> None:
+        meta = {
+            "epoch": len(self.history) - 1,
+            "history": self.history,
+            "order_rng": self.order_rng.bit_generator.state,
+            "train_seconds": self.train_seconds,
+        }
+        save_checkpoint(path, self.network, self.optimizer, meta)
+
+    def train_epoch(self, epoch: int, log: RunLogger) -> dict:
+        """One pass over the training images in a fresh order; returns the epoch's training metrics."""
+        a, images, labels = self.args, self.data["train_images"], self.data["train_labels"]
+        order = self.order_rng.permutation(len(images))
         loss_sum, correct_sum, seen = 0.0, 0, 0
         started = time.perf_counter()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
-        for i in bar:
-            step = epoch * steps_per_epoch + i
-            batch = order[i * args.batch_size : (i + 1) * args.batch_size]
-            x, labels = x_train[batch], train_labels[batch]
-            lr = learning_rate(step, total_steps, args.lr, warmup_steps)
-            # memory: trace a few steps after the first, so one-time allocations don't count
-            traced = epoch == start_epoch and 1 <= i <= args.memory_steps
-            if traced:
-                tracemalloc.start()
-                loss, correct, peak = measured_step(network, optimizer, x, labels, lr)
-                tracemalloc.stop()
-                peak_step_bytes = max(peak_step_bytes, peak)
+        for i in range(self.steps_per_epoch):
+            step = epoch * self.steps_per_epoch + i
+            batch = order[i * a.batch_size : (i + 1) * a.batch_size]
+            x, y = normalise(images[batch], a.dtype), labels[batch]  # only this batch is ever float
+            lr = learning_rate(step, self.total_steps, a.lr, self.warmup_steps)
+            if epoch == self.start_epoch and 1 <= i <= a.memory_steps:  # after a warm-up step
+                loss, correct, peak = measured_step(self.network, self.optimizer, x, y, lr)
+                self.peak_step_bytes = max(self.peak_step_bytes, peak)
             else:
                 t0 = time.perf_counter()
-                loss, correct = train_step(network, optimizer, x, labels, lr)
-                step_seconds.append(time.perf_counter() - t0)
+                loss, correct = train_step(self.network, self.optimizer, x, y, lr)
+                self.step_seconds.append(time.perf_counter() - t0)
             if not math.isfinite(loss):
                 raise UserError(f"training diverged (loss {loss}) at step {step}; try a smaller --lr")
-            loss_sum, correct_sum, seen = loss_sum + loss * len(x), correct_sum + correct, seen + len(x)
+            loss_sum, correct_sum, seen = loss_sum + loss * len(y), correct_sum + correct, seen + len(y)
             if step % 50 == 0:
-                log.log(step, {"train/loss": loss, "train/lr": lr})
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct_sum / seen:.4f}")
-        epoch_seconds.append(time.perf_counter() - started)
+                log.log(step, {"train/loss": loss, "charts/lr": lr})
+        seconds = time.perf_counter() - started
+        self.train_seconds += seconds
+        return {"train_loss": loss_sum / seen, "train_accuracy": correct_sum / seen, "seconds": seconds}
 
-        # evaluate and log
-        test_accuracy = evaluate(network, x_test, test_labels)
-        train_loss, train_accuracy = loss_sum / seen, correct_sum / seen
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "train_accuracy": train_accuracy,
-                "test_accuracy": test_accuracy,
-            }
+    def validate(self, epoch: int) -> dict:
+        """Validation accuracy and loss; for revnet, the reversibility check on one batch (may warn)."""
+        accuracy, loss = evaluate(
+            self.network, self.data["val_images"], self.data["val_labels"], self.args.dtype
         )
+        result = {"epoch": epoch, "val_accuracy": accuracy, "val_loss": loss}
+        if self.network.reversible:
+            n = min(CHECK_BATCH, len(self.data["train_images"]))
+            x = normalise(self.data["train_images"][:n], self.args.dtype)
+            result.update(reversibility_check(self.network, x, self.data["train_labels"][:n]))
+            warning = rebuild_warning(result, self.tolerance, epoch)
+            if warning:
+                print(warning, file=sys.stderr, flush=True)
+        return result
+
+
+def train_loop(run: Run, log: RunLogger) -> None:
+    args = run.args
+    if not run.history:  # validation at step 0
+        run.history.append(run.validate(0))
         log.log(
-            (epoch + 1) * steps_per_epoch,
+            0,
             {
-                "train/epoch_loss": train_loss,
-                "train/accuracy": train_accuracy,
-                "test/accuracy": test_accuracy,
-                "memory/peak_step_mib": peak_step_bytes / MIB,
-                "memory/peak_rss_mib": peak_rss_mib(),
-                "time/epoch_seconds": epoch_seconds[-1],
+                "eval/val_accuracy": run.history[0]["val_accuracy"],
+                "eval/val_loss": run.history[0]["val_loss"],
             },
         )
+    for epoch in range(run.start_epoch, args.epochs):
+        record = run.train_epoch(epoch, log) | run.validate(epoch + 1)
+        run.history.append(record)
+        metrics = {
+            "train/epoch_loss": record["train_loss"],
+            "train/accuracy": record["train_accuracy"],
+            "eval/val_accuracy": record["val_accuracy"],
+            "eval/val_loss": record["val_loss"],
+            "charts/epoch_seconds": record["seconds"],
+            "charts/peak_rss_mib": peak_rss_mib(),
+        }
+        if run.peak_step_bytes:
+            metrics["charts/peak_step_mib"] = run.peak_step_bytes / MIB
+        for key in ("rebuild_error", "grad_error"):
+            if key in record:
+                metrics[f"train/{key}"] = record[key]
+        log.log((epoch + 1) * run.steps_per_epoch, metrics)
         print(
-            f"epoch {epoch + 1}/{args.epochs}: train loss {train_loss:.4f}, "
-            f"train acc {100 * train_accuracy:.2f}%, test acc {100 * test_accuracy:.2f}%, "
-            f"{epoch_seconds[-1]:.1f} s"
+            f"epoch {epoch + 1}/{args.epochs}: train loss {record['train_loss']:.4f}, train acc "
+            f"{100 * record['train_accuracy']:.2f}%, val acc {100 * record['val_accuracy']:.2f}%"
+            + (f", rebuild error {record['rebuild_error']:.1e}" if "rebuild_error" in record else "")
+            + f", {record['seconds']:.1f} s",
+            flush=True,
         )
+        run.save(log.path(CHECKPOINT_NPZ))
+        log.keep()
 
-        # checkpoint
-        save_checkpoint(
-            log.path("checkpoint.npz"),
-            network,
-            optimizer,
-            {
-                "epoch": epoch + 1,
-                "history": history,
-                "order_rng": order_rng.bit_generator.state,
-                "model_config": asdict(config),
-                "args": asdict(args),
-            },
-        )
 
-    # save
-    log.save_figure("curves", plot_curves(history))
+def report(run: Run, log: RunLogger) -> dict:
+    """Test accuracy, computed once, on the final weights; the summary."""
+    args, history = run.args, run.history
+    peak_rss = peak_rss_mib()  # before plotting: matplotlib is not part of training
+    test_accuracy, test_loss = evaluate(
+        run.network, run.data["test_images"], run.data["test_labels"], args.dtype
+    )
+    log.log(run.total_steps, {"eval/test_accuracy": test_accuracy, "eval/test_loss": test_loss})
+    best = max(history, key=lambda h: h["val_accuracy"])
+    checks = [h for h in history if "rebuild_error" in h]
     summary = {
-        "test_accuracy": history[-1]["test_accuracy"],
-        "best_test_accuracy": max(h["test_accuracy"] for h in history),
-        "final_train_loss": history[-1].get("train_loss"),
-        "peak_step_memory_mib": peak_step_bytes / MIB if peak_step_bytes else None,
-        "peak_rss_mib": peak_rss_mib(),
-        "seconds_per_epoch": float(np.mean(epoch_seconds)) if epoch_seconds else None,
-        "step_seconds_median": float(np.median(step_seconds)) if step_seconds else None,
-        "params": network.num_params(),
-        "model": args.model,
-        "depth": args.depth,
-        "width": args.width,
-        "dtype": args.dtype,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "train_images": len(x_train),
-        "seed": args.seed,
+        "test_accuracy": test_accuracy,
+        "val_accuracy": history[-1]["val_accuracy"],
+        "best_val_accuracy": best["val_accuracy"],
+        "best_val_epoch": best["epoch"],
+        "final_train_loss": history[-1]["train_loss"],
+        "max_rebuild_error": max((h["rebuild_error"] for h in checks), default=None),
+        "max_grad_error": max((h["grad_error"] for h in checks), default=None),
+        "peak_step_memory_mib": run.peak_step_bytes / MIB if run.peak_step_bytes else None,
+        "peak_rss_mib": peak_rss,
+        "train_seconds": run.train_seconds,
+        "seconds_per_epoch": run.train_seconds / max(1, len(history) - 1),
+        "step_seconds_median": float(np.median(run.step_seconds)) if run.step_seconds else None,
+        "threads": args.threads,
+        "params": run.network.num_params(),
+        "train_images": len(run.data["train_images"]),
+        "val_images": len(run.data["val_images"]),
+    } | {
+        k: v
+        for k, v in asdict(args).items()
+        if k in ("model", "depth", "width", "dtype", "epochs", "batch_size", "seed")
     }
     log.write_summary(summary)
+    log.save_figure("curves", plot_curves(history))
+    return summary
+
+
+def main() -> None:
+    args = parse_args(Args, check=check_args, description=__doc__)
+    threadpool_limits(args.threads, user_api="blas")
+    run = Run(args)
+    print(run.describe())
+    with RunLogger("revnet_mnist", run_name(args.model, args.seed), args) as log:
+        if log.resumed:
+            if not log.path(CHECKPOINT_NPZ).is_file():
+                raise UserError(f"--resume: no {CHECKPOINT_NPZ} in {log.run_dir}")
+            log.rewind(run.restore(log.path(CHECKPOINT_NPZ)))
+        train_loop(run, log)
+        s = report(run, log)
     print(
-        f"test accuracy {100 * summary['test_accuracy']:.2f}%, peak step memory "
-        f"{summary['peak_step_memory_mib'] or float('nan'):.2f} MiB, peak RSS "
-        f"{summary['peak_rss_mib']:.0f} MiB, {summary['seconds_per_epoch'] or float('nan'):.1f} s/epoch"
+        f"test accuracy {100 * s['test_accuracy']:.2f}% (validation {100 * s['val_accuracy']:.2f}%), "
+        f"peak RSS {s['peak_rss_mib']:.0f} MiB, peak step memory "
+        f"{s['peak_step_memory_mib'] or math.nan:.2f} MiB, {s['train_seconds']:.0f} s training "
+        f"({s['seconds_per_epoch']:.1f} s/epoch, {args.threads} thread(s))"
     )
-    log.close()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """revnet_mnist/revnet.py against independent oracles: central finite differences in float64, torch
 autograd, hand-computed cases; the reversible block's exact inverse; and measured step memory."""
 
+import importlib.util
 import math
 import sys
 import tracemalloc
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "revnet_mnist"))
+REVNET = Path(__file__).resolve().parent.parent / "revnet_mnist"
+sys.path.insert(0, str(REVNET))
 from revnet import (  # noqa: E402
     MODELS,
     SGD,
@@ -20,7 +22,9 @@ from revnet import (  # noqa: E402
     Network,
     ReLU,
     ReversibleBlock,
+    held_bytes,
     learning_rate,
+    reversibility_check,
     softmax_cross_entropy,
     train_step,
 )
@@ -326,3 +330,68 @@ def test_reversible_step_memory_is_flat_in_depth_while_stored_backprop_grows():
     # stored backprop keeps ~4 such arrays per block (two ReLU outputs, y1, y2)
     assert resnet[8] - resnet[2] > 6 * 3 * activation
     assert revnet[8] < 0.5 * resnet[8]
+
+
+# ----------------------------------------------------------------------------- reversibility under training
+
+
+def test_reversibility_check_matches_an_independent_rebuild_and_leaves_weights_alone():
+    rng = np.random.default_rng(13)
+    net = Network(ModelConfig("revnet", depth=6, width=32, in_features=20, classes=10), rng)
+    x, labels = batch(rng, n=64, features=20, classes=10)
+    x = x.astype(np.float32)
+    weights = {k: v.copy() for k, v in net.state_dict().items()}
+    check = reversibility_check(net, x, labels)
+    h = net.stem.forward(x, store=False)  # oracle: invert the stack by hand, outside backward
+    r1, r2 = net.body_inverse(*net.body_forward(h[:, :16], h[:, 16:]))
+    by_hand = np.abs(np.concatenate([r1, r2], axis=1) - h).max() / np.abs(h).max()
+    assert 0 < check["rebuild_error"] < 1e-5 and check["rebuild_error"] == pytest.approx(by_hand, rel=0.5)
+    assert 0 < check["grad_error"] < 1e-5
+    assert all(np.array_equal(weights[k], v) for k, v in net.state_dict().items())
+    assert net.bottom is None and net.top is None and not net.keep_input  # nothing left held
+
+
+def expansive(net: Network, factor: float) -> Network:
+    for block in net.blocks:
+        for seq in (block.F, block.G):
+            for layer in seq.layers:
+                if isinstance(layer, Linear):
+                    layer.params["W"] *= factor
+    return net
+
+
+def test_expansive_branches_break_the_rebuild_and_train_warns_in_one_line():
+    spec = importlib.util.spec_from_file_location("revnet_train", REVNET / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = train
+    spec.loader.exec_module(train)
+    rng = np.random.default_rng(14)
+    x, labels = batch(rng, n=64, features=20, classes=10)
+    config = ModelConfig("revnet", depth=8, width=32, in_features=20, classes=10)
+    healthy = reversibility_check(Network(config, np.random.default_rng(0)), x.astype(np.float32), labels)
+    broken = reversibility_check(
+        expansive(Network(config, np.random.default_rng(0)), 4.0), x.astype(np.float32), labels
+    )
+    tolerance = 1e4 * float(np.finfo(np.float32).eps)  # train.py's default in float32
+    assert healthy["rebuild_error"] < tolerance < broken["rebuild_error"]
+    assert train.rebuild_warning(healthy, tolerance, epoch=3) is None
+    warning = train.rebuild_warning(broken, tolerance, epoch=3)
+    assert "\n" not in warning and warning.startswith("warning: epoch 3")
+    assert "--lr" in warning and "float64" in warning
+
+
+def test_held_bytes_counts_what_backward_keeps():
+    rng = np.random.default_rng(15)
+    n, width, depth = 32, 16, 5
+    x = rng.standard_normal((n, 20)).astype(np.float32)
+    held = {}
+    for model in ("revnet", "resnet"):
+        net = Network(ModelConfig(model, depth=depth, width=width, in_features=20, classes=10), rng)
+        net.forward(x, train=True)
+        held[model] = held_bytes(net)
+    row = 4 * n  # bytes per feature column of a float32 (n, .) array
+    # both: the input (20 columns) and the head's ReLU output (width). revnet: only the top, y1 and y2
+    # of the last block (width). resnet: every block's input x2 (the stem's half for the first) and
+    # per block 2 ReLU outputs, y1 and (but the last's, which no block reads) y2: 4 x width/2 each
+    assert held["revnet"] == row * (20 + width + width)
+    assert held["resnet"] == row * (20 + width + depth * 2 * width)

@@ -1,33 +1,40 @@
-"""revnet_mnist/train.py and benchmark.py end to end on made-up MNIST-format files; the MNIST loader's
-checks (magic number, truncation, checksum, no network) and the bad-input paths."""
+"""revnet_mnist's scripts end to end on made-up MNIST-format files (train.py, footprint.py, benchmark.py),
+the MNIST loader's checks (magic number, truncation, flipped bytes, checksum, no network) and the
+convention's bad-input paths: changed flags on --resume, corrupt files, bad flags."""
 
 import gzip
 import hashlib
+import importlib.util
 import io
 import json
 import struct
-import subprocess
 import sys
 import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, one_line_error, run_script
 
-FOLDER = Path(__file__).resolve().parent.parent / "revnet_mnist"
-sys.path.insert(0, str(FOLDER))
+sys.path.insert(0, str(REPO / "revnet_mnist"))
 import mnist_data  # noqa: E402
 
 from common import UserError  # noqa: E402
 
-SMALL = ["--width", "32", "--depth", "2", "--batch-size", "32", "--lr", "3e-3", "--clearml", "off"]
+TRAIN, FOOTPRINT, BENCHMARK = (
+    "revnet_mnist/train.py",
+    "revnet_mnist/footprint.py",
+    "revnet_mnist/benchmark.py",
+)
+SMALL = ["--width", "32", "--depth", "2", "--batch-size", "32", "--lr", "3e-3", "--val-size", "80"]
+SMALL += ["--clearml", "off"]
 
 
 def idx_bytes(array: np.ndarray, magic: int) -> bytes:
     return struct.pack(f">I{array.ndim}I", magic, *array.shape) + array.astype(np.uint8).tobytes()
 
 
-def make_mnist(root: Path, n_train=320, n_test=100, gz=True, seed=0) -> Path:
+def make_mnist(root: Path, n_train=400, n_test=100, gz=True, seed=0) -> Path:
     """Learnable made-up digits: class c is a bright 6x6 square at its own place, over noise."""
     rng = np.random.default_rng(seed)
     raw = root / "MNIST" / "raw"
@@ -48,100 +55,120 @@ def make_mnist(root: Path, n_train=320, n_test=100, gz=True, seed=0) -> Path:
     return root
 
 
-def run(script: str, *args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(FOLDER / script), *map(str, args)], capture_output=True, text=True, timeout=300
-    )
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     return make_mnist(tmp_path_factory.mktemp("mnist"))
 
 
-def assert_clean_failure(result, code: int, *phrases):
-    assert result.returncode == code, result.stderr
-    assert "Traceback" not in result.stderr
-    for phrase in phrases:
-        assert phrase in result.stderr
+def load_train():
+    """revnet_mnist/train.py as a module (under its own name: other experiments have a train.py too)."""
+    spec = importlib.util.spec_from_file_location("revnet_train", REPO / TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------- train.py
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["revnet", "resnet", "mlp"])
-def test_train_end_to_end_writes_summary_metrics_plot_and_checkpoint(data_dir, tmp_path, model):
+def test_train_end_to_end_validates_every_epoch_and_tests_once(data_dir, tmp_path, model):
     out = tmp_path / "run"
-    result = run("train.py", "--model", model, "--epochs", "2", "--data-dir", data_dir, "--out", out, *SMALL)
-    assert result.returncode == 0, result.stderr
+    proc = run_script(TRAIN, "--model", model, "--epochs", "2", "--data-dir", data_dir, "--out", out, *SMALL)
     summary = json.loads((out / "summary.json").read_text())
-    for key in (
-        "test_accuracy",
-        "peak_step_memory_mib",
-        "peak_rss_mib",
-        "seconds_per_epoch",
-        "params",
-        "model",
-        "depth",
-        "width",
-    ):
-        assert summary[key] is not None, key
-    assert [summary[k] for k in ("model", "depth", "width", "train_images")] == [model, 2, 32, 320]
+    assert [summary[k] for k in ("model", "depth", "width", "train_images", "val_images")] == [
+        model,
+        2,
+        32,
+        320,
+        80,
+    ]
     assert summary["test_accuracy"] >= 0.8  # the made-up digits are easy; chance is 0.1
     assert 0 < summary["peak_step_memory_mib"] < summary["peak_rss_mib"]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "test/accuracy" in r] == [0, 10, 20]  # step 0, then 10 steps an epoch
-    assert any("train/loss" in r for r in rows) and any("memory/peak_step_mib" in r for r in rows)
+    assert summary["threads"] == 1 and summary["train_seconds"] > 0
+    assert f"{summary['train_seconds']:.0f} s training" in proc.stdout  # run time printed with the result
+    metrics = rows(out)
+    assert [r["step"] for r in metrics if "eval/val_accuracy" in r] == [0, 10, 20]  # 10 steps an epoch
+    assert [r["step"] for r in metrics if "eval/test_accuracy" in r] == [20]  # the test set is used once
+    assert all(k.split("/")[0] in ("step", "time", "train", "eval", "charts") for r in metrics for k in r)
+    assert ("train/rebuild_error" in metrics[-2]) == (model == "revnet")
     assert (out / "curves.png").stat().st_size > 1000 and (out / "checkpoint.npz").is_file()
-    assert json.loads((out / "config.json").read_text())["args"]["model"] == model
 
 
-def test_train_resumes_from_its_checkpoint(data_dir, tmp_path):
+@pytest.mark.slow
+def test_reversibility_error_stays_small_over_a_few_hundred_float32_steps(tmp_path):
+    data = make_mnist(tmp_path / "data", n_train=1200)
     out = tmp_path / "run"
-    first = run("train.py", "--epochs", "1", "--data-dir", data_dir, "--out", out, *SMALL)
-    assert first.returncode == 0, first.stderr
-    epoch1 = json.loads((out / "summary.json").read_text())["test_accuracy"]
-    resumed = run("train.py", "--epochs", "2", "--resume", "--data-dir", data_dir, "--out", out, *SMALL)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "epoch 1/2" not in resumed.stdout and "epoch 2/2" in resumed.stdout  # epoch 1 is not redone
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["epochs"] == 2
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    accuracies = [r["test/accuracy"] for r in rows if "test/accuracy" in r]
-    assert accuracies[:2] == [accuracies[0], epoch1] and len(accuracies) == 3
-    mismatch = run(
-        "train.py",
-        "--epochs",
-        "3",
-        "--resume",
-        "--width",
-        "64",
-        "--data-dir",
-        data_dir,
-        "--out",
-        out,
-        *SMALL[2:],
+    flags = ["--width", "32", "--depth", "4", "--batch-size", "16", "--val-size", "200", "--clearml", "off"]
+    proc = run_script(TRAIN, "--epochs", "5", "--data-dir", data, "--out", out, *flags)  # 5 x 62 steps
+    checks = [r for r in rows(out) if "train/rebuild_error" in r]
+    assert [r["step"] for r in checks] == [62 * e for e in range(1, 6)]
+    assert all(0 < r["train/rebuild_error"] < 1e-4 for r in checks), checks
+    assert all(r["train/grad_error"] < 1e-3 for r in checks), checks
+    assert "warning" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_train_resumes_without_repeating_epochs_or_metrics_rows(data_dir, tmp_path):
+    out = tmp_path / "run"
+    run_script(TRAIN, "--epochs", "1", "--data-dir", data_dir, "--out", out, *SMALL)
+    (out / "summary.json").unlink()  # as if the first run had been interrupted after its checkpoint
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 15, "train/loss": 9.9}) + "\n")  # logged after the checkpoint
+    resumed = run_script(TRAIN, "--epochs", "2", "--resume", "--data-dir", data_dir, "--out", out, *SMALL)
+    assert "epoch 1/2" not in resumed.stdout and "epoch 2/2" in resumed.stdout
+    steps = [r["step"] for r in rows(out)]
+    assert 9.9 not in [r.get("train/loss") for r in rows(out)]
+    assert steps == sorted(steps) and steps.count(10) == 2  # epoch 1's row and the 2nd epoch's first loss
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    finished = run_script(
+        TRAIN, "--epochs", "2", "--resume", "--data-dir", data_dir, "--out", out, *SMALL, rc=1
     )
-    assert_clean_failure(mismatch, 1, "--resume")
+    assert "nothing to resume" in one_line_error(finished)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag, value", [("--lr", "1e-2"), ("--batch-size", "16"), ("--val-size", "40")])
+def test_resume_with_a_changed_training_flag_exits_1_naming_it(data_dir, tmp_path, flag, value):
+    out = tmp_path / "run"
+    run_script(TRAIN, "--epochs", "1", "--data-dir", data_dir, "--out", out, *SMALL)
+    before = (out / "metrics.jsonl").read_text()
+    flags = [*SMALL, flag, value]  # argparse: the last value wins
+    proc = run_script(TRAIN, "--epochs", "2", "--resume", "--data-dir", data_dir, "--out", out, *flags, rc=1)
+    assert flag in one_line_error(proc)
+    assert (out / "metrics.jsonl").read_text() == before
 
 
 @pytest.mark.parametrize(
     "flags, phrase",
     [
         (["--width", "33"], "--width"),
-        (["--width", "2"], "--width"),
         (["--depth", "0"], "--depth"),
         (["--lr", "0"], "--lr"),
         (["--limit-train", "10"], "--limit-train"),
+        (["--rebuild-tolerance", "0"], "--rebuild-tolerance"),
     ],
 )
-def test_train_rejects_bad_flags_without_writing(data_dir, tmp_path, flags, phrase):
-    out = tmp_path / "run"
-    result = run("train.py", "--data-dir", data_dir, "--out", out, "--clearml", "off", *flags)
-    assert_clean_failure(result, 2, phrase)
-    assert not out.exists()
+def test_train_rejects_bad_flags(flags, phrase, capsys):
+    train = load_train()
+    with pytest.raises(SystemExit) as exc:
+        train.parse_args(train.Args, flags, check=train.check_args)
+    assert exc.value.code == 2 and phrase in capsys.readouterr().err
 
 
+def flip_a_byte(path: Path) -> None:
+    payload = bytearray(path.read_bytes())
+    payload[len(payload) // 2] ^= 0xFF  # inside the deflate stream
+    path.write_bytes(bytes(payload))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage, phrase",
     [
@@ -151,26 +178,36 @@ def test_train_rejects_bad_flags_without_writing(data_dir, tmp_path, flags, phra
         ),
         (lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:-100])), "truncated"),
         (lambda p: p.write_bytes(b"not gzip at all"), "cannot read"),
+        (flip_a_byte, "train-images-idx3-ubyte.gz"),
     ],
 )
 def test_train_reports_corrupt_data_in_one_line_without_writing(tmp_path, damage, phrase):
-    data = make_mnist(tmp_path / "data", n_train=64, n_test=20)
+    data = make_mnist(tmp_path / "data", n_train=200, n_test=20)
     damage(data / "MNIST" / "raw" / "train-images-idx3-ubyte.gz")
     out = tmp_path / "run"
-    result = run("train.py", "--data-dir", data, "--out", out, "--clearml", "off")
-    assert_clean_failure(result, 1, phrase, "train-images-idx3-ubyte.gz")
-    assert len(result.stderr.strip().splitlines()) == 1
+    proc = run_script(TRAIN, "--data-dir", data, "--out", out, "--val-size", "50", "--clearml", "off", rc=1)
+    line = one_line_error(proc)
+    assert phrase in line and "train-images-idx3-ubyte.gz" in line
     assert not out.exists()
 
 
-def test_train_will_not_overwrite_an_earlier_run(data_dir, tmp_path):
+@pytest.mark.slow
+def test_train_reports_a_corrupt_checkpoint_on_resume(data_dir, tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "summary.json").write_text("earlier")
-    result = run("train.py", "--epochs", "1", "--data-dir", data_dir, "--out", out, *SMALL)
-    assert_clean_failure(result, 1, "already holds a run")
-    assert [p.name for p in out.iterdir()] == ["summary.json"]
-    assert (out / "summary.json").read_text() == "earlier"
+    run_script(TRAIN, "--epochs", "1", "--data-dir", data_dir, "--out", out, *SMALL)
+    (out / "summary.json").unlink()
+    (out / "checkpoint.npz").write_bytes((out / "checkpoint.npz").read_bytes()[:300])
+    proc = run_script(TRAIN, "--epochs", "2", "--resume", "--data-dir", data_dir, "--out", out, *SMALL, rc=1)
+    # RunLogger adds a "run folder:" line when a resumed run stops; the error itself is one line
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in proc.stderr and len(errors) == 1 and "checkpoint.npz" in errors[0]
+
+
+def test_flipped_byte_in_a_gz_file_is_one_user_error_naming_it(tmp_path):
+    raw = make_mnist(tmp_path, n_train=50, n_test=20) / "MNIST" / "raw"
+    flip_a_byte(raw / "t10k-images-idx3-ubyte.gz")
+    with pytest.raises(UserError, match="t10k-images-idx3-ubyte.gz"):
+        mnist_data.load_split(tmp_path, "t10k", allow_download=False)
 
 
 # ----------------------------------------------------------------------------- MNIST loader
@@ -226,69 +263,81 @@ def test_download_checks_the_checksum_and_fails_clearly_without_network(tmp_path
         mnist_data.load_split(tmp_path / "offline", "train")
 
 
-# ----------------------------------------------------------------------------- benchmark.py
+# ----------------------------------------------------------------------------- footprint.py, benchmark.py
 
 
-def test_benchmark_end_to_end_writes_json_and_plot(data_dir, tmp_path):
-    out = tmp_path / "bench"
-    result = run(
-        "benchmark.py",
-        "--depths",
-        "1",
-        "4",
-        "--steps",
-        "3",
-        "--batch-size",
-        "64",
+@pytest.mark.slow
+def test_footprint_reports_rss_above_the_arrays_it_accounts_for(data_dir):
+    flags = [
         "--width",
-        "32",
+        "64",
+        "--batch-size",
+        "256",
+        "--depth",
+        "8",
+        "--val-size",
+        "80",
         "--data-dir",
         data_dir,
-        "--out",
-        out,
-        "--clearml",
-        "off",
-    )
-    assert result.returncode == 0, result.stderr
+    ]
+    results = {}
+    for model in ("revnet", "resnet"):
+        results[model] = json.loads(run_script(FOOTPRINT, "--model", model, *flags).stdout.splitlines()[-1])
+    rev, res = results["revnet"]["footprint_mib"], results["resnet"]["footprint_mib"]
+    # resnet stores two (batch, width/2) float32 arrays per branch, two branches per block: 8 blocks
+    stored_per_block = 4 * 256 * 32 * 4 / 2**20
+    assert res["stored_activations"] - rev["stored_activations"] > 7 * stored_per_block
+    assert rev["weights"] == res["weights"] == rev["gradients"] and rev["optimizer"] > 2 * rev["weights"]
+    for r in results.values():  # a process holds at least the arrays it accounts for
+        assert r["peak_rss_mib"] > sum(r["footprint_mib"].values())
+
+
+@pytest.mark.slow
+def test_benchmark_rss_writes_rss_json_and_compares_train_runs(data_dir, tmp_path):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        for model in ("revnet", "resnet"):
+            flags = ["--seed", seed, "--model", model, "--epochs", "1", "--data-dir", data_dir]
+            run_script(TRAIN, *flags, "--out", runs / f"{model}{seed}", *SMALL)
+    out = tmp_path / "bench"
+    flags = ["--depths", "1", "4", "--width", "32", "--batch-size", "32", "--steps", "2", "--rss-steps", "1"]
+    flags += ["--time-depth", "2", "--runs", runs, "--val-size", "80", "--data-dir", data_dir, "--out", out]
+    proc = run_script(BENCHMARK, "--rss", *flags, "--clearml", "off")
+    report = json.loads((out / "rss.json").read_text())
+    assert report["config"]["width"] == 32 and report["config"]["batch_size"] == 32
+    for model in ("revnet", "resnet", "mlp"):
+        assert set(report["peak_rss_mib"][model]) == {"1", "4"}
+        for depth, rss in report["peak_rss_mib"][model].items():
+            assert rss > sum(report["footprint_mib"][model][depth].values())
+    assert report["accuracy"]["revnet d2"]["seeds"] == [0, 1]
+    assert "|revnet - resnet| test accuracy" in proc.stdout and "step time at depth 2" in proc.stdout
+    assert (out / "rss.png").stat().st_size > 1000
+    assert "torch" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_step_study_writes_json_and_plot(data_dir, tmp_path):
+    out = tmp_path / "bench"
+    flags = ["--depths", "1", "4", "--steps", "3", "--batch-size", "64", "--width", "32"]
+    proc = run_script(BENCHMARK, *flags, "--data-dir", data_dir, "--out", out, "--clearml", "off")
     report = json.loads((out / "benchmark.json").read_text())
     assert report["data"] == "mnist"
-    for model in ("revnet", "resnet", "mlp"):
-        assert set(report["memory_mib"][model]) == {"1", "4"}
-        assert all(t > 0 for t in report["step_seconds"][model].values())
-    assert set(report["torch_step_seconds"]) == {"1", "4"}
+    for model in ("revnet", "resnet", "mlp", "torch"):
+        assert set(report["step_seconds"][model]) == {"1", "4"}
     memory = report["memory_mib"]
     assert memory["resnet"]["4"] > memory["resnet"]["1"] and memory["revnet"]["4"] < memory["resnet"]["4"]
     assert all(
         v["grad_rel_error"] < 1e-10 and v["grad_rel_error_all"] <= v["grad_rel_error"]
         for v in report["numerics"]["float64"].values()
     )
-    assert all(v["grad_rel_error"] < 1e-4 for v in report["numerics"]["float32"].values())
     assert (out / "benchmark.png").stat().st_size > 1000
-    assert "revnet_over_resnet_memory" in result.stdout
+    assert "revnet_over_resnet_memory" in proc.stdout
 
 
-def test_benchmark_uses_random_batches_without_data_and_rejects_bad_depths(tmp_path):
+@pytest.mark.slow
+def test_benchmark_uses_random_batches_without_data(tmp_path):
     out = tmp_path / "bench"
-    result = run(
-        "benchmark.py",
-        "--depths",
-        "1",
-        "--steps",
-        "1",
-        "--batch-size",
-        "16",
-        "--width",
-        "8",
-        "--data-dir",
-        tmp_path / "empty",
-        "--out",
-        out,
-        "--clearml",
-        "off",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "random batches" in result.stdout
+    flags = ["--depths", "1", "--steps", "1", "--batch-size", "16", "--width", "8", "--clearml", "off"]
+    proc = run_script(BENCHMARK, *flags, "--data-dir", tmp_path / "empty", "--out", out)
+    assert "random batches" in proc.stdout
     assert json.loads((out / "benchmark.json").read_text())["data"] == "random"
-    bad = run("benchmark.py", "--depths", "0", "--out", tmp_path / "bad", "--clearml", "off")
-    assert_clean_failure(bad, 2, "--depths")
-    assert not (tmp_path / "bad").exists()
