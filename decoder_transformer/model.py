@@ -111,6 +111,7 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.first = self.length = first_position  # position of the first and of the next token
+        self.layer_keys, self.layer_values = self.keys.unbind(0), self.values.unbind(0)  # views per layer
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Add k, v (B, n_head, t, head_dim) at positions length .. length + t - 1.
@@ -323,21 +324,21 @@ class DecoderLM(nn.Module):
             x = x * math.sqrt(C) + self.sin_table[p].to(x.dtype)
         rope = self._rope_at(p, 1)  # (1, hd // 2): broadcasts over (B, 2, nh, hd // 2)
         slot, n = (p - cache.first) % cache.window, min(p - cache.first + 1, cache.window)
-        for layer, (w1, b1, qkv_w, qkv_b, proj_w, proj_b, w2, b2, fc_w, fc_b, out_w, out_b) in enumerate(
-            layers
+        for (w1, b1, qkv_w, qkv_b, proj_w, proj_b, w2, b2, fc_w, fc_b, out_w, out_b), keys, values in zip(
+            layers, cache.layer_keys, cache.layer_values
         ):
-            qkv = linear_t(F.layer_norm(x, (C,), w1, b1), qkv_w, qkv_b).view(B, 3, nh, hd)
-            qk = qkv[:, :2] if rope is None else apply_rope(qkv[:, :2], rope)  # (B, 2, nh, hd)
-            keys, values = cache.keys[layer], cache.values[layer]  # (B, nh, window, hd)
-            keys[:, :, slot] = qk[:, 1]
-            values[:, :, slot] = qkv[:, 2]
-            y = F.scaled_dot_product_attention(
-                qk[:, 0, :, None], keys[:, :, :n], values[:, :, :n]
-            )  # (B, nh, 1, hd)
+            qkv = linear_t(torch.layer_norm(x, (C,), w1, b1), qkv_w, qkv_b).view(B, 3, nh, hd)
+            q, k, v = qkv.unbind(1)  # (B, nh, hd) each
+            if rope is not None:  # one complex product for q and k, as apply_rope
+                pairs = torch.view_as_complex(qkv.view(B, 3, nh, hd // 2, 2)[:, :2])
+                q, k = torch.view_as_real(pairs * rope).view(B, 2, nh, hd).unbind(1)
+            keys.select(2, slot).copy_(k)  # keys, values (B, nh, window, hd)
+            values.select(2, slot).copy_(v)
+            y = F.scaled_dot_product_attention(q.unsqueeze(2), keys.narrow(2, 0, n), values.narrow(2, 0, n))
             x = x + linear_t(y.view(B, C), proj_w, proj_b)
-            x = x + linear_t(F.gelu(linear_t(F.layer_norm(x, (C,), w2, b2), fc_w, fc_b)), out_w, out_b)
+            x = x + linear_t(F.gelu(linear_t(torch.layer_norm(x, (C,), w2, b2), fc_w, fc_b)), out_w, out_b)
         cache.length += 1
-        return F.layer_norm(x, (C,), ln_w, ln_b) @ head
+        return torch.layer_norm(x, (C,), ln_w, ln_b) @ head
 
     def _check_length(self, end: int, cached: bool) -> None:
         absolute = self.config.pos == "learned" or (cached and self.config.pos == "sinusoidal")
@@ -469,8 +470,12 @@ def sample_next_token(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One token per row of logits (B, V) -> (B, 1); temperature 0 is greedy (first maximum)."""
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
-        check_sampling(temperature, top_k, top_p)
         return logits.argmax(dim=-1, keepdim=True)
-    probs = filter_logits(logits, temperature, top_k, top_p).exp()
+    if top_k is None and top_p >= 1:  # plain sampling: the same probabilities in fewer operations
+        z = logits.double()
+        probs = ((z - z.max(dim=-1, keepdim=True).values) / temperature).softmax(dim=-1)
+    else:
+        probs = filter_logits(logits, temperature, top_k, top_p).exp()
     return torch.multinomial(probs, 1, generator=generator)
