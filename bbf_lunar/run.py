@@ -202,6 +202,8 @@ def run_one(spec: dict) -> dict:
 
 def run_jobs(pending: list[dict], workers: int) -> tuple[list[dict], list[str]]:
     results, errors = [], []
+    if not pending:
+        return results, errors
     if workers == 1 or len(pending) == 1:
         outcomes = map(run_one, pending)
         return _collect(outcomes, results, errors)

@@ -1,145 +1,41 @@
-"""bbf_lunar/run.py end to end as a subprocess, resuming, seeding, and bad input."""
+"""bbf_lunar/run.py: end to end, batching that does not change results, resume, damaged files,
+the folder lock, workers that die with the parent, and bad input."""
 
-import importlib.util
+import fcntl
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import REPO, one_line_error, run_script
 
-REPO = Path(__file__).resolve().parent.parent
-RUN = REPO / "bbf_lunar" / "run.py"
+BBF_DIR = REPO / "bbf_lunar"
+sys.path.insert(0, str(BBF_DIR))
+import job as J  # noqa: E402
+import run as R  # noqa: E402
+
+RUN = "bbf_lunar/run.py"
 TINY = [
-    "--total-steps",
-    "400",
-    "--eval-every",
-    "200",
-    "--learning-starts",
-    "100",
-    "--eval-episodes",
-    "2",
-    "--anneal-steps",
-    "50",
-    "--reset-every",
-    "150",
-    "--checkpoint-every",
-    "200",
-    "--bootstrap-reps",
-    "200",
-    "--clearml",
-    "off",
-]
+    "--total-steps", "400", "--eval-every", "200", "--learning-starts", "100", "--eval-episodes", "2",
+    "--anneal-steps", "50", "--reset-every", "150", "--checkpoint-every", "200", "--width", "16",
+    "--bootstrap-reps", "200", "--clearml", "off",
+]  # fmt: skip
 
 
-def run(*flags, timeout=300):
-    return subprocess.run(
-        [sys.executable, str(RUN), *flags], capture_output=True, text=True, timeout=timeout, cwd=REPO
-    )
+def tiny_args(**kw) -> R.Args:
+    base = dict(total_steps=1500, eval_every=750, learning_starts=100, eval_episodes=1, width=16)
+    base |= dict(anneal_steps=100, reset_every=500, checkpoint_every=750, workers=1)
+    return R.Args(**(base | kw))
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """2 seeds x 2 variants in a pool of 2 workers."""
-    out = tmp_path_factory.mktemp("bbf") / "run"
-    proc = run("--seeds", "2", "--variants", "bbf,dqn", "--workers", "2", "--out", str(out), *TINY)
-    assert proc.returncode == 0, proc.stderr
-    return out, proc
-
-
-def test_run_writes_summary_plots_and_job_results(finished):
-    out, proc = finished
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["variants"]) == {"bbf", "dqn"} and summary["seeds"] == [0, 1]
-    assert summary["env_steps"] == 400 and summary["env_steps_per_second"] > 0
-    for v in summary["variants"].values():
-        assert len(v["final_returns"]) == 2
-        assert v["ci_low"] <= v["iqm"] <= v["ci_high"]
-        assert v["iqm"] == pytest.approx(sum(v["final_returns"]) / 2)  # 2 runs: nothing trimmed
-    assert summary["curves"]["bbf"]["steps"] == [0, 200, 400]
-    poi = summary["probability_of_improvement"]["bbf_vs_dqn"]
-    assert 0 <= poi["ci_low"] <= poi["poi"] <= poi["ci_high"] <= 1
-    for name in ("learning_curves", "final_iqm", "performance_profiles", "probability_of_improvement"):
-        assert (out / f"{name}.png").stat().st_size > 5000
-    bbf = json.loads((out / "jobs" / "bbf_seed0" / "result.json").read_text())
-    dqn = json.loads((out / "jobs" / "dqn_seed1" / "result.json").read_text())
-    assert bbf["grad_steps"] == 300 and bbf["resets"] == 2  # replay ratio 1 after 100 random steps
-    assert dqn["grad_steps"] == 75 and dqn["resets"] == 0  # replay ratio 0.25, no resets
-    assert [len(r) for r in bbf["eval_returns"]] == [2, 2, 2]
-    assert not (out / "jobs" / "bbf_seed0" / "checkpoint.pt").exists()
-    assert "bbf_vs_dqn" not in proc.stdout and "P(bbf > dqn)" in proc.stdout
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 200, 400] and "eval/iqm_bbf" in rows[0]
-
-
-def test_same_seed_same_returns_in_process_or_pool(finished, tmp_path):
-    out, _ = finished
-    again = tmp_path / "again"
-    proc = run(
-        "--seeds", "1", "--seed", "1", "--variants", "dqn", "--workers", "1", "--out", str(again), *TINY
-    )
-    assert proc.returncode == 0, proc.stderr
-    first = json.loads((out / "jobs" / "dqn_seed1" / "result.json").read_text())
-    second = json.loads((again / "jobs" / "dqn_seed1" / "result.json").read_text())
-    assert first["eval_returns"] == second["eval_returns"]
-
-
-def test_resume_of_a_finished_run_only_resummarises(finished):
-    out, _ = finished
-    (out / "final_iqm.png").unlink()
-    before = json.loads((out / "summary.json").read_text())
-    proc = run(
-        "--seeds", "2", "--variants", "bbf,dqn", "--workers", "2", "--out", str(out), "--resume", *TINY
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "4 jobs (4 already done)" in proc.stdout and "done bbf" not in proc.stdout
-    assert (out / "final_iqm.png").exists()
-    assert json.loads((out / "summary.json").read_text())["variants"] == before["variants"]
-    proc = run("--out", str(out), "--summarize-only", "--clearml", "off")
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((out / "summary.json").read_text())["variants"] == before["variants"]
-
-
-def test_resume_with_other_settings_is_refused(finished):
-    out, _ = finished
-    proc = run("--seeds", "2", "--variants", "bbf,dqn", "--out", str(out), "--resume", *TINY, "--lr", "0.01")
-    assert proc.returncode == 1 and "other settings" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_interrupted_job_resumes_from_its_checkpoint(tmp_path, monkeypatch):
-    spec_ = importlib.util.spec_from_file_location("bbf_lunar_run", RUN)
-    R = importlib.util.module_from_spec(spec_)
-    sys.modules["bbf_lunar_run"] = R
-    spec_.loader.exec_module(R)
-    args = R.Args(
-        total_steps=600,
-        eval_every=200,
-        checkpoint_every=200,
-        learning_starts=100,
-        eval_episodes=1,
-        width=16,
-        blocks=1,
-        workers=1,
-    )
-    spec = R.job_spec(args, "bbf", 3, tmp_path / "job")
-    real_evaluate, calls = R.evaluate, []
-
-    def interrupt_third_eval(agent, envs):
-        calls.append(agent.grad_steps)
-        if len(calls) == 3:  # step 400, after the checkpoint at step 200
-            raise KeyboardInterrupt
-        return real_evaluate(agent, envs)
-
-    monkeypatch.setattr(R, "evaluate", interrupt_third_eval)
-    with pytest.raises(KeyboardInterrupt):
-        R.train_job(spec)
-    assert (tmp_path / "job" / "checkpoint.pt").exists() and not (tmp_path / "job" / "result.json").exists()
-    result = R.train_job(spec)
-    assert result["resumed"] == 1 and result["env_steps"] == 600
-    assert result["eval_steps"] == [0, 200, 400, 600]
-    assert result["grad_steps"] == 500 and calls == [0, 100, 300, 300, 500]  # step 400 redone from step 200
-    saved = json.loads((tmp_path / "job" / "result.json").read_text())
-    assert saved["final_return"] == result["final_return"]
+# ---------------------------------------------------------------------------------------------
+# fast: arguments, batching, specs
 
 
 @pytest.mark.parametrize(
@@ -152,22 +48,266 @@ def test_interrupted_job_resumes_from_its_checkpoint(tmp_path, monkeypatch):
             ["--eval-every", "500", "--total-steps", "400"],
             "--eval-every (500) must be <= --total-steps (400)",
         ),
-        (["--summarize-only"], "need --out"),
+        (["--summarize-only"], "add --resume"),
+        (["--n-min", "5", "--n-max", "3"], "--n-min (5) must be <= --n-max (3)"),
     ],
 )
-def test_bad_arguments_exit_2_with_a_message_and_write_nothing(tmp_path, flags, message):
-    out = tmp_path / "run"
-    if "--summarize-only" in flags:
-        proc = run(*flags)
-    else:
-        proc = run(*flags, "--out", str(out), "--clearml", "off")
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
-    assert not out.exists()
+def test_bad_arguments_exit_2_with_one_line(capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        R.parse_args(R.Args, flags, check=R.check_args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_unwritable_output_folder_is_one_line(tmp_path):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    proc = run("--seeds", "1", "--out", str(blocker / "run"), *TINY)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "cannot write" in proc.stderr
+def test_seed_batches_cover_every_seed_once_and_use_the_workers():
+    assert R.seed_batches(R.Args(seeds=10, workers=2), ["bbf", "dqn"]) == [list(range(10))]
+    assert R.seed_batches(R.Args(seeds=5, workers=2), ["bbf"]) == [[0, 1, 2], [3, 4]]
+    batches = R.seed_batches(R.Args(seed=3, seeds=10, workers=16), ["bbf"])
+    assert sum(batches, []) == list(range(3, 13)) and len(batches) == 10
+
+
+def test_dqn_is_the_zoo_tuned_setting():
+    spec = R.job_spec(R.Args(), "dqn", [0], Path("jobs"))
+    m, a, r = spec["model"], spec["agent"], spec["run"]
+    assert (m["width"], m["num_blocks"], m["residual"], m["dueling"], m["projection"]) == (
+        256,
+        1,
+        False,
+        False,
+        False,
+    )
+    assert (a["lr"], a["batch_size"], a["weight_decay"], a["double"], a["n_max"], a["gamma_end"]) == (
+        6.3e-4, 128, 0.0, False, 1, 0.99
+    )  # fmt: skip
+    assert (r["train_freq"], r["replay_ratio"], r["target_every"], r["buffer_size"]) == (4, 1.0, 250, 50_000)
+    assert (r["learning_starts"], r["eps_end"], r["eps_decay_steps"], r["reset_every"]) == (0, 0.1, 12_000, 0)
+    size = R.Layout(R.ModelConfig(**spec["model"])).size
+    assert size == 8 * 256 + 256 + 256 * 256 + 256 + 256 * 4 + 4  # the [256, 256] MLP
+
+
+def test_damaged_checkpoint_is_one_line_and_moved_aside(tmp_path):
+    spec = R.job_spec(tiny_args(), "bbf", [0, 1], tmp_path / "jobs")
+    Path(spec["job_dir"]).mkdir(parents=True)
+    ckpt = Path(spec["job_dir"]) / "checkpoint.pt"
+    ckpt.write_bytes(b"PK\x03\x04 not really a zip")
+    outcome = R.run_one(spec)
+    assert str(ckpt) in outcome["error"] and "restarts this job from scratch" in outcome["error"]
+    assert not ckpt.exists() and (ckpt.parent / "checkpoint.pt.damaged").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# slow: whole jobs in this process
+
+
+def run_job(tmp_path, seeds, **kw):
+    job = J.Job(R.job_spec(tiny_args(**kw), "bbf", seeds, tmp_path / f"jobs{len(seeds)}"))
+    rows = []
+    with open(os.devnull, "w") as sink:
+
+        class Progress:
+            def write(self, line):
+                rows.append(json.loads(line))
+                sink.write(line)
+
+            def flush(self):
+                pass
+
+        job.loop(Progress(), lambda *a: None)
+    return job, rows
+
+
+@pytest.mark.slow
+def test_seed_in_a_batch_follows_the_same_trajectory_as_alone(tmp_path):
+    """1500 env steps, 1400 gradient steps and a reset: same actions, losses, evaluations."""
+    batch, batch_rows = run_job(tmp_path, [0, 1, 2])
+    alone, alone_rows = run_job(tmp_path, [1])
+    assert np.array_equal(batch.buffer.actions[1], alone.buffer.actions[0])
+    assert np.array_equal(batch.buffer.obs[1], alone.buffer.obs[0])
+    losses_batch = [r["train/loss"][1] for r in batch_rows if "train/loss" in r]
+    losses_alone = [r["train/loss"][0] for r in alone_rows if "train/loss" in r]
+    assert len(losses_alone) == 1 and losses_batch == pytest.approx(losses_alone, rel=1e-6)
+    assert (
+        np.array(batch.state["eval_returns"])[:, 1].tolist()
+        == np.array(alone.state["eval_returns"])[:, 0].tolist()
+    )
+    assert batch.agent.num_resets.tolist() == [1, 1, 1]  # at 500; at 1000 no full interval is left
+
+
+@pytest.mark.slow
+def test_vector_env_autoreset_stores_the_true_last_state(tmp_path):
+    job, _ = run_job(tmp_path, [4, 5], total_steps=1000, eval_every=1000, learning_starts=1000)
+    b = job.buffer
+    done = b.terminated | b.truncated  # (S, steps)
+    assert done.sum() >= 4  # random play ends many episodes in 1000 steps
+    continues = ~done[:, :-1]
+    assert np.array_equal(b.next_obs[:, :-1][continues], b.obs[:, 1:][continues])  # within an episode
+    ended = done[:, :-1]
+    assert not np.isclose(b.next_obs[:, :-1][ended], b.obs[:, 1:][ended]).all(axis=1).any()  # a reset follows
+
+
+@pytest.mark.slow
+def test_interrupted_job_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    spec = R.job_spec(tiny_args(), "bbf", [3], tmp_path / "jobs")
+    real_evaluate, calls = J.evaluate, []
+
+    def interrupt_third_eval(agent, envs):
+        calls.append(int(agent.grad_steps[0]))
+        if len(calls) == 3:  # step 1500, after the checkpoint at step 750
+            raise KeyboardInterrupt
+        return real_evaluate(agent, envs)
+
+    monkeypatch.setattr(J, "evaluate", interrupt_third_eval)
+    with pytest.raises(KeyboardInterrupt):
+        J.train_job(spec, report=lambda *a: None)
+    assert (Path(spec["job_dir"]) / "checkpoint.pt").exists()
+    (result,) = J.train_job(spec, report=lambda *a: None)
+    assert result["resumed"] == 1 and result["env_steps"] == 1500 and result["eval_steps"] == [0, 750, 1500]
+    assert result["grad_steps"] == 1400 and calls == [0, 650, 1400, 1400]  # 750-1500 redone from step 750
+    assert not (Path(spec["job_dir"]) / "checkpoint.pt").exists()
+    assert json.loads((Path(spec["seed_dirs"][0]) / "result.json").read_text())["score"] == result["score"]
+
+
+# ---------------------------------------------------------------------------------------------
+# slow: run.py as a user runs it
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """2 seeds x bbf, dqn in a pool of 2 workers (one process per variant, both seeds in it)."""
+    out = tmp_path_factory.mktemp("bbf") / "run"
+    proc = run_script(RUN, "--seeds", "2", "--variants", "bbf,dqn", "--workers", "2", "--out", out, *TINY)
+    return out, proc
+
+
+@pytest.mark.slow
+def test_run_writes_summary_plots_and_per_seed_results(finished):
+    out, proc = finished
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["variants"]) == {"bbf", "dqn"} and summary["seeds"] == [0, 1]
+    assert summary["replay_ratio"] == {"bbf": 1.0, "dqn": 1.0}
+    for v in summary["variants"].values():
+        assert len(v["final_returns"]) == 2 and v["ci_low"] <= v["iqm"] <= v["ci_high"]
+        assert v["iqm"] == pytest.approx(sum(v["final_returns"]) / 2)  # 2 runs: nothing trimmed
+    assert summary["curves"]["bbf"]["steps"] == [0, 200, 400]
+    poi = summary["probability_of_improvement"]["bbf_vs_dqn"]
+    assert 0 <= poi["ci_low"] <= poi["poi"] <= poi["ci_high"] <= 1 and poi["pairs"] == 4
+    for name in ("learning_curves", "final_iqm", "performance_profiles", "probability_of_improvement"):
+        assert (out / f"{name}.png").stat().st_size > 5000
+    bbf = json.loads((out / "jobs" / "bbf_seed0" / "result.json").read_text())
+    dqn = json.loads((out / "jobs" / "dqn_seed1" / "result.json").read_text())
+    assert bbf["grad_steps"] == 300 and bbf["resets"] == 1  # at 150; at 300 no full interval is left
+    assert bbf["score"] == pytest.approx(np.mean([np.mean(x) for x in bbf["eval_returns"]]))  # last 3 points
+    assert dqn["grad_steps"] == 400 and dqn["resets"] == 0  # train_freq 4 x 4 gradient steps from step 0
+    assert dqn["seeds_in_process"] == 2 and not (out / "jobs" / "bbf_seeds0-1" / "checkpoint.pt").exists()
+    assert "P(bbf > dqn)" in proc.stdout and "pairs won" in proc.stdout and "caveat" in proc.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 200, 400] and "eval/iqm_bbf" in rows[0]
+
+
+@pytest.mark.slow
+def test_a_seed_alone_gives_the_result_it_gave_in_a_batch(finished, tmp_path):
+    out, _ = finished
+    again = tmp_path / "again"
+    run_script(
+        RUN, "--seeds", "1", "--seed", "1", "--variants", "dqn", "--workers", "1", "--out", again, *TINY
+    )
+    first = json.loads((out / "jobs" / "dqn_seed1" / "result.json").read_text())
+    second = json.loads((again / "jobs" / "dqn_seed1" / "result.json").read_text())
+    assert first["seeds_in_process"] == 2 and second["seeds_in_process"] == 1
+    assert first["eval_returns"] == second["eval_returns"]
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_is_refused_and_summarize_only_redoes_the_statistics(finished):
+    out, _ = finished
+    flags = ["--seeds", "2", "--variants", "bbf,dqn", "--workers", "2", "--out", out, *TINY]
+    assert "finished" in one_line_error(run_script(RUN, *flags, "--resume", rc=1))
+    before = json.loads((out / "summary.json").read_text())
+    (out / "final_iqm.png").unlink()
+    proc = run_script(RUN, *flags, "--resume", "--summarize-only")
+    assert "to train: nothing" in proc.stdout and (out / "final_iqm.png").exists()
+    assert json.loads((out / "summary.json").read_text())["variants"] == before["variants"]
+
+
+@pytest.mark.slow
+def test_resume_with_a_changed_training_flag_names_it(finished):
+    out, _ = finished
+    proc = run_script(
+        RUN, "--seeds", "2", "--variants", "bbf,dqn", "--out", out, "--resume", *TINY, "--lr", "0.01", rc=1
+    )
+    assert "--lr 0.0003 -> 0.01" in one_line_error(proc)
+
+
+@pytest.mark.slow
+def test_resume_of_a_missing_folder_is_an_error(tmp_path):
+    proc = run_script(RUN, "--out", tmp_path / "nothing", "--resume", *TINY, rc=1)
+    assert "holds no run" in one_line_error(proc) and not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.slow
+def test_damaged_result_is_named_then_its_job_restarts_from_scratch(finished, tmp_path):
+    src, _ = finished
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    (out / "summary.json").unlink()  # an unfinished run
+    expected = json.loads((out / "jobs" / "dqn_seed1" / "result.json").read_text())
+    (out / "jobs" / "dqn_seed1" / "result.json").write_text('{"variant": "dqn", "se')
+    flags = ["--seeds", "2", "--variants", "bbf,dqn", "--workers", "2", "--out", out, "--resume", *TINY]
+    proc = run_script(RUN, *flags, rc=1)
+    assert f"{out / 'jobs' / 'dqn_seed1' / 'result.json'} is damaged" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "summary.json").exists()
+    proc = run_script(RUN, *flags)
+    assert "to train: dqn 0-1" in proc.stdout and (out / "summary.json").exists()
+    again = json.loads((out / "jobs" / "dqn_seed1" / "result.json").read_text())
+    assert again["eval_returns"] == expected["eval_returns"]  # from scratch, same seed, same result
+
+
+@pytest.mark.slow
+def test_a_run_folder_in_use_is_refused(finished):
+    out, _ = finished
+    with open(out / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run_script(RUN, "--out", out, "--resume", "--summarize-only", *TINY, rc=1)
+    assert "in use" in one_line_error(proc)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_when_the_parent_is_killed(tmp_path):
+    cmd = [sys.executable, str(REPO / RUN), "--seeds", "2", "--variants", "bbf,dqn", "--workers", "2"]
+    parent = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path / "run"), *TINY, "--total-steps", "50000"], cwd=REPO
+    )
+    workers = []
+    try:
+        deadline = time.time() + 120
+        jobs = tmp_path / "run" / "jobs"
+        while len(workers) < 2 or len(list(jobs.glob("*seeds*/progress.jsonl"))) < 2:  # both training
+            assert time.time() < deadline, "the workers did not start"
+            time.sleep(0.5)
+            workers = [
+                c for c in children(parent.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()
+            ]
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 15
+        while any(alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(w) for w in workers)
+    finally:
+        for pid in [parent.pid, *workers]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
