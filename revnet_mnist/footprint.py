@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 from mnist_data import load_mnist, normalise, split_present
-from revnet import Adam, ModelConfig, Network, held_bytes, reversibility_check, train_step
+from revnet import CHECK_BATCH, Adam, ModelConfig, Network, held_bytes, reversibility_check, train_step
 from threadpoolctl import threadpool_limits
 
 from common import default_data_dir, parse_args, run_main
@@ -106,7 +106,7 @@ def train(args: Args, data: dict, network: Network, optimizer: Adam) -> dict:
     for i in range(0, len(data["val_images"]), 1000):
         network.forward(normalise(data["val_images"][i : i + 1000], "float32"), train=False)
     if network.reversible:
-        n = min(256, args.batch_size)
+        n = min(CHECK_BATCH, args.batch_size)
         reversibility_check(network, normalise(data["val_images"][:n], "float32"), data["val_labels"][:n])
     # the stem keeps the batch itself for its weight gradient: counted once, as the batch
     return breakdown(data, network, optimizer, max(stored) - x_bytes, batch_bytes)

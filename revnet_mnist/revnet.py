@@ -399,6 +399,9 @@ def learning_rate(step: int, total_steps: int, base_lr: float, warmup_steps: int
     return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+CHECK_BATCH = 32  # images in train.py's per-epoch reversibility check (its stored pass costs memory)
+
+
 def reversibility_check(network: Network, x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """How faithful the reversible backward is on one batch, with the network's current weights.
 

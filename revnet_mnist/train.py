@@ -29,13 +29,21 @@ from typing import ClassVar, Literal
 
 import numpy as np
 from mnist_data import load_mnist, normalise
-from revnet import SGD, Adam, ModelConfig, Network, learning_rate, reversibility_check, train_step
+from revnet import (
+    CHECK_BATCH,
+    SGD,
+    Adam,
+    ModelConfig,
+    Network,
+    learning_rate,
+    reversibility_check,
+    train_step,
+)
 from threadpoolctl import threadpool_limits
 
 from common import CHECKPOINT_NPZ, DataArgs, RunLogger, UserError, parse_args, run_main, run_name
 
 MIB = 2**20
-CHECK_BATCH = 256  # images in the per-epoch reversibility check
 
 
 @dataclass
