@@ -102,6 +102,17 @@ def test_train_end_to_end_validates_every_epoch_and_tests_once(data_dir, tmp_pat
 
 
 @pytest.mark.slow
+def test_step_memory_is_the_same_whatever_the_clearml_mode(data_dir, tmp_path):
+    flags = [f for f in SMALL if f not in ("--clearml", "off")]
+    memory = {}
+    for mode in ("off", "offline"):
+        out = tmp_path / mode
+        run_script(TRAIN, "--epochs", "1", "--data-dir", data_dir, "--out", out, *flags, "--clearml", mode)
+        memory[mode] = json.loads((out / "summary.json").read_text())["peak_step_memory_mib"]
+    assert memory["off"] == memory["offline"] > 0
+
+
+@pytest.mark.slow
 def test_reversibility_error_stays_small_over_a_few_hundred_float32_steps(tmp_path):
     data = make_mnist(tmp_path / "data", n_train=1200)
     out = tmp_path / "run"
