@@ -183,13 +183,13 @@ def bench_steps_interleaved(args: Args) -> dict:
         )
     generator = torch.Generator().manual_seed(args.seed)
     data = torch.randint(65, (100_000,), generator=generator)
-    seconds = {name: [] for name in models}
+    seconds, cpu_seconds = {name: [] for name in models}, {name: [] for name in models}
     for step in range(args.iters * args.rounds):
         x, y = get_batch(data, BABY["batch_size"], BABY["block_size"], generator)
         names = list(models)
         for name in names[step % len(names) :] + names[: step % len(names)]:  # turns rotate: no order bias
             model = models[name]
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             _, loss = model(x, y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -197,12 +197,14 @@ def bench_steps_interleaved(args: Args) -> dict:
             optimizers[name].zero_grad(set_to_none=True)
             if step >= 10:  # warm-up
                 seconds[name].append(time.perf_counter() - start)
+                cpu_seconds[name].append(time.process_time() - cpu_start)
     tokens = BABY["batch_size"] * BABY["block_size"]
-    result = {f"step_{k}_tokens_per_second": tokens / statistics.median(v) for k, v in seconds.items()}
-    for pos in ("learned", "rope"):
-        result[f"step_ratio_{pos}_vs_nanogpt"] = (
-            result[f"step_ours_{pos}_tokens_per_second"] / result["step_nanogpt_tokens_per_second"]
-        )
+    result = {}
+    for label, times in (("step_", seconds), ("step_cpu_time_", cpu_seconds)):  # wall clock, process CPU time
+        rates = {k: tokens / statistics.median(v) for k, v in times.items()}
+        result.update({f"{label}{k}_tokens_per_second": v for k, v in rates.items()})
+        for pos in ("learned", "rope"):
+            result[f"{label}ratio_{pos}_vs_nanogpt"] = rates[f"ours_{pos}"] / rates["nanogpt"]
     print("interleaved steps: " + ", ".join(f"{k} {v:,.3f}" for k, v in result.items()))
     return result
 

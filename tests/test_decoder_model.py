@@ -12,6 +12,7 @@ from decoder_transformer.model import (  # noqa: E402
     DecoderLM,
     KVCache,
     ModelConfig,
+    SplitHeads,
     apply_rope,
     rope_rotation,
 )
@@ -212,3 +213,24 @@ def test_bad_config_is_rejected():
         ModelConfig(n_embd=10, n_head=4)
     with pytest.raises(ValueError, match="pos must be one of"):
         ModelConfig(pos="alibi")
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_split_heads_gradients_equal_autograd_through_views(rotate):
+    """SplitHeads' hand-written backward against autograd through slices, views and apply_rope."""
+    qkv = torch.randn(2, 5, 3 * 8, dtype=torch.float64, requires_grad=True)
+    rotation = rope_rotation(torch.arange(5), 4, 10000.0) if rotate else None
+    grads = [torch.randn(2, 2, 5, 4, dtype=torch.float64) for _ in range(3)]
+    ours = SplitHeads.apply(qkv, rotation, 2)
+    heads = qkv.view(2, 5, 3, 2, 4)
+    qk = (
+        apply_rope(heads[:, :, :2].float(), rotation[:, None, None, :]).double()
+        if rotate
+        else heads[:, :, :2]
+    )
+    reference = (qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), heads[:, :, 2].transpose(1, 2))
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    grad_ours = torch.autograd.grad(ours, qkv, grads)[0]
+    grad_reference = torch.autograd.grad(reference, qkv, grads)[0]
+    torch.testing.assert_close(grad_ours, grad_reference, rtol=1e-6, atol=1e-6)
