@@ -334,6 +334,9 @@ class Agent:
             for t in (self.online, self.grad, self.exp_avg, self.exp_avg_sq)
         ]
         self.adam_steps = [torch.zeros((), dtype=torch.float32, device=self.device) for _ in groups]
+        # views made once (every update is in place): the online ones are the autograd leaves
+        self._online_views = {k: v.requires_grad_(True) for k, v in self.layout.views(self.online).items()}
+        self._target_views = self.layout.views(self.target)
         self.grad_steps = np.zeros(self.num_seeds, dtype=np.int64)
         self.steps_since_reset = np.zeros(self.num_seeds, dtype=np.int64)  # the anneal clock
         self.num_resets = np.zeros(self.num_seeds, dtype=np.int64)
@@ -354,7 +357,7 @@ class Agent:
     def greedy(self, obs: np.ndarray) -> np.ndarray:
         """(S, B, obs_dim) states -> (S, B) greedy actions of each seed's online network."""
         x = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-        return q_values(self.layout, self.layout.views(self.online), x).argmax(dim=2).cpu().numpy()
+        return q_values(self.layout, self._online_views, x).argmax(dim=2).cpu().numpy()
 
     def act(self, obs: np.ndarray, epsilon: float, rngs: list[np.random.Generator]) -> np.ndarray:
         """(S, obs_dim) -> (S,) epsilon-greedy actions; seed s draws from rngs[s] (two draws per step)."""
@@ -367,8 +370,8 @@ class Agent:
         sample = buffer.sample(self.cfg.batch_size, self.n_step, self.gamma, rngs)
         batch = {k: torch.from_numpy(v).to(self.device) for k, v in sample.items()}
         # leaves are views of the flat parameters: their gradients are concatenated back into (S, D)
-        views = {k: v.requires_grad_(True) for k, v in self.layout.views(self.online).items()}
-        loss, q = td_loss(self.layout, views, self.layout.views(self.target), batch, self.cfg.double)
+        views = self._online_views
+        loss, q = td_loss(self.layout, views, self._target_views, batch, self.cfg.double)
         grads = torch.autograd.grad(loss.sum(), list(views.values()))  # seeds' losses are independent
         torch.cat([g.reshape(self.num_seeds, -1) for g in grads], dim=1, out=self.grad)
         grad_norm = self._clip_(self.grad)
