@@ -11,7 +11,7 @@ nanoGPT is read from a checkout outside this repository (`--nanogpt-dir PATH`; f
   python decoder_transformer/benchmark.py --task generate --ckpt <run folder>/checkpoint.pt --nanogpt-dir PATH
   python decoder_transformer/benchmark.py --task generate --preset gpu --rounds 1 --clearml off  # no nanoGPT
   # a finished nanoGPT run scored on the whole validation split, as train.py scores its own runs
-  python decoder_transformer/benchmark.py --task nanogpt-val --nanogpt-dir PATH --nanogpt-ckpt FILE \
+  python decoder_transformer/benchmark.py --task nanogpt-val --nanogpt-dir PATH --nanogpt-ckpt FILE \\
       --data-dir PATH
 """
 

@@ -9,7 +9,7 @@ and the same numbers for as many chunks of held-out validation text: the referen
 2019 compare against human text the same way). Writes sampling_eval.json, samples.txt and the plots.
 
   python decoder_transformer/evaluate_sampling.py --ckpt <run folder>/best.pt --data-dir PATH
-  python decoder_transformer/evaluate_sampling.py --ckpt <run>/checkpoint.pt --temperatures 1.0 \
+  python decoder_transformer/evaluate_sampling.py --ckpt <run>/checkpoint.pt --temperatures 1.0 \\
       --top-ps 0.9 1.0 --num-samples 2 --length 40 --clearml off                        # tiny
 """
 

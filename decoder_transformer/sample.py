@@ -5,7 +5,7 @@ context for every token (same tokens for the same seed, for comparing speed). By
 a character boundary (up to 3 bytes more than --max-new-tokens finish a character) and report how many
 U+FFFD replacement characters invalid UTF-8 cost.
 
-  python decoder_transformer/sample.py --ckpt runs/decoder_transformer/<run>/checkpoint.pt --prompt "ROMEO:" \
+  python decoder_transformer/sample.py --ckpt <run folder>/best.pt --prompt "ROMEO:" \\
       --temperature 0.8 --top-p 0.95 --max-new-tokens 500
   python decoder_transformer/sample.py --ckpt <run>/checkpoint.pt --max-new-tokens 20 --clearml off    # tiny
 """
