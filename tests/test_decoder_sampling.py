@@ -96,8 +96,8 @@ def test_nucleus_equals_the_exact_smallest_set_on_tied_logits(top_p):
 def test_nucleus_equals_the_exact_smallest_set_at_a_50k_vocabulary():
     """The issue's case: p = 0.999 over 50,000 tokens, where a 1e-6 tolerance dropped tokens of up to
     4e-4 probability in 377 of 576 rows."""
-    logits = torch.randn(6, 50_000, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2
-    assert assert_matches_reference(logits, 0.999) == 6
+    logits = torch.randn(4, 50_000, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2
+    assert assert_matches_reference(logits, 0.999) == 4
 
 
 def test_nucleus_agrees_with_hugging_face_top_p_warper():
