@@ -42,7 +42,6 @@ MVTEC_URLS = {  # MVTec's official per-category archives (.tar.xz); MVTec publis
     "transistor": _ARCHIVES + "420938166-1629953277/transistor.tar.xz",
     "metal_nut": _ARCHIVES + "420937637-1629952063/metal_nut.tar.xz",
 }
-CATEGORIES = tuple(MVTEC_URLS)  # the research's classes; any MVTec-layout folder works
 
 
 def model_config(args) -> ModelConfig:

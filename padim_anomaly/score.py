@@ -2,10 +2,11 @@
 
 Every image under --images (searched recursively; PNG, JPEG or BMP, colour or grayscale, any size) gets
 the model's own preprocessing (stored in model.pt), its anomaly map and its image score (the map's
-maximum). Writes to --out: scores.csv (file, score), maps.npz (one float32 map per file, at the model's
-input size), and a heat-map PNG per image (one colour scale for the whole folder, so maps compare).
+maximum). Writes to the run folder (--out, default runs/padim_anomaly/score_...): scores.csv (file,
+score), maps.npz (one float32 map per file, at the model's input size), a heat-map PNG per image under
+maps/ (one colour scale for the whole folder, so maps compare) and summary.json.
 
-    python padim_anomaly/score.py --model runs/padim_anomaly/RUN/model.pt --images DIR --out DIR
+    python padim_anomaly/score.py --model runs/padim_anomaly/RUN/model.pt --images DIR
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import matplotlib
 
@@ -33,21 +34,22 @@ from padim_io import (  # noqa: E402
 )
 from PIL import Image  # noqa: E402
 
-from common import UserError, parse_args, run_main  # noqa: E402
+from common import RunArgs, RunLogger, UserError, parse_args, run_main, run_name  # noqa: E402
 
 
 @dataclass
-class Args:
+class Args(RunArgs):
     model: str = ""  # model.pt written by train.py (required)
     images: str = ""  # folder of images to score, searched recursively (required)
-    out: str = ""  # folder for scores.csv, maps.npz and the heat maps (required; created)
     batch_size: int = 16  # images per backbone forward pass
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     heatmaps: bool = True  # write one heat-map PNG per image
 
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"device", "batch_size"})  # scoring is redone whole
+
 
 def check_args(args: Args) -> None:
-    for flag, value in (("--model", args.model), ("--images", args.images), ("--out", args.out)):
+    for flag, value in (("--model", args.model), ("--images", args.images)):
         if not value:
             raise ValueError(f"{flag} is required")
     if args.batch_size < 1:
@@ -73,43 +75,59 @@ def heatmap(values: np.ndarray, vmax: float) -> Image.Image:
     return Image.fromarray((rgba[..., :3] * 255).astype(np.uint8))
 
 
-def main() -> None:
-    args = parse_args(Args, check=check_args, description=__doc__)
-    state = load_model(Path(args.model))
+@torch.no_grad()
+def score_folder(args: Args, state: dict, paths: list[Path]):
+    """Anomaly maps (N, S, S) and image scores (N,) of the files, streamed batch by batch."""
     config, extractor = extractor_from_model(state)
-    root = Path(args.images)
-    paths = find_images(root)
-    verify_images(paths)  # every file decoded before anything is written
     device = pick_device(args.device)
     extractor = extractor.to(device)
     mean, inv_covariance = state["mean"].to(device), state["inv_covariance"].to(device)
     maps = []
     progress = Progress("score", len(paths))
     for batch in image_batches(paths, config, args.batch_size):
-        with torch.no_grad():
-            distance = mahalanobis(extractor(batch.to(device)).flatten(2), mean, inv_covariance)  # (B, P)
+        distance = mahalanobis(extractor(batch.to(device)).flatten(2), mean, inv_covariance)  # (B, P)
         maps.append(anomaly_map(distance, config.grid, config.image_size, config.sigma).cpu())
         progress.update(len(batch))
     maps = torch.cat(maps)
-    maps, scores = maps.numpy(), image_scores(maps).numpy()
+    return maps.numpy(), image_scores(maps).numpy()
 
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --out {out}: {e.strerror}") from None
+
+def write_outputs(log, args: Args, root: Path, paths: list[Path], maps, scores) -> None:
     keys = [key_of(p, root) for p in paths]
-    with open(out / "scores.csv", "w", newline="") as f:
+    with open(log.path("scores.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["file", "score"])
         writer.writerows([str(p.relative_to(root)), f"{s:.6g}"] for p, s in zip(paths, scores))
-    np.savez_compressed(out / "maps.npz", **{k: m.astype(np.float32) for k, m in zip(keys, maps)})
+    np.savez_compressed(log.path("maps.npz"), **{k: m.astype(np.float32) for k, m in zip(keys, maps)})
     if args.heatmaps:
+        folder = log.path("maps")
+        folder.mkdir(exist_ok=True)
         vmax = float(maps.max()) or 1.0
         for key, m in zip(keys, maps):
-            heatmap(m, vmax).save(out / f"{key}_map.png")
-    category = state.get("category", "?")
-    print(f"scored {len(paths)} images with the {category} model {args.model}: scores.csv, maps.npz in {out}")
+            heatmap(m, vmax).save(folder / f"{key}.png")
+
+
+def main() -> None:
+    args = parse_args(Args, check=check_args, description=__doc__)
+    state = load_model(Path(args.model))
+    root = Path(args.images)
+    paths = find_images(root)
+    verify_images(paths)  # every file decoded before a run folder exists
+    category = state.get("category", "model")
+    with RunLogger("padim_anomaly", run_name(f"score_{category}", args.seed), args) as log:
+        maps, scores = score_folder(args, state, paths)
+        write_outputs(log, args, root, paths, maps, scores)
+        log.write_summary(
+            {
+                "model": args.model,
+                "category": category,
+                "n_images": len(paths),
+                "score_min": float(scores.min()),
+                "score_max": float(scores.max()),
+                "map_max": float(maps.max()),
+            }
+        )
+        print(f"scored {len(paths)} images with the {category} model {args.model}: scores.csv, maps.npz")
 
 
 if __name__ == "__main__":
