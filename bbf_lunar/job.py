@@ -220,6 +220,49 @@ class Job:
         return results
 
 
+def at_step(result: dict, step: int) -> dict:
+    """A result dict cut to its evaluations up to `step`, scored there (for --score-step)."""
+    keep = [i for i, t in enumerate(result["eval_steps"]) if t <= step]
+    if len(keep) < SCORE_POINTS:
+        from common import UserError
+
+        raise UserError(
+            f"--score-step {step}: {result['variant']} seed {result['seed']} has no 3 evaluations by then"
+        )
+    points = [float(np.mean(result["eval_returns"][i])) for i in keep]
+    return result | {
+        "eval_steps": [result["eval_steps"][i] for i in keep],
+        "eval_returns": [result["eval_returns"][i] for i in keep],
+        "score": float(np.mean(points[-SCORE_POINTS:])),
+        "final_return": points[-1],
+        "env_steps": result["eval_steps"][keep[-1]],
+    }
+
+
+def progress_results(spec: dict) -> list[dict]:
+    """Result dicts of an unfinished job from the evaluations in its progress.jsonl (per-point means;
+    a row repeated after a resume counts once). No timing: seconds and steps/s are NaN."""
+    by_step = {}
+    path = Path(spec["job_dir"]) / "progress.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        row = json.loads(line)
+        if "eval/return" in row:
+            by_step[row["step"]] = row["eval/return"]
+    steps = sorted(by_step)
+    return [
+        {
+            "variant": spec["variant"],
+            "seed": seed,
+            "eval_steps": steps,
+            "eval_returns": [[by_step[t][s]] for t in steps],
+            "seeds_in_process": len(spec["seeds"]),
+            "seconds": float("nan"),
+            "seed_steps_per_second": float("nan"),
+        }
+        for s, seed in enumerate(spec["seeds"])
+    ]
+
+
 def train_job(spec: dict, report=None) -> list[dict]:
     """Train one seed batch to the end (resuming from its checkpoint); one result dict per seed."""
     import torch

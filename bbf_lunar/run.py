@@ -29,7 +29,7 @@ from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also in spawned workers
 from agent import AgentConfig, Layout, ModelConfig  # noqa: E402
-from job import seed_dir, train_job  # noqa: E402
+from job import at_step, progress_results, seed_dir, train_job  # noqa: E402
 from report import make_plots, print_table, summarize  # noqa: E402
 
 from common import RunArgs, RunLogger, UserError, parse_args, read_json, run_main, run_name  # noqa: E402
@@ -65,8 +65,13 @@ class Args(RunArgs):
     checkpoint_every: int = 10_000  # environment steps between per-job checkpoints
     bootstrap_reps: int = 50_000  # bootstrap replicates when the resamples are too many to enumerate
     summarize_only: bool = False  # with --resume: no training, statistics and plots from the result files
+    # with --summarize-only: score every run at this env step (0 = at its end); jobs still unfinished
+    # are then read from their progress.jsonl
+    score_step: int = 0
 
-    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"workers", "bootstrap_reps", "summarize_only"})
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset(
+        {"workers", "bootstrap_reps", "summarize_only", "score_step"}
+    )
 
 
 # Variants as overrides of the settings `settings()` builds from Args. `no_*_anneal` hold n / gamma
@@ -120,6 +125,8 @@ def check_args(a: Args) -> None:
         raise ValueError(f"--n-min ({a.n_min}) must be <= --n-max ({a.n_max})")
     if a.summarize_only and not a.resume:
         raise ValueError("--summarize-only works on an earlier run: add --resume and its --out")
+    if a.score_step and not a.summarize_only:
+        raise ValueError("--score-step needs --summarize-only")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,8 +258,10 @@ def plan(args: Args, log: RunLogger) -> tuple[list[dict], list[dict], list[str]]
                     damaged.append(f"{e}; moved aside, the next --resume restarts its job from scratch")
                     os.replace(path, path.with_name("result.json.damaged"))
                     bad = True
+        if len(found) < len(spec["seeds"]) and args.score_step and not bad:
+            found = progress_results(spec)  # an unfinished job, scored at an earlier step
         if len(found) == len(spec["seeds"]) or (args.summarize_only and found):
-            results += found
+            results += [at_step(r, args.score_step) for r in found] if args.score_step else found
         elif not bad:
             pending.append(spec)
     pending.sort(key=job_cost, reverse=True)  # longest first, so the pool finishes together

@@ -94,6 +94,24 @@ def test_damaged_checkpoint_is_one_line_and_moved_aside(tmp_path):
     assert not ckpt.exists() and (ckpt.parent / "checkpoint.pt.damaged").exists()
 
 
+def test_unfinished_job_is_scored_from_its_progress_at_an_earlier_step(tmp_path):
+    spec = R.job_spec(tiny_args(), "dqn", [4, 5], tmp_path / "jobs")
+    Path(spec["job_dir"]).mkdir(parents=True)
+    rows = [{"step": t, "eval/return": [t / 100, -t / 100]} for t in (0, 750, 1500, 2250, 1500)]  # resumed
+    rows.insert(2, {"step": 800, "train/loss": [1.0, 2.0]})
+    (Path(spec["job_dir"]) / "progress.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    four, five = J.progress_results(spec)
+    assert four["eval_steps"] == [0, 750, 1500, 2250] and five["eval_returns"][-1] == [-22.5]
+    cut = J.at_step(four, 1500)
+    assert (
+        cut["eval_steps"] == [0, 750, 1500]
+        and cut["score"] == pytest.approx(7.5)
+        and cut["env_steps"] == 1500
+    )
+    with pytest.raises(R.UserError, match="no 3 evaluations"):
+        J.at_step(four, 700)
+
+
 # ---------------------------------------------------------------------------------------------
 # slow: whole jobs in this process
 
