@@ -362,7 +362,7 @@ class Agent:
     def act(self, obs: np.ndarray, epsilon: float, rngs: list[np.random.Generator]) -> np.ndarray:
         """(S, obs_dim) -> (S,) epsilon-greedy actions; seed s draws from rngs[s] (two draws per step)."""
         draws = [(rng.random(), rng.integers(self.model_cfg.num_actions)) for rng in rngs]
-        greedy = self.greedy(obs[:, None])[:, 0]
+        greedy = self.greedy(obs[:, None])[:, 0] if epsilon < 1 else np.zeros(len(rngs), dtype=np.int64)
         return np.array([a if u < epsilon else g for (u, a), g in zip(draws, greedy)], dtype=np.int64)
 
     def update(self, buffer: ReplayBuffer, rngs: list[np.random.Generator]) -> dict[str, np.ndarray]:

@@ -47,7 +47,6 @@ class Job:
 
     def __init__(self, spec: dict, device: str = "cpu"):
         import gymnasium as gym
-        import torch
 
         self.spec, self.run, self.seeds = spec, spec["run"], spec["seeds"]
         self.dir = Path(spec["job_dir"])
@@ -60,7 +59,6 @@ class Job:
         self.rngs = [np.random.default_rng(s) for s in self.seeds]
         self.state = {"env_step": 0, "updates_owed": 0.0, "eval_steps": [], "eval_returns": []}
         self.state |= {"seconds": 0.0, "episodes": [0] * S, "resumes": 0}
-        self.torch = torch
         self.envs = gym.vector.SyncVectorEnv(
             [lambda: gym.make(ENV_ID) for _ in self.seeds], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
         )
