@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import struct
+import subprocess
 import sys
 import urllib.error
 from pathlib import Path
@@ -301,6 +302,30 @@ def test_footprint_reports_rss_above_the_arrays_it_accounts_for(data_dir):
     assert rev["weights"] == res["weights"] == rev["gradients"] and rev["optimizer"] > 2 * rev["weights"]
     for r in results.values():  # a process holds at least the arrays it accounts for
         assert r["peak_rss_mib"] > sum(r["footprint_mib"].values())
+
+
+@pytest.mark.slow
+def test_the_measured_training_process_imports_neither_torch_nor_matplotlib(data_dir):
+    argv = [
+        "footprint.py",
+        "--width",
+        "16",
+        "--batch-size",
+        "32",
+        "--val-size",
+        "80",
+        "--data-dir",
+        str(data_dir),
+    ]
+    code = (
+        f"import runpy, sys; sys.path[:0] = [{str(REPO / 'revnet_mnist')!r}, {str(REPO)!r}]; "
+        f"sys.argv = {argv!r}; "
+        f"runpy.run_path({str(REPO / FOOTPRINT)!r}, run_name='__main__'); "
+        "print('torch' in sys.modules, 'matplotlib' in sys.modules)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "False False"
 
 
 @pytest.mark.slow
