@@ -5,7 +5,7 @@ the 10,000 test images at the end, and reports the memory a user sees (the proce
 the memory of one training step. For revnet, every epoch also checks how faithfully the reversible
 backward rebuilds the activations it did not store, and warns when it stops doing so.
 
-    python revnet_mnist/train.py --data-dir PATH                  # default RevNet, 10 epochs, ~2.5 min
+    python revnet_mnist/train.py --data-dir PATH                  # default RevNet, 10 epochs, 1.5-3 min
     python revnet_mnist/train.py --data-dir PATH --model resnet   # same net, stored activations
     python revnet_mnist/train.py --data-dir PATH --model mlp      # plain MLP
     python revnet_mnist/train.py --epochs 1 --limit-train 2000 --clearml off   # tiny run, seconds
