@@ -10,8 +10,11 @@ fresh process). Then revnet and resnet steps are timed side by side at --time-de
 --runs DIR the test accuracies of the train.py runs in DIR are compared. Prints the targets and
 writes rss.json and rss.png (peak RSS vs depth):
 
-    python revnet_mnist/benchmark.py --rss --data-dir PATH --width 128 --batch-size 8192 \\
-        --depths 4 8 16 32 48 --runs runs/revnet_mnist/rss_config
+    python revnet_mnist/benchmark.py --rss --data-dir PATH   # width 128, batch 8192, depths 4-48
+
+With --rss, width, batch size, depths and timed steps default to the configuration where
+activations dominate (128, 8192, 4 8 16 32 48, 10); --runs defaults to runs/revnet_mnist/rss_config,
+where the README's train.py commands write.
 
 Default (step study): in one process, per depth, the peak memory of one training step above what
 was held before it (tracemalloc), the median step time of each model and of the same resnet in torch
@@ -35,7 +38,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -45,6 +48,7 @@ from revnet import MODELS, Adam, ModelConfig, Network, softmax_cross_entropy, tr
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from common import DataArgs, RunLogger, UserError, parse_args, read_json, run_main, run_name, write_json
+from common.cli import REPO_ROOT
 
 MIB = 2**20
 LR, WEIGHT_DECAY = 1e-3, 5e-5  # train.py's defaults; the values don't change the cost of a step
@@ -54,22 +58,37 @@ TARGETS = {"rss_ratio": 0.35, "flat": 1.10, "time_ratio": 1.5, "accuracy_points"
 
 @dataclass
 class Args(DataArgs):
-    depths: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])  # network depths to measure
-    batch_size: int = 128  # images per step
-    width: int = 256  # features after the input projection
-    steps: int = 30  # timed steps per model (median reported)
+    # network depths to measure (default: 2 4 8 16 32; with --rss: 4 8 16 32 48)
+    depths: list[int] | None = None
+    batch_size: int | None = None  # images per step (default: 128; with --rss: 8192)
+    width: int | None = None  # features after the input projection (default: 256; with --rss: 128)
+    steps: int | None = None  # timed steps per model, median reported (default: 30; with --rss: 10)
     threads: int = 1  # BLAS and torch threads, the same for all models (1: steady timings on a busy machine)
     memory_steps: int = 2  # traced steps per model and depth (max reported), after a warm-up step
     rss: bool = False  # the whole-process memory study (fresh process per model and depth) instead
     rss_steps: int = 3  # --rss: training steps per process
     val_size: int = 5000  # --rss: training images held out for validation, as in train.py
     time_depth: int = 16  # --rss: depth at which revnet and resnet steps are timed side by side
-    runs: str | None = None  # --rss: folder of train.py runs (any depth) whose test accuracies are compared
+    # --rss: train.py runs whose test accuracies are compared (default runs/revnet_mnist/rss_config)
+    runs: str | None = None
 
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset()
 
 
+STUDY_DEFAULTS = {  # (depths, batch_size, width, steps)
+    False: ([2, 4, 8, 16, 32], 128, 256, 30),  # step study: train.py's default size
+    True: ([4, 8, 16, 32, 48], 8192, 128, 10),  # --rss: where activations dominate (see README)
+}
+DEFAULT_RUNS = REPO_ROOT / "runs" / "revnet_mnist" / "rss_config"
+
+
 def check_args(args: Args) -> None:
+    """Fills the flags left unset with the chosen study's defaults, then checks them."""
+    for name, default in zip(("depths", "batch_size", "width", "steps"), STUDY_DEFAULTS[args.rss]):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.rss and args.runs is None and DEFAULT_RUNS.is_dir():
+        args.runs = str(DEFAULT_RUNS)
     if not args.depths or min(args.depths) < 1:
         raise ValueError(f"--depths must all be >= 1 (got {args.depths})")
     if args.width < 4 or args.width % 2:
@@ -384,7 +403,10 @@ def rss_study(args: Args, log: RunLogger) -> None:
         + f" (median of {args.steps}, {args.threads} thread(s))"
     )
     if args.runs:
+        print(f"train.py runs in {args.runs}:")
         result["accuracy"] = accuracy_table(args.runs, args)
+    else:
+        print("no train.py runs to compare accuracy with (--runs DIR; see README for the commands)")
     result["targets"] = rss_targets(args, result)
     result["seconds"] = time.perf_counter() - started
     print(f"benchmark --rss took {result['seconds']:.0f} s")
