@@ -76,7 +76,13 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--depth must be >= 1 (got {args.depth})")
     if args.width < 4 or args.width % 2:
         raise ValueError(f"--width must be an even number >= 4, split into two halves (got {args.width})")
-    for flag, value in (("--lr", args.lr), ("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+    positive = {
+        "--lr": args.lr,
+        "--epochs": args.epochs,
+        "--batch-size": args.batch_size,
+        "--val-size": args.val_size,
+    }
+    for flag, value in positive.items():
         if value <= 0:
             raise ValueError(f"{flag} must be > 0 (got {value})")
     if args.threads < 1:
@@ -188,8 +194,6 @@ class Run:
             data["train_labels"] = data["train_labels"][: args.limit_train]
         if len(data["train_images"]) < args.batch_size:
             raise UserError(f"only {len(data['train_images'])} training images; need >= --batch-size")
-        if args.val_size == 0:
-            raise UserError("--val-size 0 leaves nothing to validate on; keep some training images back")
         self.data = data
         self.steps_per_epoch = len(data["train_images"]) // args.batch_size  # last partial batch dropped
         self.total_steps = self.steps_per_epoch * args.epochs

@@ -165,6 +165,7 @@ def test_resume_with_a_changed_training_flag_exits_1_naming_it(data_dir, tmp_pat
         (["--lr", "0"], "--lr"),
         (["--limit-train", "10"], "--limit-train"),
         (["--rebuild-tolerance", "0"], "--rebuild-tolerance"),
+        (["--val-size", "0"], "--val-size"),
     ],
 )
 def test_train_rejects_bad_flags(flags, phrase, capsys):
