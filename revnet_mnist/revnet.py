@@ -181,8 +181,6 @@ class Network:
         self.head = Linear(width, config.classes, rng, dtype)
         self.top = None  # revnet: the last block's output, the only activation kept for backward
         self.reversible_pass = False  # whether the last forward(train=True) kept only the top
-        self.keep_input = False  # keep a copy of the stack's input to measure the rebuild (see forward)
-        self.bottom, self.rebuild_error = None, None
 
     @property
     def reversible(self) -> bool:
@@ -219,20 +217,14 @@ class Network:
                 raise ValueError(f"{name}: shape {state[name].shape} does not fit {p.shape}")
             p[...] = state[name]
 
-    def forward(self, x: np.ndarray, train: bool = True, store_all: bool = False) -> np.ndarray:
-        """Logits (B, classes). `train` keeps what backward needs: everything, or only the top for revnet.
-
-        `store_all` makes a revnet keep every activation like resnet (the reference of
-        `reversibility_check`); `keep_input` (attribute) makes a reversible pass also keep a copy of
-        the stack's input, which backward compares with the input it rebuilds (`rebuild_error`)."""
-        self.reversible_pass = train and self.reversible and not store_all
+    def forward(self, x: np.ndarray, train: bool = True) -> np.ndarray:
+        """Logits (B, classes). `train` keeps what backward needs: everything, or only the top for revnet."""
+        self.reversible_pass = train and self.reversible
         h = self.stem.forward(x, store=train)  # (B, width)
         if self.config.model == "mlp":
             for block in self.blocks:
                 h = block.forward(h, store=train)
         else:
-            if self.reversible_pass and self.keep_input:
-                self.bottom = h.copy()  # one extra (B, width) array
             x1, x2 = h[:, : self.half], h[:, self.half :]  # two (B, width/2) views
             for block in self.blocks:
                 x1, x2 = block.forward(x1, x2, store=train and not self.reversible_pass)
@@ -256,13 +248,6 @@ class Network:
                 self.top = None
                 for block in reversed(self.blocks):
                     y1, y2, d1, d2 = block.backward_reversible(y1, y2, d1, d2)
-                if self.bottom is not None:  # y1, y2 now hold the rebuilt input of the stack
-                    scale = float(np.abs(self.bottom).max()) or 1.0
-                    error = max(
-                        np.abs(y1 - self.bottom[:, : self.half]).max(),
-                        np.abs(y2 - self.bottom[:, self.half :]).max(),
-                    )
-                    self.rebuild_error, self.bottom = float(error) / scale, None
             else:
                 for block in reversed(self.blocks):
                     d1, d2 = block.backward(d1, d2)
@@ -405,23 +390,51 @@ CHECK_BATCH = 32  # images in train.py's per-epoch reversibility check (its stor
 def reversibility_check(network: Network, x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """How faithful the reversible backward is on one batch, with the network's current weights.
 
-    rebuild_error: max |x' - x| / max |x| between the stack's input rebuilt by the backward pass and
-    a copy stored at the forward pass. grad_error: ||g_rev - g|| / ||g|| over all parameters as one
-    vector, g from stored-activation backprop of the same network. Call between training steps: it
-    overwrites the gradient buffers (the optimizer reads them only inside `step`)."""
-    network.keep_input = True
-    try:
-        network.backward(softmax_cross_entropy(network.forward(x), labels)[1])
-    finally:
-        network.keep_input = False
-    rebuild_error = network.rebuild_error
-    reversible = [g.copy() for _, _, g in network.parameters()]
-    network.backward(softmax_cross_entropy(network.forward(x, store_all=True), labels)[1])
-    squared_diff = squared_norm = 0.0
-    for (_, _, g), g_rev in zip(network.parameters(), reversible):
-        squared_diff += float(np.sum(np.square(g_rev - g, dtype=np.float64)))
-        squared_norm += float(np.sum(np.square(g, dtype=np.float64)))
-    return {"rebuild_error": rebuild_error, "grad_error": (squared_diff / (squared_norm or 1.0)) ** 0.5}
+    rebuild_error: max |x' - x| / max |x| between the stack's input rebuilt by the reversible
+    backward and the input the forward pass computed. grad_error: ||g_rev - g|| / ||g|| over all
+    parameters as one vector, g from stored-activation backprop. One forward stores every
+    activation of the (small) batch; then both backward passes walk down the stack side by side:
+    each block is backpropagated through its stored activations, its gradients copied (one block's
+    worth, never all of them), then rebuilt from its output and backpropagated reversibly. Call
+    between training steps: it overwrites the gradient buffers (the optimizer reads them only in `step`).
+    """
+    if network.config.model == "mlp":
+        raise ValueError("reversibility_check needs reversible blocks (revnet or resnet)")
+    half = network.half
+    h = network.stem.forward(x, store=True)  # the stack's input; nothing below writes into it
+    x1, x2 = h[:, :half], h[:, half:]
+    for block in network.blocks:
+        x1, x2 = block.forward(x1, x2, store=True)
+    top = network.head_relu.forward(np.concatenate([x1, x2], axis=1), store=True)
+    dlogits = softmax_cross_entropy(network.head.forward(top, store=True), labels)[1]
+    dh = network.head_relu.backward(network.head.backward(dlogits))  # the same in both passes
+    sums = {
+        "diff": 0.0,
+        "norm": sum(float(np.sum(np.square(g, dtype=np.float64))) for g in network.head.grads.values()),
+    }
+
+    def compare(layers, stored):
+        for layer, g_stored in zip(layers, stored):
+            for key, g in layer.grads.items():
+                sums["diff"] += float(np.sum(np.square(g - g_stored[key], dtype=np.float64)))
+                sums["norm"] += float(np.sum(np.square(g_stored[key], dtype=np.float64)))
+
+    s1, s2 = r1, r2 = dh[:, :half], dh[:, half:]  # gradients: stored pass (s), reversible pass (r)
+    for block in reversed(network.blocks):
+        s1, s2 = block.backward(s1, s2)
+        layers = [layer for seq in (block.F, block.G) for layer in seq.layers if isinstance(layer, Linear)]
+        stored = [{k: g.copy() for k, g in layer.grads.items()} for layer in layers]
+        x1, x2, r1, r2 = block.backward_reversible(x1, x2, r1, r2)
+        compare(layers, stored)
+    scale = float(np.abs(h).max()) or 1.0
+    rebuild_error = max(float(np.abs(x1 - h[:, :half]).max()), float(np.abs(x2 - h[:, half:]).max())) / scale
+    kept_input = network.stem.x
+    network.stem.backward(np.concatenate([s1, s2], axis=1))
+    stored = [{k: g.copy() for k, g in network.stem.grads.items()}]
+    network.stem.x = kept_input
+    network.stem.backward(np.concatenate([r1, r2], axis=1))
+    compare([network.stem], stored)
+    return {"rebuild_error": rebuild_error, "grad_error": (sums["diff"] / (sums["norm"] or 1.0)) ** 0.5}
 
 
 def held_bytes(network: Network) -> int:
@@ -436,9 +449,8 @@ def held_bytes(network: Network) -> int:
     for layer in relus:
         if isinstance(layer, ReLU) and layer.y is not None:
             held[id(layer.y)] = layer.y
-    for array in (*(network.top or ()), network.bottom):
-        if array is not None:
-            held[id(array)] = array
+    for array in network.top or ():
+        held[id(array)] = array
     return sum(a.nbytes for a in held.values())
 
 
