@@ -293,10 +293,7 @@ def accuracy_table(folder: str, args: Args) -> dict:
         if (s.get("width"), s.get("batch_size")) == (args.width, args.batch_size):
             runs.setdefault(f"{s['model']} d{s['depth']}", []).append(s)
     if not runs:
-        raise UserError(
-            f"--runs: no train.py summaries with --width {args.width} "
-            f"--batch-size {args.batch_size} in {folder}"
-        )
+        print(f"no train.py runs with --width {args.width} --batch-size {args.batch_size} there")
     table = {}
     for name, group in runs.items():
         acc = [100 * s["test_accuracy"] for s in group]
