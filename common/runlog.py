@@ -388,10 +388,11 @@ class RunLogger:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             print(f"removed {self.run_dir}: the run stopped before it saved anything", file=sys.stderr)
 
-    def close(self) -> None:
+    def close(self, announce: bool = True) -> None:
         self._close_clearml()
         self._release()
-        print(f"run folder: {self.run_dir}", file=sys.stderr)
+        if announce:
+            print(f"run folder: {self.run_dir}", file=sys.stderr)
 
     def __enter__(self):
         return self
@@ -401,4 +402,4 @@ class RunLogger:
             self._close_clearml()
             self._abandon()
         else:
-            self.close()
+            self.close(announce=exc_type is None)  # a failed run's error stays the one line it prints
