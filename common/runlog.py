@@ -381,12 +381,13 @@ class RunLogger:
             self._lock_file.close()  # releases the flock
             self._lock_file = None
 
-    def _abandon(self) -> None:
+    def _abandon(self, say: bool = False) -> None:
         """Failed before anything worth keeping: remove the folder this logger created."""
         self._release()
         if self._created and not self._kept:
             shutil.rmtree(self.run_dir, ignore_errors=True)
-            print(f"removed {self.run_dir}: the run stopped before it saved anything", file=sys.stderr)
+            if say:
+                print(f"removed {self.run_dir}: the run stopped before it saved anything", file=sys.stderr)
 
     def close(self, announce: bool = True) -> None:
         self._close_clearml()
@@ -400,6 +401,6 @@ class RunLogger:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None and self._created and not self._kept:
             self._close_clearml()
-            self._abandon()
+            self._abandon(say=not issubclass(exc_type, UserError))  # a UserError stays one line
         else:
             self.close(announce=exc_type is None)  # a failed run's error stays the one line it prints
