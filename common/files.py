@@ -59,7 +59,7 @@ def load_torch(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):  # a class or function to import: code, refused
             raise UserError(
                 f"{path} holds pickled Python objects, which are refused (weights_only=True): "
                 "only plain tensors and values are loaded"

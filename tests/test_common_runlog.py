@@ -402,3 +402,10 @@ def test_load_torch_refuses_pickled_objects_and_names_damaged_files(tmp_path):
     (tmp_path / "bad.json").write_text('{"a": ')
     with pytest.raises(UserError, match="bad.json is damaged"):
         read_json(tmp_path / "bad.json")
+
+
+def test_load_torch_calls_garbage_damaged_not_pickled(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"garbage bytes here" * 10)
+    with pytest.raises(UserError, match=f"{garbage} is damaged or not a torch checkpoint"):
+        load_torch(garbage)
