@@ -13,7 +13,7 @@ fitted on the first shuffle's folds; fold k's top/bottom come from the other fol
 so no validation image chooses its own channels; top-k's place among the random subsets is a percentile.
 
 Research: python padim_anomaly/importance.py --category bottle transistor metal_nut
-Here:     python padim_anomaly/importance.py --category bottle --weights none --data-dir ../shared/data
+Offline:  python padim_anomaly/importance.py --category bottle --weights none --data-dir PATH
 Tiny:     python padim_anomaly/importance.py --weights none --n-features 16 --ks 2 4 --n-random 5 \\
               --image-size 64 --clearml off --data-dir DIR
 """
