@@ -69,9 +69,8 @@ class Args(RunArgs):
     # are then read from their progress.jsonl
     score_step: int = 0
 
-    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset(
-        {"workers", "bootstrap_reps", "summarize_only", "score_step"}
-    )
+    REPORT_ONLY: ClassVar[frozenset[str]] = frozenset({"summarize_only", "score_step"})
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"workers", "bootstrap_reps"})
 
 
 # Variants as overrides of the settings `settings()` builds from Args. `no_*_anneal` hold n / gamma

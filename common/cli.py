@@ -49,6 +49,9 @@ class RunArgs:
     clearml_queue: str | None = None  # hand the run to this ClearML agent queue and exit
 
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset()  # flags that may change on --resume
+    # flags that only re-read a run's results (e.g. --summarize-only): never stored in config.json,
+    # and set, they may open a finished run again
+    REPORT_ONLY: ClassVar[frozenset[str]] = frozenset()
     ALLOW_NEGATIVE: ClassVar[frozenset[str]] = frozenset()  # numeric flags that may be < 0
     ALLOW_NONFINITE: ClassVar[frozenset[str]] = frozenset()  # float flags that may be nan / inf
 

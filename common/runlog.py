@@ -192,7 +192,11 @@ class RunLogger:
             args = config
             out, clearml, clearml_queue, resume = args.out, args.clearml, args.clearml_queue, args.resume
             resume_safe = set(resume_safe) | set(getattr(args, "RESUME_SAFE", ()))
-            config = dataclasses.asdict(args)
+            report_only = set(getattr(args, "REPORT_ONLY", ()))
+            self.reporting = any(getattr(args, k) for k in report_only)
+            config = {k: v for k, v in dataclasses.asdict(args).items() if k not in report_only}
+        else:
+            self.reporting = False
         if clearml not in CLEARML_MODES:
             raise UserError(f"--clearml must be one of {', '.join(CLEARML_MODES)} (got {clearml!r})")
         self.resumed = bool(resume)
@@ -265,7 +269,7 @@ class RunLogger:
                 f"--resume: {self.run_dir} was run with other training flags ({flags}); "
                 "restore them or start a new --out"
             )
-        if self.finished and not [k for k in changed if k not in ALWAYS_RESUME_SAFE]:
+        if self.finished and not self.reporting and not [k for k in changed if k not in ALWAYS_RESUME_SAFE]:
             raise UserError(
                 f"--resume: {self.run_dir} holds a finished run (summary.json); nothing to resume"
                 + (

@@ -409,3 +409,24 @@ def test_load_torch_calls_garbage_damaged_not_pickled(tmp_path):
     garbage.write_bytes(b"garbage bytes here" * 10)
     with pytest.raises(UserError, match=f"{garbage} is damaged or not a torch checkpoint"):
         load_torch(garbage)
+
+
+@dataclass
+class ReportArgs(TrainArgs):
+    summarize_only: bool = False  # re-read the results only
+
+    REPORT_ONLY: ClassVar[frozenset[str]] = frozenset({"summarize_only"})
+
+
+def test_report_only_flags_reopen_a_finished_run_any_number_of_times(tmp_path):
+    def args(**kw):
+        return ReportArgs(**{"out": str(tmp_path / "run"), "clearml": "off", **kw})
+
+    with RunLogger("demo", "r", args()) as log:
+        log.write_summary({"accuracy": 0.9})
+    for _ in range(2):
+        with RunLogger("demo", "r", args(resume=True, summarize_only=True)) as log:
+            log.write_summary({"accuracy": 0.9, "again": True})
+    assert "summarize_only" not in json.loads((tmp_path / "run" / "config.json").read_text())["args"]
+    with pytest.raises(UserError, match="finished run"):
+        RunLogger("demo", "r", args(resume=True))
