@@ -7,8 +7,6 @@ profiles); `make_plots` draws them; `print_table` prints the final-return table.
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import stats
 from job import SCORE_POINTS
@@ -66,14 +64,8 @@ def summarize(results: list[dict], reps: int, seed: int) -> dict:
 
 
 def make_plots(s: dict, log: RunLogger) -> None:
-    try:
-        import matplotlib
-    except ImportError:  # e.g. a bare compute node: the numbers are in summary.json, plots can follow
-        print(
-            "matplotlib is not installed: plots skipped; make them later with --summarize-only",
-            file=sys.stderr,
-        )
-        return
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
