@@ -70,7 +70,8 @@ class Args(RunArgs):
     score_step: int = 0
 
     REPORT_ONLY: ClassVar[frozenset[str]] = frozenset({"summarize_only", "score_step"})
-    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"workers", "bootstrap_reps"})
+    # --seeds may grow on --resume: the seeds already finished are kept and only the new ones train
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"workers", "bootstrap_reps", "seeds"})
 
 
 # Variants as overrides of the settings `settings()` builds from Args. `no_*_anneal` hold n / gamma
@@ -242,7 +243,8 @@ def _collect(outcomes, results: list, errors: list):
 
 def plan(args: Args, log: RunLogger) -> tuple[list[dict], list[dict], list[str]]:
     """(finished results, pending job specs, damaged result files). A job is finished when every
-    seed of its batch has a readable result.json with this run's settings."""
+    seed of its batch has a readable result.json (--resume has checked the settings); a job whose
+    batch is partly finished trains only its missing seeds (results do not depend on the batching)."""
     variants, jobs_dir = variant_list(args.variants), log.path("jobs")
     specs = [job_spec(args, v, b, jobs_dir) for v in variants for b in seed_batches(args, variants)]
     results, pending, damaged = [], [], []
@@ -261,8 +263,11 @@ def plan(args: Args, log: RunLogger) -> tuple[list[dict], list[dict], list[str]]
             found = progress_results(spec)  # an unfinished job, scored at an earlier step
         if len(found) == len(spec["seeds"]) or (args.summarize_only and found):
             results += [at_step(r, args.score_step) for r in found] if args.score_step else found
-        elif not bad:
-            pending.append(spec)
+        elif not bad:  # seeds added by a larger --seeds, or a re-batching: train only the missing ones
+            done = {r["seed"] for r in found}
+            results += found
+            missing = [k for k in spec["seeds"] if k not in done]
+            pending.append(spec if not done else job_spec(args, spec["variant"], missing, jobs_dir))
     pending.sort(key=job_cost, reverse=True)  # longest first, so the pool finishes together
     return results, [] if args.summarize_only else pending, damaged
 

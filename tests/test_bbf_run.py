@@ -247,6 +247,23 @@ def test_resume_of_a_finished_run_is_refused_and_summarize_only_redoes_the_stati
 
 
 @pytest.mark.slow
+def test_more_seeds_on_resume_train_only_the_new_ones(finished, tmp_path):
+    src, _ = finished
+    out = tmp_path / "more"
+    shutil.copytree(src, out)
+    kept = {p: p.read_bytes() for p in (out / "jobs").glob("*_seed[01]/result.json")}
+    flags = ["--variants", "bbf,dqn", "--workers", "2", "--out", out, "--resume", *TINY]
+    proc = run_script(RUN, "--seeds", "3", *flags)
+    assert "4 seed runs done; to train: " in proc.stdout
+    assert "bbf 2-2" in proc.stdout and "dqn 2-2" in proc.stdout
+    assert len(kept) == 4 and all(p.read_bytes() == b for p, b in kept.items())  # not retrained
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1, 2] and summary["probability_of_improvement"]["bbf_vs_dqn"]["pairs"] == 9
+    third = json.loads((out / "jobs" / "bbf_seed2" / "result.json").read_text())
+    assert third["seeds_in_process"] == 1 and third["env_steps"] == 400
+
+
+@pytest.mark.slow
 def test_resume_with_a_changed_training_flag_names_it(finished):
     out, _ = finished
     proc = run_script(
@@ -274,7 +291,7 @@ def test_damaged_result_is_named_then_its_job_restarts_from_scratch(finished, tm
     assert f"{out / 'jobs' / 'dqn_seed1' / 'result.json'} is damaged" in proc.stderr
     assert "Traceback" not in proc.stderr and not (out / "summary.json").exists()
     proc = run_script(RUN, *flags)
-    assert "to train: dqn 0-1" in proc.stdout and (out / "summary.json").exists()
+    assert "to train: dqn 1-1" in proc.stdout and (out / "summary.json").exists()  # seed 0 is kept
     again = json.loads((out / "jobs" / "dqn_seed1" / "result.json").read_text())
     assert again["eval_returns"] == expected["eval_returns"]  # from scratch, same seed, same result
 
