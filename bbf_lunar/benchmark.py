@@ -9,6 +9,14 @@ random-action steps that fill the buffers; the median over rounds is reported an
 
     python bbf_lunar/benchmark.py                       # bbf at replay ratio 1, S = 5 and 10
     python bbf_lunar/benchmark.py --replay-ratio 8 --steps 300 --rounds 2
+
+--peer sb3 instead trains stable-baselines3's DQN with the zoo hyperparameters (peer.py; an optional
+extra) on --peer-seeds seeds under this folder's evaluation protocol, beside our `dqn` on the same
+seeds (trained here, or read from a finished run.py folder given with --against), and reports both
+IQMs with their 95% bootstrap CIs, P(ours > sb3), and whether our IQM lies inside sb3's interval.
+Each finished sb3 seed is saved next to --out, so an interrupted comparison continues where it was.
+
+    python bbf_lunar/benchmark.py --peer sb3 --peer-seeds 5 --against runs/bbf_lunar/<run>
 """
 
 from __future__ import annotations
@@ -24,10 +32,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peer  # noqa: E402
 import run as bbf_run  # noqa: E402
-from job import Job  # noqa: E402
+import stats  # noqa: E402
+from job import Job, seed_dir, train_job  # noqa: E402
 
-from common import parse_args, run_main, write_json  # noqa: E402
+from common import UserError, parse_args, read_json, run_main, write_json  # noqa: E402
 
 
 @dataclass
@@ -40,6 +50,12 @@ class Args:
     rounds: int = 3  # alternating rounds; the median is reported
     seed: int = 0  # first seed of every process
     out: str = "runs/bbf_lunar/benchmark.json"  # where the JSON result goes
+    peer: str = ""  # "sb3": compare our dqn with stable-baselines3's zoo DQN instead of timing seeds
+    peer_seeds: int = 5  # --peer: seeds seed .. seed + peer_seeds - 1 of each implementation
+    total_steps: int = 100_000  # --peer: environment steps per run
+    eval_every: int = 10_000  # --peer: steps between evaluations (run.py's protocol)
+    eval_episodes: int = 10  # --peer: greedy episodes per evaluation point
+    against: str = ""  # --peer: a finished run.py folder whose dqn seeds to use (default: train ours here)
 
 
 def check_args(a: Args) -> None:
@@ -49,6 +65,14 @@ def check_args(a: Args) -> None:
         raise ValueError("--seeds: each seed count must be >= 2 (S = 1 is the reference)")
     if a.replay_ratio <= 0 or min(a.steps, a.rounds) < 1:
         raise ValueError("--replay-ratio must be > 0, --steps and --rounds >= 1")
+    if a.peer not in ("", "sb3"):
+        raise ValueError(f"--peer: unknown {a.peer}; the one peer is sb3")
+    if min(a.peer_seeds, a.total_steps, a.eval_every, a.eval_episodes) < 1:
+        raise ValueError("--peer-seeds, --total-steps, --eval-every and --eval-episodes must be >= 1")
+    if a.eval_every > a.total_steps:
+        raise ValueError(f"--eval-every ({a.eval_every}) must be <= --total-steps ({a.total_steps})")
+    if a.against and not a.peer:
+        raise ValueError("--against goes with --peer sb3")
 
 
 def seed_steps_per_second(args: Args, num_seeds: int, folder: Path) -> float:
@@ -71,8 +95,61 @@ def seed_steps_per_second(args: Args, num_seeds: int, folder: Path) -> float:
     return num_seeds * args.steps / (time.perf_counter() - t0)
 
 
+def our_dqn(args: Args, seeds: list[int], folder: Path) -> list[dict]:
+    """Our dqn's result dicts for the seeds: from --against's finished run, else trained here."""
+    if args.against:
+        paths = [seed_dir(Path(args.against) / "jobs", "dqn", k) / "result.json" for k in seeds]
+        if missing := [str(p) for p in paths if not p.is_file()]:
+            raise UserError(f"--against: no finished dqn seed at {missing[0]}")
+        return [read_json(p) for p in paths]
+    base = replace(bbf_run.Args(), total_steps=args.total_steps, eval_every=args.eval_every)
+    base = replace(base, eval_episodes=args.eval_episodes, checkpoint_every=args.total_steps)
+    return train_job(bbf_run.job_spec(base, "dqn", seeds, folder))
+
+
+def compare_with_peer(args: Args) -> None:
+    peer.require_sb3()
+    seeds = list(range(args.seed, args.seed + args.peer_seeds))
+    saved = Path(args.out).with_suffix("") / "sb3"
+    saved.mkdir(parents=True, exist_ok=True)
+    theirs = []
+    for k in seeds:  # each finished seed is kept, so an interrupted comparison continues
+        path = saved / f"seed{k}_{args.total_steps}_{args.eval_every}_{args.eval_episodes}.json"
+        if not path.is_file():
+            write_json(path, peer.train_sb3_dqn(k, args.total_steps, args.eval_every, args.eval_episodes))
+        theirs.append(read_json(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = our_dqn(args, seeds, Path(tmp))
+    if any(r["eval_steps"] != theirs[0]["eval_steps"] for r in ours):
+        raise UserError("--against: its dqn was evaluated at other steps than --total-steps / --eval-every")
+    result = {"seeds": seeds, "protocol": f"mean of the last {peer.SCORE_POINTS} evaluation points"}
+    for name, runs in (("sb3_dqn", theirs), ("our_dqn", ours)):
+        scores = [r["score"] for r in runs]
+        minutes = [r["seconds"] / 60 for r in runs]
+        result[name] = {"scores": scores, **stats.iqm_with_ci(scores), "minutes_per_process": minutes}
+    result["poi_ours_vs_sb3"] = stats.probability_of_improvement_with_ci(
+        result["our_dqn"]["scores"], result["sb3_dqn"]["scores"]
+    )
+    sb3 = result["sb3_dqn"]
+    result["ours_inside_sb3_ci"] = bool(sb3["ci_low"] <= result["our_dqn"]["iqm"] <= sb3["ci_high"])
+    write_json(args.out, {"peer": result})
+    for name in ("sb3_dqn", "our_dqn"):
+        r = result[name]
+        per_seed = ", ".join(f"{x:.1f}" for x in r["scores"])
+        print(f"{name}: IQM {r['iqm']:.1f} [{r['ci_low']:.1f}, {r['ci_high']:.1f}], per seed {per_seed}")
+    p = result["poi_ours_vs_sb3"]
+    print(
+        f"P(ours > sb3) = {p['poi']:.2f} ({p['pairs_won']}/{p['pairs']} pairs won, Newcombe "
+        f"[{p['newcombe_low']:.2f}, {p['newcombe_high']:.2f}]); our IQM inside sb3's 95% CI: "
+        f"{result['ours_inside_sb3_ci']}"
+    )
+    print(f"-> {args.out}")
+
+
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
+    if args.peer:
+        return compare_with_peer(args)
     counts = args.seeds or [5, 10]
     rates: dict[int, list[float]] = {s: [] for s in [1, *counts]}
     with tempfile.TemporaryDirectory() as tmp:
