@@ -4,9 +4,10 @@ or bbf from one run against dqn from another.
 Each --runs item is LABEL=FOLDER[:VARIANT] (VARIANT defaults to bbf). The script prints, and writes
 into its own run folder, one row per item (replay ratio, learning rate, seeds, IQM with its 95%
 bootstrap CI, mean +- std, per-seed scores), P(item > reference) for every other item with the
-count of pairs won and the Newcombe interval, the IQM learning curves of all items in one plot, and
-which item has the highest IQM (the pick of a tuning sweep). Scores and intervals are those of
-run.py (mean of the last 3 evaluation points; exact bootstrap where the resamples can be listed).
+count of pairs won and the Newcombe interval, the IQM learning curves of all items in one plot,
+the final IQMs with every seed's score, and which item has the highest IQM (the pick of a tuning
+sweep). Scores and intervals are those of run.py (mean of the last 3 evaluation points; exact
+bootstrap where the resamples can be listed).
 
     python bbf_lunar/compare.py --runs rr1=runs/bbf_lunar/rr1 rr2=runs/bbf_lunar/rr2 \\
         dqn=runs/bbf_lunar/rr1:dqn --reference dqn --clearml off
@@ -126,6 +127,26 @@ def plot(items: list[dict]):
     return fig
 
 
+def plot_final(result: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(result["items"])
+    fig, ax = plt.subplots(figsize=(6, 0.5 * len(labels) + 1.5))
+    for i, label in enumerate(labels):
+        r = result["items"][label]
+        ax.errorbar(
+            r["iqm"], i, xerr=[[r["iqm"] - r["ci_low"]], [r["ci_high"] - r["iqm"]]], fmt="o", capsize=4
+        )
+        ax.plot(r["scores"], [i] * len(r["scores"]), "x", color="grey", alpha=0.6)
+    ax.axvline(SOLVED, color="grey", ls="--", lw=1)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set(xlabel="score: IQM (95% CI) and each seed (x)", title="Final performance")
+    return fig
+
+
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
     items = [read_item(text) for text in args.runs]
@@ -134,6 +155,7 @@ def main() -> None:
         result = compare(items, reference, args.bootstrap_reps, args.seed)
         lines = table(result)
         log.save_figure("learning_curves", plot(items))
+        log.save_figure("final_iqm", plot_final(result))
         log.path("table.md").write_text("\n".join(lines) + "\n")
         log.write_summary(result)
     print("\n".join(lines))

@@ -42,6 +42,7 @@ def test_table_and_probabilities_match_hand_computed_values(tmp_path):
     assert low["lr"] == 1e-4 and dqn["lr"] == 6.3e-4 and dqn["replay_ratio"] == 1.0
     assert "| low | bbf | 2 | 0.0001 | 3 (0-2) | 2.0 [1.0, 3.0]" in proc.stdout
     assert "highest IQM: high" in proc.stdout and (out / "learning_curves.png").stat().st_size > 5000
+    assert (out / "final_iqm.png").stat().st_size > 5000
 
 
 @pytest.mark.parametrize(
