@@ -70,8 +70,9 @@ class Args(RunArgs):
     score_step: int = 0
 
     REPORT_ONLY: ClassVar[frozenset[str]] = frozenset({"summarize_only", "score_step"})
-    # --seeds may grow on --resume: the seeds already finished are kept and only the new ones train
-    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"workers", "bootstrap_reps", "seeds"})
+    # --seeds and --variants may change on --resume: finished (variant, seed) runs are kept, new ones
+    # train, and the statistics cover the runs the flags name (a variant's settings do not depend on them)
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"workers", "bootstrap_reps", "seeds", "variants"})
 
 
 # Variants as overrides of the settings `settings()` builds from Args. `no_*_anneal` hold n / gamma

@@ -261,6 +261,11 @@ def test_more_seeds_on_resume_train_only_the_new_ones(finished, tmp_path):
     assert summary["seeds"] == [0, 1, 2] and summary["probability_of_improvement"]["bbf_vs_dqn"]["pairs"] == 9
     third = json.loads((out / "jobs" / "bbf_seed2" / "result.json").read_text())
     assert third["seeds_in_process"] == 1 and third["env_steps"] == 400
+    # one variant of the grown run, one more seed: only dqn seed 3 trains, the summary is dqn's alone
+    proc = run_script(RUN, "--seeds", "4", "--variants", "dqn", *flags[2:])
+    assert "3 seed runs done; to train: dqn 3-3" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["variants"]) == {"dqn"} and summary["seeds"] == [0, 1, 2, 3]
 
 
 @pytest.mark.slow
