@@ -46,7 +46,7 @@ class Args(RunArgs):
     eval_every: int = 10_000  # environment steps between greedy evaluations (also at step 0 and the end)
     eval_episodes: int = 10  # evaluation episodes per evaluation point
     learning_starts: int = 2_000  # bbf: uniformly random actions before the first gradient step
-    replay_ratio: float = 1.0  # bbf: gradient steps per environment step (BBF: 8; see README)
+    replay_ratio: float = 2.0  # bbf: gradient steps per environment step (BBF: 8; 2 is this README's pick)
     batch_size: int = 64  # bbf: transitions per gradient step
     lr: float = 3e-4  # bbf: AdamW learning rate (BBF: 1e-4)
     weight_decay: float = 0.1  # bbf: AdamW weight decay on weight matrices (BBF: 0.1)

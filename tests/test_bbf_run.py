@@ -24,13 +24,13 @@ RUN = "bbf_lunar/run.py"
 TINY = [
     "--total-steps", "400", "--eval-every", "200", "--learning-starts", "100", "--eval-episodes", "2",
     "--anneal-steps", "50", "--reset-every", "150", "--checkpoint-every", "200", "--width", "16",
-    "--bootstrap-reps", "200", "--clearml", "off",
+    "--bootstrap-reps", "200", "--clearml", "off", "--replay-ratio", "1",
 ]  # fmt: skip
 
 
 def tiny_args(**kw) -> R.Args:
     base = dict(total_steps=1500, eval_every=750, learning_starts=100, eval_episodes=1, width=16)
-    base |= dict(anneal_steps=100, reset_every=500, checkpoint_every=750, workers=1)
+    base |= dict(anneal_steps=100, reset_every=500, checkpoint_every=750, workers=1, replay_ratio=1.0)
     return R.Args(**(base | kw))
 
 
