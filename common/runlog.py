@@ -196,7 +196,8 @@ class RunLogger:
             self.reporting = any(getattr(args, k) for k in report_only)
             config = {k: v for k, v in dataclasses.asdict(args).items() if k not in report_only}
         else:
-            self.reporting = False
+            self.reporting, report_only = False, set()
+        self._report_only = report_only  # not compared on --resume, even where an older config.json has them
         if clearml not in CLEARML_MODES:
             raise UserError(f"--clearml must be one of {', '.join(CLEARML_MODES)} (got {clearml!r})")
         self.resumed = bool(resume)
@@ -260,6 +261,7 @@ class RunLogger:
 
     def _check_resume(self, config: dict, safe: set) -> None:
         stored = read_json(self.run_dir / "config.json").get("args", {})
+        stored = {k: v for k, v in stored.items() if k not in self._report_only}
         keys = list(config) + [k for k in stored if k not in config]  # in the order of the Args fields
         changed = [k for k in keys if stored.get(k) != config.get(k)]
         refused = [k for k in changed if k not in safe]

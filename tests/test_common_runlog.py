@@ -430,3 +430,14 @@ def test_report_only_flags_reopen_a_finished_run_any_number_of_times(tmp_path):
     assert "summarize_only" not in json.loads((tmp_path / "run" / "config.json").read_text())["args"]
     with pytest.raises(UserError, match="finished run"):
         RunLogger("demo", "r", args(resume=True))
+
+
+def test_report_only_flags_stored_by_an_older_version_are_not_a_change(tmp_path):
+    with RunLogger("demo", "r", ReportArgs(out=str(tmp_path / "run"), clearml="off")) as log:
+        log.keep()
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    config["args"]["summarize_only"] = False  # as config.json files written before REPORT_ONLY existed
+    path.write_text(json.dumps(config))
+    with RunLogger("demo", "r", ReportArgs(out=str(tmp_path / "run"), clearml="off", resume=True)) as log:
+        assert log.resumed
