@@ -9,10 +9,12 @@ every core is busy. Each seed evaluates its greedy policy on --eval-episodes fix
 summary.json and the plots (learning curves, final IQM, performance profiles, probability of
 improvement) into the run folder.
 
-    python bbf_lunar/run.py                                   # bbf and the tuned dqn, 10 seeds each
+    python bbf_lunar/run.py                                   # bbf, 10 seeds, replay ratio 2
+    python bbf_lunar/run.py --variants bbf,dqn                # and the zoo-tuned dqn
     python bbf_lunar/run.py --seeds 10 --variants bbf,no_nstep_anneal,no_gamma_anneal,no_resets,small_net,dqn
     python bbf_lunar/run.py --out runs/bbf_lunar/<run> --resume [same flags]   # continue a run
     python bbf_lunar/run.py --out runs/bbf_lunar/<run> --resume --summarize-only  # statistics again
+    python bbf_lunar/run.py --out runs/bbf_lunar/<run> --resume --seeds 20         # add seeds 10-19
 """
 
 from __future__ import annotations
