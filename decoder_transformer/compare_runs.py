@@ -4,11 +4,15 @@ Losses are given in nats per token (the training loss) and in bits per character
 with character and byte vocabularies (a byte model predicts ~1.0-1.1 tokens per character of English).
 
 python decoder_transformer/compare_runs.py --runs runs/decoder_transformer/baby/*/ --clearml off
+  # the GPU runs beside nanoGPT's own train.py log (its "step N: train loss .., val loss .." lines)
+python decoder_transformer/compare_runs.py --runs decoder_transformer/results/gpu_h100/ours_s* \\
+    --nanogpt-log decoder_transformer/results/gpu_h100/nanogpt.log --clearml off
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -22,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import RunArgs, RunLogger, UserError, parse_args, read_json, run_main, run_name  # noqa: E402
 
 COLUMNS = (  # summary.json key, table header
+    ("best_val_loss", "best periodic val estimate, nats/token"),
     ("val_loss", "val loss, nats/token (context T)"),
     ("val_bits_per_char", "val bits/char (context T)"),
     ("val_loss_2x_context", "val loss, nats/token (context 2T)"),
@@ -32,6 +37,7 @@ COLUMNS = (  # summary.json key, table header
 @dataclass
 class Args(RunArgs):
     runs: list[str] = field(default_factory=list)  # run folders written by train.py (each with summary.json)
+    nanogpt_log: str | None = None  # stdout of a nanoGPT train.py run, drawn and tabled beside ours
 
 
 def check_args(args: Args) -> None:
@@ -63,6 +69,21 @@ def read_run(folder: Path) -> dict:
         ) from None
 
 
+NANOGPT_EVAL = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)$", re.MULTILINE)
+
+
+def read_nanogpt_log(path: Path) -> list[tuple[int, float]]:
+    """(step, val loss) of each periodic evaluation that nanoGPT's train.py printed."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as e:
+        raise UserError(f"--nanogpt-log: cannot read {path} ({e.strerror})") from None
+    curve = [(int(step), float(val)) for step, _, val in NANOGPT_EVAL.findall(text)]
+    if not curve:
+        raise UserError(f"--nanogpt-log: no 'step N: train loss .., val loss ..' lines in {path}")
+    return curve
+
+
 def table(runs: dict) -> tuple[list[str], dict]:
     lines = ["| positions | vocab | seeds | " + " | ".join(h for _, h in COLUMNS) + " | params |"]
     lines.append("|---" * (len(COLUMNS) + 4) + "|")
@@ -80,15 +101,20 @@ def table(runs: dict) -> tuple[list[str], dict]:
     return lines, result
 
 
-def plot(runs: dict):
+def plot(runs: dict, nanogpt: list[tuple[int, float]] | None = None):
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    if nanogpt:
+        steps, losses = zip(*nanogpt)
+        ax.plot(steps, losses, color="black", ls="--", label="nanoGPT train.py (its estimate)")
     for ((pos, vocab), items), color in zip(sorted(runs.items()), plt.cm.tab10.colors):
         for n, item in enumerate(items):
             if item["curve"]:
                 steps, losses = zip(*item["curve"])
                 ax.plot(steps, losses, color=color, alpha=0.8, label=f"{pos} ({vocab})" if n == 0 else None)
+    lowest = min(line.get_ydata().min() for line in ax.get_lines())
+    ax.set_ylim(lowest - 0.05, 1.4 * lowest)  # the first steps' losses would flatten the part that matters
     ax.set_xlabel("step")
-    ax.set_ylabel("val loss, nats/token (periodic estimate, fixed windows)")
+    ax.set_ylabel("val loss, nats/token (periodic estimate; axis cut at 1.4x the lowest)")
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title("Validation loss by position encoding (one line per seed)")
@@ -103,7 +129,19 @@ def main() -> None:
         runs[(run["pos"], run["summary"].get("vocab", "char"))].append(run)
     with RunLogger("decoder_transformer", run_name("compare", args.seed), args) as log:
         lines, result = table(runs)
-        log.save_figure("val_loss_curves", plot(runs))
+        nanogpt = read_nanogpt_log(Path(args.nanogpt_log)) if args.nanogpt_log else None
+        if nanogpt:
+            best_step, best = min(nanogpt, key=lambda point: point[1])
+            result["nanogpt"] = {
+                "best_val_loss": best,
+                "best_step": best_step,
+                "final_val_loss": nanogpt[-1][1],
+            }
+            lines.append(
+                f"\nnanoGPT train.py (one run, its own {len(nanogpt)} periodic estimates): best val "
+                f"{best:.4f} at step {best_step}, last {nanogpt[-1][1]:.4f} at step {nanogpt[-1][0]}"
+            )
+        log.save_figure("val_loss_curves", plot(runs, nanogpt))
         log.path("table.md").write_text("\n".join(lines) + "\n")
         log.write_summary(result)
     print("\n".join(lines))

@@ -241,9 +241,47 @@ def test_compare_runs_tables_and_plots(trained, tmp_path):
         tmp_path / "cmp",
     )
     summary = json.loads((trained / "summary.json").read_text())
-    cells = f"{summary['val_loss']:.4f} ± 0.0000 | {summary['val_bits_per_char']:.4f} ± 0.0000"
+    cells = " | ".join(
+        f"{summary[k]:.4f} ± 0.0000" for k in ("best_val_loss", "val_loss", "val_bits_per_char")
+    )
     assert f"| rope | char | 0 | {cells} |" in done.stdout
     assert (tmp_path / "cmp" / "val_loss_curves.png").is_file() and (tmp_path / "cmp" / "table.md").is_file()
+    assert "nanogpt" not in json.loads((tmp_path / "cmp" / "summary.json").read_text())
+
+    log = tmp_path / "nanogpt.log"  # nanoGPT's stdout: eval lines among per-iteration lines
+    log.write_text(
+        "step 0: train loss 4.2874, val loss 4.2823\niter 0: loss 4.2, time 9.0ms, mfu -100.00%\n"
+        "step 250: train loss 1.9797, val loss 2.0747\nstep 500: train loss 1.5, val loss 1.4\n"
+        "step 750: train loss 1.3593, val loss 1.5869\n"
+    )
+    done = run(
+        "decoder_transformer/compare_runs.py",
+        "--runs",
+        trained,
+        "--nanogpt-log",
+        log,
+        "--clearml",
+        "off",
+        "--out",
+        tmp_path / "cmp2",
+    )
+    assert "best val 1.4000 at step 500, last 1.5869 at step 750" in done.stdout
+    result = json.loads((tmp_path / "cmp2" / "summary.json").read_text())["nanogpt"]
+    assert result == {"best_val_loss": 1.4, "best_step": 500, "final_val_loss": 1.5869}
+    log.write_text("iter 0: loss 4.2, time 9.0ms\n")
+    done = run(
+        "decoder_transformer/compare_runs.py",
+        "--runs",
+        trained,
+        "--nanogpt-log",
+        log,
+        "--clearml",
+        "off",
+        "--out",
+        tmp_path / "cmp3",
+        rc=1,
+    )
+    assert "no 'step N: train loss" in one_line_error(done) and str(log) in one_line_error(done)
 
 
 @pytest.mark.slow
