@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer  # noqa: E402
 import run as bbf_run  # noqa: E402
 import stats  # noqa: E402
-from job import Job, seed_dir, train_job  # noqa: E402
+from job import Job, require_env, seed_dir, train_job  # noqa: E402
 
 from common import UserError, parse_args, read_json, run_main, write_json  # noqa: E402
 
@@ -148,6 +148,7 @@ def compare_with_peer(args: Args) -> None:
 
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
+    require_env()
     if args.peer:
         return compare_with_peer(args)
     counts = args.seeds or [5, 10]

@@ -16,12 +16,26 @@ from pathlib import Path
 import numpy as np
 from agent import Agent, AgentConfig, ModelConfig, ReplayBuffer, linear_epsilon
 
-from common import CHECKPOINT_PT, load_torch, save_torch, write_json
+from common import CHECKPOINT_PT, UserError, load_torch, save_torch, write_json
 
 ENV_ID = "LunarLander-v3"
 EVAL_SEED_BASE = 1_000_000  # evaluation episodes use seeds 1e6 + i: the same episodes for every run
 RESUME_SEED_STRIDE = 7919  # after a resume, seed s's env restarts with seed s + 7919 * resumes
 SCORE_POINTS = 3  # a run's score: mean of its last 3 evaluation points
+
+
+def require_env() -> None:
+    """One line, before any worker starts, when gymnasium or LunarLander's Box2D / pygame is missing."""
+    hint = "install it with: pip install 'gymnasium[box2d]'"
+    try:
+        import gymnasium as gym
+    except ImportError as e:
+        raise UserError(f"{ENV_ID} needs gymnasium ({e}); {hint}") from None
+    try:
+        gym.make(ENV_ID).close()
+    except (ImportError, gym.error.DependencyNotInstalled) as e:
+        first = (str(e).strip() or type(e).__name__).splitlines()[0]
+        raise UserError(f"{ENV_ID} cannot be made ({first}); {hint}") from None
 
 
 def seed_dir(jobs_dir: Path, variant: str, seed: int) -> Path:

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also in spawned workers
 from agent import AgentConfig, Layout, ModelConfig  # noqa: E402
-from job import at_step, progress_results, seed_dir, train_job  # noqa: E402
+from job import at_step, progress_results, require_env, seed_dir, train_job  # noqa: E402
 from report import make_plots, print_table, summarize  # noqa: E402
 
 from common import RunArgs, RunLogger, UserError, parse_args, read_json, run_main, run_name  # noqa: E402
@@ -312,6 +312,7 @@ def main() -> None:
         for line in damaged:
             print(f"error: {line}", file=sys.stderr, flush=True)
         if pending:
+            require_env()
             log.keep()  # job folders with checkpoints will hold work worth keeping
         done, errors = run_jobs(pending, args.workers)
         results += done

@@ -58,6 +58,28 @@ def test_bad_arguments_exit_2_with_one_line(capsys, flags, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_missing_box2d_is_one_line_before_any_worker_starts(tmp_path):
+    # a sitecustomize that makes `import Box2D` fail, as on a machine with gymnasium but not its box2d extra
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'Box2D':\n"
+        "            raise ImportError('blocked by the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "run"
+    flags = ["--seeds", "1", "--total-steps", "200", "--eval-every", "200", "--learning-starts", "100"]
+    done = run_script(
+        "bbf_lunar/run.py", *flags, "--clearml", "off", "--out", out, rc=1, env=env, timeout=120
+    )
+    line = one_line_error(done)
+    assert "LunarLander-v3 cannot be made (Box2D is not installed" in line
+    assert "pip install 'gymnasium[box2d]'" in line
+    assert not (out / "jobs").exists()  # no worker started
+
+
 def test_seed_batches_cover_every_seed_once_and_use_the_workers():
     assert R.seed_batches(R.Args(seeds=10, workers=2), ["bbf", "dqn"]) == [list(range(10))]
     assert R.seed_batches(R.Args(seeds=5, workers=2), ["bbf"]) == [[0, 1, 2], [3, 4]]
