@@ -231,15 +231,11 @@ def test_evaluate_sampling_writes_json_and_plot(trained, text_file, tmp_path):
 
 @pytest.mark.slow
 def test_compare_runs_tables_and_plots(trained, tmp_path):
-    done = run(
-        "decoder_transformer/compare_runs.py",
-        "--runs",
-        trained,
-        "--clearml",
-        "off",
-        "--out",
-        tmp_path / "cmp",
-    )
+    def compare(out, *flags, rc=0):
+        return run("decoder_transformer/compare_runs.py", "--runs", trained, *flags, "--clearml", "off",
+                   "--out", tmp_path / out, rc=rc)  # fmt: skip
+
+    done = compare("cmp")
     summary = json.loads((trained / "summary.json").read_text())
     cells = " | ".join(
         f"{summary[k]:.4f} ± 0.0000" for k in ("best_val_loss", "val_loss", "val_bits_per_char")
@@ -254,34 +250,13 @@ def test_compare_runs_tables_and_plots(trained, tmp_path):
         "step 250: train loss 1.9797, val loss 2.0747\nstep 500: train loss 1.5, val loss 1.4\n"
         "step 750: train loss 1.3593, val loss 1.5869\n"
     )
-    done = run(
-        "decoder_transformer/compare_runs.py",
-        "--runs",
-        trained,
-        "--nanogpt-log",
-        log,
-        "--clearml",
-        "off",
-        "--out",
-        tmp_path / "cmp2",
-    )
+    done = compare("cmp2", "--nanogpt-log", log)
     assert "best val 1.4000 at step 500, last 1.5869 at step 750" in done.stdout
     result = json.loads((tmp_path / "cmp2" / "summary.json").read_text())["nanogpt"]
     assert result == {"best_val_loss": 1.4, "best_step": 500, "final_val_loss": 1.5869}
     log.write_text("iter 0: loss 4.2, time 9.0ms\n")
-    done = run(
-        "decoder_transformer/compare_runs.py",
-        "--runs",
-        trained,
-        "--nanogpt-log",
-        log,
-        "--clearml",
-        "off",
-        "--out",
-        tmp_path / "cmp3",
-        rc=1,
-    )
-    assert "no 'step N: train loss" in one_line_error(done) and str(log) in one_line_error(done)
+    error = one_line_error(compare("cmp3", "--nanogpt-log", log, rc=1))
+    assert "no 'step N: train loss" in error and str(log) in error
 
 
 @pytest.mark.slow
