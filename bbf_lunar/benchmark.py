@@ -7,8 +7,14 @@ times every S in turn in this one process (so a busy machine slows them alike), 
 random-action steps that fill the buffers; the median over rounds is reported and written to
 --out as {"vectorised": {"<S>": {"one_process_steps_per_s", "separate_steps_per_s", "speedup"}}}.
 
+With --processes P, the same comparison is then made with the whole machine busy: P processes at
+once, each training S seeds, against P single-seed processes at once (the seed-steps/s of the P
+processes summed), written as {"whole_machine": {"processes": P, "<S>": {"batched_steps_per_s",
+"separate_steps_per_s", "speedup"}}}.
+
     python bbf_lunar/benchmark.py                       # bbf at replay ratio 1, S = 5 and 10
     python bbf_lunar/benchmark.py --replay-ratio 8 --steps 300 --rounds 2
+    python bbf_lunar/benchmark.py --replay-ratio 2 --processes 2   # and with both of 2 cores busy
 
 --peer sb3 instead trains stable-baselines3's DQN with the zoo hyperparameters (peer.py; an optional
 extra) on --peer-seeds seeds under this folder's evaluation protocol, beside our `dqn` on the same
@@ -50,6 +56,7 @@ class Args:
     rounds: int = 3  # alternating rounds; the median is reported
     seed: int = 0  # first seed of every process
     out: str = "runs/bbf_lunar/benchmark.json"  # where the JSON result goes
+    processes: int = 0  # also time this many processes at once, all cores busy (0: per core only)
     peer: str = ""  # "sb3": compare our dqn with stable-baselines3's zoo DQN instead of timing seeds
     peer_seeds: int = 5  # --peer: seeds seed .. seed + peer_seeds - 1 of each implementation
     total_steps: int = 100_000  # --peer: environment steps per run
@@ -63,8 +70,8 @@ def check_args(a: Args) -> None:
         raise ValueError(f"--variant: unknown {a.variant}; choose from {', '.join(bbf_run.VARIANTS)}")
     if any(s < 2 for s in a.seeds or []):
         raise ValueError("--seeds: each seed count must be >= 2 (S = 1 is the reference)")
-    if a.replay_ratio <= 0 or min(a.steps, a.rounds) < 1:
-        raise ValueError("--replay-ratio must be > 0, --steps and --rounds >= 1")
+    if not a.replay_ratio > 0 or min(a.steps, a.rounds) < 1 or a.processes < 0:
+        raise ValueError("--replay-ratio must be > 0, --steps and --rounds >= 1, --processes >= 0")
     if a.peer not in ("", "sb3"):
         raise ValueError(f"--peer: unknown {a.peer}; the one peer is sb3")
     if min(a.peer_seeds, a.total_steps, a.eval_every, a.eval_episodes) < 1:
@@ -93,6 +100,25 @@ def seed_steps_per_second(args: Args, num_seeds: int, folder: Path) -> float:
     for _ in range(args.steps):
         obs = job.env_step(obs, progress, losses)
     return num_seeds * args.steps / (time.perf_counter() - t0)
+
+
+def whole_machine_rates(args: Args, num_seeds: int, folder: Path) -> float:
+    """Summed seed-steps/s of --processes processes timing num_seeds seeds each, all at once."""
+    import multiprocessing as mp
+
+    jobs = [(args, num_seeds, folder / str(p)) for p in range(args.processes)]
+    with mp.get_context("spawn").Pool(args.processes) as pool:
+        return float(sum(pool.starmap(seed_steps_per_second, jobs)))
+
+
+def timed_rounds(args: Args, counts: list[int], measure) -> dict[int, list[float]]:
+    """Each round times S = 1 and every S in counts in turn: {S: [seed-steps/s per round]}."""
+    rates: dict[int, list[float]] = {s: [] for s in [1, *counts]}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for s in rates:
+                rates[s].append(measure(args, s, Path(tmp) / f"{s}_{r}"))
+    return rates
 
 
 def our_dqn(args: Args, seeds: list[int], folder: Path) -> list[dict]:
@@ -152,11 +178,7 @@ def main() -> None:
     if args.peer:
         return compare_with_peer(args)
     counts = args.seeds or [5, 10]
-    rates: dict[int, list[float]] = {s: [] for s in [1, *counts]}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for s in rates:
-                rates[s].append(seed_steps_per_second(args, s, Path(tmp) / f"{s}_{r}"))
+    rates = timed_rounds(args, counts, seed_steps_per_second)
     median = {s: float(np.median(v)) for s, v in rates.items()}
     result = {
         "variant": args.variant,
@@ -173,18 +195,38 @@ def main() -> None:
             for s in counts
         },
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_json(args.out, result)
     print(
         f"{args.variant} at replay ratio {args.replay_ratio:g}, one torch thread, median of {args.rounds} "
         f"rounds of {args.steps} steps (after {args.warmup} random ones):"
     )
-    print(f"  S = 1 (a single-seed process): {median[1]:8.0f} seed-steps/s")
-    for s in counts:
-        print(
-            f"  S = {s:<2} (one process)        : {median[s]:8.0f} seed-steps/s  x{median[s] / median[1]:.2f}"
-        )
+    print_rates("one core", median, counts)
+    if args.processes:
+        machine = timed_rounds(args, counts, whole_machine_rates)
+        total = {s: float(np.median(v)) for s, v in machine.items()}
+        result["whole_machine"] = {
+            "processes": args.processes,
+            "rounds": {str(s): v for s, v in machine.items()},
+            **{
+                str(s): {
+                    "batched_steps_per_s": total[s],
+                    "separate_steps_per_s": total[1],
+                    "speedup": total[s] / total[1],
+                }
+                for s in counts
+            },
+        }
+        print_rates(f"{args.processes} processes at once, summed", total, counts)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, result)
     print(f"-> {args.out}")
+
+
+def print_rates(title: str, median: dict[int, float], counts: list[int]) -> None:
+    print(f"  {title}:")
+    print(f"    S = 1 (single-seed processes): {median[1]:8.0f} seed-steps/s")
+    for s in counts:
+        ratio = median[s] / median[1]
+        print(f"    S = {s:<2} per process         : {median[s]:8.0f} seed-steps/s  x{ratio:.2f}")
 
 
 if __name__ == "__main__":

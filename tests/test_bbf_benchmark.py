@@ -1,0 +1,42 @@
+"""bbf_lunar/benchmark.py's seed-batching measurement: per core, and with every core busy."""
+
+import json
+
+import pytest
+from conftest import one_line_error, run_script
+
+BENCH = "bbf_lunar/benchmark.py"
+
+
+@pytest.mark.slow
+def test_per_core_and_whole_machine_figures_are_written(tmp_path):
+    out = tmp_path / "bench.json"
+    flags = ["--steps", "20", "--warmup", "60", "--rounds", "2", "--seeds", "2", "--processes", "2"]
+    done = run_script(BENCH, *flags, "--out", out, timeout=300)
+    result = json.loads(out.read_text())
+    per_core, machine = result["vectorised"]["2"], result["whole_machine"]
+    assert len(result["rounds"]["1"]) == len(result["rounds"]["2"]) == 2  # every round timed both
+    assert per_core["separate_steps_per_s"] > 0 and per_core["one_process_steps_per_s"] > 0
+    assert per_core["speedup"] == pytest.approx(
+        per_core["one_process_steps_per_s"] / per_core["separate_steps_per_s"]
+    )
+    assert machine["processes"] == 2 and len(machine["rounds"]["2"]) == 2
+    assert machine["2"]["speedup"] == pytest.approx(
+        machine["2"]["batched_steps_per_s"] / machine["2"]["separate_steps_per_s"]
+    )
+    assert "2 processes at once, summed" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--processes", "-1"], "--processes must be >= 0"),
+        (["--replay-ratio", "nan"], "--replay-ratio must be a finite number"),
+        (["--replay-ratio", "0"], "--replay-ratio must be > 0"),
+        (["--seeds", "1"], "each seed count must be >= 2"),
+    ],
+)
+def test_bad_flags_are_one_line(tmp_path, flags, message):
+    done = run_script(BENCH, *flags, "--out", tmp_path / "b.json", rc=2, timeout=60)
+    assert message in one_line_error(done)
+    assert not (tmp_path / "b.json").exists()
