@@ -44,11 +44,17 @@ def seed_dir(jobs_dir: Path, variant: str, seed: int) -> Path:
 
 def evaluate(agent: Agent, envs: list[list]) -> np.ndarray:
     """Greedy returns (S, E): envs[s][i] plays episode i (seed 1e6 + i) with seed s's network."""
+    return evaluate_policy(agent.greedy, envs)  # every seed's network on all its episodes at once
+
+
+def evaluate_policy(policy, envs: list[list]) -> np.ndarray:
+    """Undiscounted returns (S, E) of the evaluation protocol: envs[s][i] plays episode i from seed
+    1e6 + i, all in lockstep; policy maps states (S, E, obs_dim) to actions (S, E)."""
     S, E = len(envs), len(envs[0])
     obs = np.stack([[env.reset(seed=EVAL_SEED_BASE + i)[0] for i, env in enumerate(row)] for row in envs])
     returns, active = np.zeros((S, E)), np.ones((S, E), dtype=bool)
     while active.any():
-        actions = agent.greedy(obs)  # (S, E): every seed's network on all its episodes at once
+        actions = policy(obs)
         for s, i in zip(*np.nonzero(active)):
             obs[s, i], reward, terminated, truncated, _ = envs[s][i].step(int(actions[s, i]))
             returns[s, i] += reward

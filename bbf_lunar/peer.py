@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from job import ENV_ID, EVAL_SEED_BASE, SCORE_POINTS
+from job import ENV_ID, SCORE_POINTS, evaluate_policy
 
 # rl-baselines3-zoo hyperparams/dqn.yml, LunarLander-v3 (the setting run.py's `dqn` copies)
 ZOO_DQN = {
@@ -42,21 +42,19 @@ def require_sb3():
     return stable_baselines3
 
 
-def evaluate_policy(predict, episodes: int) -> float:
-    """Mean greedy return over the fixed evaluation episodes (seeds 1e6 + i), as job.evaluate."""
+def evaluate_sb3(model, episodes: int) -> float:
+    """Mean greedy return of an sb3 model on job.py's evaluation episodes, played in lockstep."""
     import gymnasium as gym
 
-    env, returns = gym.make(ENV_ID), []
-    for i in range(episodes):
-        obs, _ = env.reset(seed=EVAL_SEED_BASE + i)
-        total, done = 0.0, False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(int(predict(obs)))
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
-    return float(np.mean(returns))
+    envs = [[gym.make(ENV_ID) for _ in range(episodes)]]
+
+    def policy(obs: np.ndarray) -> np.ndarray:  # (1, E, obs_dim) -> (1, E)
+        return model.predict(obs[0], deterministic=True)[0][None]
+
+    returns = evaluate_policy(policy, envs)
+    for env in envs[0]:
+        env.close()
+    return float(returns.mean())
 
 
 def train_sb3_dqn(seed: int, total_steps: int, eval_every: int, eval_episodes: int, progress=print) -> dict:
@@ -70,7 +68,7 @@ def train_sb3_dqn(seed: int, total_steps: int, eval_every: int, eval_episodes: i
     steps, points = [], []
 
     def record(model, step):
-        points.append(evaluate_policy(lambda o: model.predict(o, deterministic=True)[0], eval_episodes))
+        points.append(evaluate_sb3(model, eval_episodes))
         steps.append(step)
         progress(f"sb3 dqn seed {seed}: step {step:,}/{total_steps:,}, eval return {points[-1]:.0f}")
 

@@ -56,6 +56,23 @@ def test_sb3_beside_ours_and_again_from_a_finished_run(tmp_path):
     assert again["our_dqn"]["scores"] == ours["scores"]  # the same seeds train the same dqn
 
 
+def test_sb3_evaluation_in_lockstep_is_the_plain_episode_loop():
+    pytest.importorskip("stable_baselines3")
+    import gymnasium as gym
+    from stable_baselines3 import DQN
+
+    model = DQN("MlpPolicy", gym.make(peer.ENV_ID), seed=3, device="cpu", **peer.ZOO_DQN)
+    env, returns = gym.make(peer.ENV_ID), []
+    for i in range(3):  # the protocol written out: episode i from seed 1e6 + i, greedy, undiscounted
+        obs, _ = env.reset(seed=1_000_000 + i)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(int(model.predict(obs, deterministic=True)[0]))
+            total, done = total + float(reward), terminated or truncated
+        returns.append(total)
+    assert peer.evaluate_sb3(model, 3) == pytest.approx(np.mean(returns), abs=1e-9)
+
+
 def test_peer_bad_input_is_one_line(tmp_path):
     proc = run_script(BENCH, "--peer", "rllib", rc=2)
     assert "--peer: unknown rllib" in one_line_error(proc)
