@@ -111,8 +111,9 @@ def plot(runs: dict, nanogpt: list[tuple[int, float]] | None = None):
             if item["curve"]:
                 steps, losses = zip(*item["curve"])
                 ax.plot(steps, losses, color=color, alpha=0.8, label=f"{pos} ({vocab})" if n == 0 else None)
-    lowest = min(line.get_ydata().min() for line in ax.get_lines())
-    ax.set_ylim(lowest - 0.05, 1.4 * lowest)  # the first steps' losses would flatten the part that matters
+    if ax.get_lines():  # the first steps' losses would flatten the part that matters
+        lowest = min(min(line.get_ydata()) for line in ax.get_lines())
+        ax.set_ylim(lowest - 0.05, 1.4 * lowest)
     ax.set_xlabel("step")
     ax.set_ylabel("val loss, nats/token (periodic estimate; axis cut at 1.4x the lowest)")
     ax.grid(alpha=0.3)
