@@ -178,9 +178,7 @@ def bench_steps_interleaved(args: Args) -> dict:
     optimizers = {"nanogpt": models["nanogpt"].configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")}
     for pos in ("learned", "rope"):
         models[f"ours_{pos}"] = DecoderLM(ModelConfig(vocab_size=65, pos=pos, **size))
-        optimizers[f"ours_{pos}"] = torch.optim.AdamW(
-            models[f"ours_{pos}"].optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.99)
-        )
+        optimizers[f"ours_{pos}"] = models[f"ours_{pos}"].make_optimizer(1e-3, 0.1, (0.9, 0.99), "cpu")
     generator = torch.Generator().manual_seed(args.seed)
     data = torch.randint(65, (100_000,), generator=generator)
     seconds, cpu_seconds = {name: [] for name in models}, {name: [] for name in models}

@@ -390,6 +390,13 @@ class DecoderLM(nn.Module):
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
 
+    def make_optimizer(self, lr: float, weight_decay: float, betas: tuple[float, float], device_type: str):
+        """AdamW over `optimizer_groups`, torch's fused kernel where it has one (CUDA, CPU): the same update
+        as the default multi-tensor one up to float rounding, and on a CPU about half its time at the
+        baby-GPT size (nanoGPT fuses on CUDA only)."""
+        fused = device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(self.optimizer_groups(weight_decay), lr=lr, betas=betas, fused=fused)
+
     @property
     def sliding(self) -> bool:
         """Relative (rope) or no positions: generation slides a window over the cache."""

@@ -228,12 +228,7 @@ def build(args: Args, vocab: Vocab, device: str):
         pos=args.pos,
     )
     model = DecoderLM(config).to(device)
-    optimizer = torch.optim.AdamW(
-        model.optimizer_groups(args.weight_decay),
-        lr=args.lr,
-        betas=(0.9, args.beta2),
-        fused=device.startswith("cuda"),
-    )
+    optimizer = model.make_optimizer(args.lr, args.weight_decay, (0.9, args.beta2), torch.device(device).type)
     return model, optimizer
 
 
