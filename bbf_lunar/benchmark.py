@@ -15,6 +15,11 @@ processes summed), written as {"whole_machine": {"processes": P, "<S>": {"batche
     python bbf_lunar/benchmark.py                       # bbf at replay ratio 1, S = 5 and 10
     python bbf_lunar/benchmark.py --replay-ratio 8 --steps 300 --rounds 2
     python bbf_lunar/benchmark.py --replay-ratio 2 --processes 2   # and with both of 2 cores busy
+    python bbf_lunar/benchmark.py --replay-ratio 2 --compile       # eager and torch.compile'd, in turn
+
+With --compile every S is also timed with the TD loss compiled (run.py --compile), in turn with the eager
+one, and written beside it as {"vectorised_compiled": {...the same keys...}, "compile_speedup": {"<S>":
+compiled / eager seed-steps/s}}. Compilation happens in untimed learning steps before the timed ones.
 
 --peer sb3 instead trains stable-baselines3's DQN with the zoo hyperparameters (peer.py; an optional
 extra) on --peer-seeds seeds under this folder's evaluation protocol, beside our `dqn` on the same
@@ -63,6 +68,7 @@ class Args:
     eval_every: int = 10_000  # --peer: steps between evaluations (run.py's protocol)
     eval_episodes: int = 10  # --peer: greedy episodes per evaluation point
     against: str = ""  # --peer: a finished run.py folder whose dqn seeds to use (default: train ours here)
+    compile: bool = False  # also time every S with the TD loss torch.compile'd, in turn with the eager one
 
 
 def check_args(a: Args) -> None:
@@ -82,19 +88,23 @@ def check_args(a: Args) -> None:
         raise ValueError("--against goes with --peer sb3")
 
 
-def seed_steps_per_second(args: Args, num_seeds: int, folder: Path) -> float:
-    """Train a fresh S-seed job for warmup + steps env steps; time the last `steps`."""
+UNTIMED_LEARNING_STEPS = 20  # after the random warm-up: torch.compile compiles here, caches warm up
+
+
+def seed_steps_per_second(args: Args, num_seeds: int, folder: Path, compiled: bool = False) -> float:
+    """Train a fresh S-seed job for warmup + 20 + steps env steps; time the last `steps`."""
     import torch
 
     torch.set_num_threads(1)
-    total = args.warmup + args.steps
+    total = args.warmup + UNTIMED_LEARNING_STEPS + args.steps
     base = replace(bbf_run.Args(), total_steps=total + 1, eval_every=total + 1, learning_starts=args.warmup)
     base = replace(base, eval_episodes=1, checkpoint_every=10 * total, replay_ratio=args.replay_ratio)
+    base = replace(base, compile=compiled)
     seeds = list(range(args.seed, args.seed + num_seeds))
     job = Job(bbf_run.job_spec(base, args.variant, seeds, folder), "cpu")
     progress, losses = io.StringIO(), []
     obs = job.start_envs()
-    for _ in range(args.warmup):
+    for _ in range(args.warmup + UNTIMED_LEARNING_STEPS):
         obs = job.env_step(obs, progress, losses)
     t0 = time.perf_counter()
     for _ in range(args.steps):
@@ -102,23 +112,34 @@ def seed_steps_per_second(args: Args, num_seeds: int, folder: Path) -> float:
     return num_seeds * args.steps / (time.perf_counter() - t0)
 
 
-def whole_machine_rates(args: Args, num_seeds: int, folder: Path) -> float:
+def whole_machine_rates(args: Args, num_seeds: int, folder: Path, compiled: bool = False) -> float:
     """Summed seed-steps/s of --processes processes timing num_seeds seeds each, all at once."""
     import multiprocessing as mp
 
-    jobs = [(args, num_seeds, folder / str(p)) for p in range(args.processes)]
+    jobs = [(args, num_seeds, folder / str(p), compiled) for p in range(args.processes)]
     with mp.get_context("spawn").Pool(args.processes) as pool:
         return float(sum(pool.starmap(seed_steps_per_second, jobs)))
 
 
-def timed_rounds(args: Args, counts: list[int], measure) -> dict[int, list[float]]:
-    """Each round times S = 1 and every S in counts in turn: {S: [seed-steps/s per round]}."""
-    rates: dict[int, list[float]] = {s: [] for s in [1, *counts]}
+def timed_rounds(args: Args, counts: list[int], measure) -> dict[tuple[int, bool], list[float]]:
+    """Each round times S = 1 and every S in counts in turn, eager and (with --compile) compiled:
+    {(S, compiled): [seed-steps/s per round]}."""
+    modes = (False, True) if args.compile else (False,)
+    rates: dict[tuple[int, bool], list[float]] = {(s, c): [] for s in [1, *counts] for c in modes}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for s in rates:
-                rates[s].append(measure(args, s, Path(tmp) / f"{s}_{r}"))
+            for s, c in rates:
+                rates[s, c].append(measure(args, s, Path(tmp) / f"{s}_{c}_{r}", c))
     return rates
+
+
+def ratios(median: dict[tuple[int, bool], float], counts: list[int], compiled: bool, keys: tuple) -> dict:
+    """{"<S>": {keys[0]: S-seed rate, keys[1]: single-seed rate, "speedup": their ratio}}."""
+    one = median[1, compiled]
+    return {
+        str(s): {keys[0]: median[s, compiled], keys[1]: one, "speedup": median[s, compiled] / one}
+        for s in counts
+    }
 
 
 def our_dqn(args: Args, seeds: list[int], folder: Path) -> list[dict]:
@@ -178,55 +199,60 @@ def main() -> None:
     if args.peer:
         return compare_with_peer(args)
     counts = args.seeds or [5, 10]
+    per_core = ("one_process_steps_per_s", "separate_steps_per_s")
     rates = timed_rounds(args, counts, seed_steps_per_second)
-    median = {s: float(np.median(v)) for s, v in rates.items()}
+    median = {key: float(np.median(v)) for key, v in rates.items()}
     result = {
         "variant": args.variant,
         "replay_ratio": args.replay_ratio,
         "threads": 1,
         "cpu": os.cpu_count(),
-        "rounds": {str(s): v for s, v in rates.items()},
-        "vectorised": {
-            str(s): {
-                "one_process_steps_per_s": median[s],
-                "separate_steps_per_s": median[1],
-                "speedup": median[s] / median[1],
-            }
-            for s in counts
-        },
+        "rounds": {str(s): v for (s, c), v in rates.items() if not c},
+        "vectorised": ratios(median, counts, False, per_core),
     }
     print(
-        f"{args.variant} at replay ratio {args.replay_ratio:g}, one torch thread, median of {args.rounds} "
-        f"rounds of {args.steps} steps (after {args.warmup} random ones):"
+        f"{args.variant} at replay ratio {args.replay_ratio:g}, one torch thread, median of {args.rounds}"
+        f" rounds of {args.steps} steps (after {args.warmup} random and {UNTIMED_LEARNING_STEPS} learning"
+        " ones):"
     )
-    print_rates("one core", median, counts)
+    print_rates("one core", median, counts, False)
+    if args.compile:
+        result["rounds_compiled"] = {str(s): v for (s, c), v in rates.items() if c}
+        result["vectorised_compiled"] = ratios(median, counts, True, per_core)
+        result["compile_speedup"] = {str(s): median[s, True] / median[s, False] for s in [1, *counts]}
+        print_rates("one core, TD loss torch.compile'd", median, counts, True)
     if args.processes:
         machine = timed_rounds(args, counts, whole_machine_rates)
-        total = {s: float(np.median(v)) for s, v in machine.items()}
+        total = {key: float(np.median(v)) for key, v in machine.items()}
+        both = ("batched_steps_per_s", "separate_steps_per_s")
         result["whole_machine"] = {
             "processes": args.processes,
-            "rounds": {str(s): v for s, v in machine.items()},
-            **{
-                str(s): {
-                    "batched_steps_per_s": total[s],
-                    "separate_steps_per_s": total[1],
-                    "speedup": total[s] / total[1],
-                }
-                for s in counts
-            },
+            "rounds": {str(s): v for (s, c), v in machine.items() if not c},
+            **ratios(total, counts, False, both),
         }
-        print_rates(f"{args.processes} processes at once, summed", total, counts)
+        print_rates(f"{args.processes} processes at once, summed", total, counts, False)
+        if args.compile:
+            result["whole_machine_compiled"] = {
+                "processes": args.processes,
+                "rounds": {str(s): v for (s, c), v in machine.items() if c},
+                **ratios(total, counts, True, both),
+            }
+            print_rates(f"{args.processes} processes at once, summed, compiled", total, counts, True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)
     print(f"-> {args.out}")
 
 
-def print_rates(title: str, median: dict[int, float], counts: list[int]) -> None:
+def print_rates(title: str, median: dict[tuple[int, bool], float], counts: list[int], compiled: bool) -> None:
     print(f"  {title}:")
-    print(f"    S = 1 (single-seed processes): {median[1]:8.0f} seed-steps/s")
+    one = median[1, compiled]
+    print(f"    S = 1 (single-seed processes): {one:8.0f} seed-steps/s")
     for s in counts:
-        ratio = median[s] / median[1]
-        print(f"    S = {s:<2} per process         : {median[s]:8.0f} seed-steps/s  x{ratio:.2f}")
+        rate = median[s, compiled]
+        print(f"    S = {s:<2} per process         : {rate:8.0f} seed-steps/s  x{rate / one:.2f}")
+    if compiled:
+        gains = ", ".join(f"S = {s}: x{median[s, True] / median[s, False]:.2f}" for s in [1, *counts])
+        print(f"    compiled / eager             : {gains}")
 
 
 if __name__ == "__main__":

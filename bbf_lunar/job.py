@@ -73,6 +73,10 @@ class Job:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "spec.json", spec)
         self.ckpt_path = self.dir / CHECKPOINT_PT
+        if spec["agent"].get("compile"):  # one graph per network and seed count: room for every job of a run
+            import torch._dynamo
+
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         self.agent = Agent(ModelConfig(**spec["model"]), AgentConfig(**spec["agent"]), self.seeds, device)
         S, obs_dim = len(self.seeds), self.agent.model_cfg.obs_dim
         self.buffer = ReplayBuffer(S, self.run["buffer_size"], obs_dim)

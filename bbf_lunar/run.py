@@ -64,6 +64,7 @@ class Args(RunArgs):
     eps_end: float = 0.01  # bbf: epsilon after decay (from 1)
     eps_decay_steps: int = 10_000  # bbf: environment steps of linear epsilon decay
     dqn_lr: float = 6.3e-4  # dqn: Adam learning rate (rl-baselines3-zoo LunarLander-v3: 6.3e-4)
+    compile: bool = False  # torch.compile each gradient step's TD loss (faster at several seeds per process)
     checkpoint_every: int = 10_000  # environment steps between per-job checkpoints
     bootstrap_reps: int = 50_000  # bootstrap replicates when the resamples are too many to enumerate
     summarize_only: bool = False  # with --resume: no training, statistics and plots from the result files

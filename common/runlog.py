@@ -195,8 +195,13 @@ class RunLogger:
             report_only = set(getattr(args, "REPORT_ONLY", ()))
             self.reporting = any(getattr(args, k) for k in report_only)
             config = {k: v for k, v in dataclasses.asdict(args).items() if k not in report_only}
+            defaults = {
+                f.name: f.default for f in dataclasses.fields(args) if f.default is not dataclasses.MISSING
+            }
         else:
-            self.reporting, report_only = False, set()
+            self.reporting, report_only, defaults = False, set(), {}
+        # a flag added after a run was made is no change on --resume while it keeps its default
+        self._defaults = _plain(defaults)
         self._report_only = report_only  # not compared on --resume, even where an older config.json has them
         if clearml not in CLEARML_MODES:
             raise UserError(f"--clearml must be one of {', '.join(CLEARML_MODES)} (got {clearml!r})")
@@ -263,10 +268,11 @@ class RunLogger:
         stored = read_json(self.run_dir / "config.json").get("args", {})
         stored = {k: v for k, v in stored.items() if k not in self._report_only}
         keys = list(config) + [k for k in stored if k not in config]  # in the order of the Args fields
-        changed = [k for k in keys if stored.get(k) != config.get(k)]
+        stored = {k: stored.get(k, self._defaults.get(k)) for k in keys}
+        changed = [k for k in keys if stored[k] != config.get(k)]
         refused = [k for k in changed if k not in safe]
         if refused:
-            flags = ", ".join(f"--{k.replace('_', '-')} {stored.get(k)} -> {config.get(k)}" for k in refused)
+            flags = ", ".join(f"--{k.replace('_', '-')} {stored[k]} -> {config.get(k)}" for k in refused)
             raise UserError(
                 f"--resume: {self.run_dir} was run with other training flags ({flags}); "
                 "restore them or start a new --out"

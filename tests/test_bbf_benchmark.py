@@ -1,6 +1,7 @@
 """bbf_lunar/benchmark.py's seed-batching measurement: per core, and with every core busy."""
 
 import json
+import statistics
 
 import pytest
 from conftest import one_line_error, run_script
@@ -25,6 +26,23 @@ def test_per_core_and_whole_machine_figures_are_written(tmp_path):
         machine["2"]["batched_steps_per_s"] / machine["2"]["separate_steps_per_s"]
     )
     assert "2 processes at once, summed" in done.stdout
+
+
+@pytest.mark.slow
+def test_compile_times_eager_and_compiled_in_turn(tmp_path):
+    out = tmp_path / "bench.json"
+    flags = ["--steps", "10", "--warmup", "60", "--rounds", "2", "--seeds", "2", "--compile"]
+    done = run_script(BENCH, *flags, "--out", out, timeout=400)
+    result = json.loads(out.read_text())
+    assert len(result["rounds"]["2"]) == len(result["rounds_compiled"]["2"]) == 2
+    for s in ("1", "2"):
+        eager, compiled = (statistics.median(result[key][s]) for key in ("rounds", "rounds_compiled"))
+        assert result["compile_speedup"][s] == pytest.approx(compiled / eager)
+    per_core = result["vectorised_compiled"]["2"]
+    assert per_core["speedup"] == pytest.approx(
+        per_core["one_process_steps_per_s"] / per_core["separate_steps_per_s"]
+    )
+    assert "TD loss torch.compile'd" in done.stdout and "compiled / eager" in done.stdout
 
 
 @pytest.mark.parametrize(

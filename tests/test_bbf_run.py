@@ -106,6 +106,12 @@ def test_dqn_is_the_zoo_tuned_setting():
     assert size == 8 * 256 + 256 + 256 * 256 + 256 + 256 * 4 + 4  # the [256, 256] MLP
 
 
+def test_compile_flag_reaches_every_variants_agent_and_is_off_by_default():
+    for variant in R.VARIANTS:
+        assert R.job_spec(R.Args(compile=True), variant, [0], Path("jobs"))["agent"]["compile"] is True
+        assert R.job_spec(R.Args(), variant, [0], Path("jobs"))["agent"]["compile"] is False
+
+
 def test_damaged_checkpoint_is_one_line_and_moved_aside(tmp_path):
     spec = R.job_spec(tiny_args(), "bbf", [0, 1], tmp_path / "jobs")
     Path(spec["job_dir"]).mkdir(parents=True)

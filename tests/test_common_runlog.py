@@ -275,6 +275,20 @@ def test_resume_refuses_changed_training_flags_naming_them(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").exists()  # a refused resume leaves the run as it was
 
 
+def test_resume_takes_a_flag_added_since_the_run_at_its_default_only(tmp_path):
+    """A run made before a flag existed: resuming it at the flag's default is no change, another value is."""
+    with RunLogger("demo", "r", train_args(tmp_path)) as log:
+        finish_epoch(log, 0)
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    del config["args"]["batch_size"]  # as an older version of the script wrote it
+    path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match=r"--batch-size 8 -> 16"):
+        RunLogger("demo", "r", train_args(tmp_path, batch_size=16, resume=True))
+    with RunLogger("demo", "r", train_args(tmp_path, epochs=5, resume=True)) as log:
+        assert log.resumed
+
+
 def test_resume_allows_safe_flags_and_rewinds_metrics(tmp_path):
     with RunLogger("demo", "r", train_args(tmp_path)) as log:
         for step in range(3):
