@@ -255,3 +255,13 @@ def test_fused_optimizer_follows_the_reference_adamw():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     decays = {id(p): g["weight_decay"] for g in fused.param_groups for p in g["params"]}
     assert decays[id(fused_model.ln_f.weight)] == 0.0 and decays[id(fused_model.wte.weight)] == 0.1
+
+
+def test_generated_tokens_can_feed_a_training_step():
+    """generate decodes in inference mode; what it returns is a normal tensor that autograd can save."""
+    model = tiny_model("rope")
+    out = model.generate(torch.zeros(2, 1, dtype=torch.long), 20, generator=torch.Generator().manual_seed(0))
+    assert not out.is_inference() and out.shape == (2, 21)
+    model.train()
+    model(out[:, :-1], out[:, 1:])[1].backward()  # the embedding saves its indices for backward
+    assert model.wte.weight.grad is not None
