@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer  # noqa: E402
 import run as bbf_run  # noqa: E402
 import stats  # noqa: E402
-from job import Job, require_env, seed_dir, train_job  # noqa: E402
+from job import Job, require_compiler, require_env, seed_dir, train_job  # noqa: E402
 
 from common import UserError, parse_args, read_json, run_main, write_json  # noqa: E402
 
@@ -196,6 +196,8 @@ def compare_with_peer(args: Args) -> None:
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
     require_env()
+    if args.compile:
+        require_compiler()
     if args.peer:
         return compare_with_peer(args)
     counts = args.seeds or [5, 10]

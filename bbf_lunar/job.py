@@ -10,6 +10,8 @@ itself, and writes one result.json per seed, so results do not depend on how see
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -36,6 +38,20 @@ def require_env() -> None:
     except (ImportError, gym.error.DependencyNotInstalled) as e:
         first = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise UserError(f"{ENV_ID} cannot be made ({first}); {hint}") from None
+
+
+COMPILERS = ("g++", "clang++", "c++", "gcc", "clang", "cc")
+
+
+def require_compiler(which=shutil.which) -> None:
+    """--compile: one line up front when no C/C++ compiler is found (torch.compile's inductor builds its
+    CPU kernels, and Triton its GPU launchers, with one), instead of a traceback from every worker."""
+    if os.environ.get("CXX") or os.environ.get("CC") or any(which(c) for c in COMPILERS):
+        return
+    raise UserError(
+        f"--compile needs a C/C++ compiler (none of {', '.join(COMPILERS)} on PATH, CXX unset); "
+        "install one (e.g. apt install g++) or run without --compile"
+    )
 
 
 def seed_dir(jobs_dir: Path, variant: str, seed: int) -> Path:

@@ -80,6 +80,23 @@ def test_missing_box2d_is_one_line_before_any_worker_starts(tmp_path):
     assert not (out / "jobs").exists()  # no worker started
 
 
+def test_compile_without_a_compiler_is_one_line_before_any_worker_starts(tmp_path, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(J.UserError, match="--compile needs a C/C[+][+] compiler"):
+        J.require_compiler(which=lambda name: None)
+    J.require_compiler(which=lambda name: "/usr/bin/clang" if name == "clang" else None)  # any one will do
+    monkeypatch.setenv("CXX", "my-g++")
+    J.require_compiler(which=lambda name: None)  # named by CXX
+    # end to end: a PATH with python's folder only (no compiler there)
+    env = {"PATH": str(Path(sys.executable).parent), "CXX": "", "CC": ""}
+    flags = ["--seeds", "1", "--total-steps", "200", "--eval-every", "200", "--learning-starts", "100"]
+    out = tmp_path / "run"
+    done = run_script(RUN, *flags, "--compile", "--clearml", "off", "--out", out, rc=1, env=env, timeout=120)
+    assert "--compile needs a C/C++ compiler" in one_line_error(done)
+    assert not (out / "jobs").exists()  # no worker started
+
+
 def test_seed_batches_cover_every_seed_once_and_use_the_workers():
     assert R.seed_batches(R.Args(seeds=10, workers=2), ["bbf", "dqn"]) == [list(range(10))]
     assert R.seed_batches(R.Args(seeds=5, workers=2), ["bbf"]) == [[0, 1, 2], [3, 4]]
