@@ -19,7 +19,8 @@ processes summed), written as {"whole_machine": {"processes": P, "<S>": {"batche
 
 With --compile every S is also timed with the TD loss compiled (run.py --compile), in turn with the eager
 one, and written beside it as {"vectorised_compiled": {...the same keys...}, "compile_speedup": {"<S>":
-compiled / eager seed-steps/s}}. Compilation happens in untimed learning steps before the timed ones.
+compiled / eager seed-steps/s}} (and with --processes, "whole_machine_compiled" beside "whole_machine").
+Compilation happens in untimed learning steps before the timed ones.
 
 --peer sb3 instead trains stable-baselines3's DQN with the zoo hyperparameters (peer.py; an optional
 extra) on --peer-seeds seeds under this folder's evaluation protocol, beside our `dqn` on the same

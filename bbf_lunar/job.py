@@ -49,7 +49,7 @@ def require_compiler(which=shutil.which) -> None:
     if os.environ.get("CXX") or os.environ.get("CC") or any(which(c) for c in COMPILERS):
         return
     raise UserError(
-        f"--compile needs a C/C++ compiler (none of {', '.join(COMPILERS)} on PATH, CXX unset); "
+        f"--compile needs a C/C++ compiler (none of {', '.join(COMPILERS)} on PATH, CXX and CC unset); "
         "install one (e.g. apt install g++) or run without --compile"
     )
 
