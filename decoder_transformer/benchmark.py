@@ -241,16 +241,19 @@ def nanogpt_sampler(args: Args, config: ModelConfig, device: str):
 
 
 def bench_generate(args: Args, log: RunLogger, model: DecoderLM, device: str) -> dict:
-    """Ours with and without the cache, and nanoGPT's sampler, taking turns; same prompt and length."""
+    """Ours with and without the cache (on CUDA also cached without the CUDA graph), and nanoGPT's sampler,
+    taking turns; same prompt and length. same_tokens: all of ours drew the same tokens."""
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
-    systems = {
-        "cached": lambda p: model.generate(
-            p, args.new_tokens, 1.0, None, args.top_p, True, torch.Generator(device).manual_seed(args.seed)
-        ),
-        "uncached": lambda p: model.generate(
-            p, args.new_tokens, 1.0, None, args.top_p, False, torch.Generator(device).manual_seed(args.seed)
-        ),
-    }
+
+    def ours(use_cache: bool, cuda_graph: bool | None = None):
+        generator = lambda: torch.Generator(device).manual_seed(args.seed)  # noqa: E731
+        return lambda p: model.generate(
+            p, args.new_tokens, 1.0, None, args.top_p, use_cache, generator(), cuda_graph
+        )
+
+    systems = {"cached": ours(True), "uncached": ours(False)}
+    if device.startswith("cuda"):  # cached decoding replays a CUDA graph there; also time it without
+        systems["cached_no_graph"] = ours(True, cuda_graph=False)
     if args.nanogpt_dir:
         systems["nanogpt"] = nanogpt_sampler(args, model.config, device)
     seconds, cpu_seconds, outputs = {k: [] for k in systems}, {k: [] for k in systems}, {}
@@ -277,7 +280,10 @@ def bench_generate(args: Args, log: RunLogger, model: DecoderLM, device: str) ->
         result[f"{label}speedup_cached_vs_uncached"] = rates["cached"] / rates["uncached"]
         if "nanogpt" in rates:
             result[f"{label}speedup_cached_vs_nanogpt_sampler"] = rates["cached"] / rates["nanogpt"]
-    result["same_tokens"] = bool(torch.equal(outputs["cached"], outputs["uncached"]))
+        if "cached_no_graph" in rates:
+            result[f"{label}speedup_cuda_graph"] = rates["cached"] / rates["cached_no_graph"]
+    ours = [out for name, out in outputs.items() if name != "nanogpt"]
+    result["same_tokens"] = all(torch.equal(ours[0], out) for out in ours[1:])
     return result
 
 

@@ -348,17 +348,41 @@ class DecoderLM(nn.Module):
 
         The arithmetic of forward(token, cache=cache) in eval mode, written as plain tensor calls on
         preallocated buffers: at this size a decoding step is bound by per-operation overhead."""
-        layers, ln_w, ln_b, head = weights or self.decode_weights()
-        B, C, p = token.size(0), self.config.n_embd, cache.length
-        nh, hd = self.config.n_head, C // self.config.n_head
-        self._check_length(p + 1, True)
+        self._check_length(cache.length + 1, True)
+        logits = self._decode(token, cache, weights or self.decode_weights(), cache.length)
+        cache.length += 1
+        return logits
+
+    def _decode(
+        self, token: torch.Tensor, cache: KVCache, weights: list, p: int | torch.Tensor
+    ) -> torch.Tensor:
+        """decode_step's arithmetic for the new token at position p; cache.length is left alone.
+
+        p an int: the cache slot and the filled part of the window are Python numbers (narrowed views).
+        p a 0-d long tensor on the model's device: every index is read from it and the token attends to
+        all window slots, the unfilled ones masked, so shapes never change and the step can be captured
+        once in a CUDA graph (`CUDAGraphDecoder`). The two agree up to float rounding (tested)."""
+        layers, ln_w, ln_b, head = weights
+        B, C = token.size(0), self.config.n_embd
+        nh, hd, window = self.config.n_head, C // self.config.n_head, cache.window
+        static = isinstance(p, torch.Tensor)
+        if static:
+            index = p.view(1)
+            offset = p - cache.first  # tokens held before this one
+            slot = (offset % window).view(1)
+            mask = (torch.arange(window, device=p.device) <= offset).view(1, 1, 1, window)
+        else:
+            slot, n = (p - cache.first) % window, min(p - cache.first + 1, window)
         x = self.wte.weight[token[:, 0]]  # (B, C)
         if self.config.pos == "learned":
-            x = x + self.wpe.weight[p]
+            x = x + (self.wpe.weight.index_select(0, index) if static else self.wpe.weight[p])
         elif self.config.pos == "sinusoidal":
-            x = x * math.sqrt(C) + self.sin_table[p].to(x.dtype)
-        rope = self._rope_at(p, 1)  # (1, hd // 2): broadcasts over (B, 2, nh, hd // 2)
-        slot, n = (p - cache.first) % cache.window, min(p - cache.first + 1, cache.window)
+            x = x * math.sqrt(C) + (
+                self.sin_table.index_select(0, index) if static else self.sin_table[p]
+            ).to(x.dtype)
+        rope = None  # (1, hd // 2): broadcasts over (B, 2, nh, hd // 2)
+        if self.config.pos == "rope":  # a static step reads a table grown beforehand (CUDAGraphDecoder)
+            rope = self.rope_table.index_select(0, index) if static else self._rope_at(p, 1)
         for (w1, b1, qkv_w, qkv_b, proj_w, proj_b, w2, b2, fc_w, fc_b, out_w, out_b), keys, values in zip(
             layers, cache.layer_keys, cache.layer_values
         ):
@@ -367,12 +391,18 @@ class DecoderLM(nn.Module):
             if rope is not None:  # one complex product for q and k, as apply_rope
                 pairs = torch.view_as_complex(qkv.view(B, 3, nh, hd // 2, 2)[:, :2])
                 q, k = torch.view_as_real(pairs * rope).view(B, 2, nh, hd).unbind(1)
-            keys.select(2, slot).copy_(k)  # keys, values (B, nh, window, hd)
-            values.select(2, slot).copy_(v)
-            y = F.scaled_dot_product_attention(q.unsqueeze(2), keys.narrow(2, 0, n), values.narrow(2, 0, n))
+            if static:  # keys, values (B, nh, window, hd)
+                keys.index_copy_(2, slot, k.unsqueeze(2))
+                values.index_copy_(2, slot, v.unsqueeze(2))
+                y = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask)
+            else:
+                keys.select(2, slot).copy_(k)
+                values.select(2, slot).copy_(v)
+                y = F.scaled_dot_product_attention(
+                    q.unsqueeze(2), keys.narrow(2, 0, n), values.narrow(2, 0, n)
+                )
             x = x + linear_t(y.view(B, C), proj_w, proj_b)
             x = x + linear_t(F.gelu(linear_t(torch.layer_norm(x, (C,), w2, b2), fc_w, fc_b)), out_w, out_b)
-        cache.length += 1
         return torch.layer_norm(x, (C,), ln_w, ln_b) @ head
 
     def _check_length(self, end: int, cached: bool) -> None:
@@ -403,12 +433,16 @@ class DecoderLM(nn.Module):
         """Relative (rope) or no positions: generation slides a window over the cache."""
         return self.config.pos in ("rope", "none")
 
+    def _decodes(self, n: int, cache: KVCache | None) -> bool:
+        """Whether the token after out[:, :n] is one cached decoding step (the rest is in the cache)."""
+        return cache is not None and cache.length == n - 1 and (self.sliding or n <= self.config.block_size)
+
     @torch.no_grad()
     def next_logits(self, out: torch.Tensor, n: int, cache: KVCache | None, weights=None) -> torch.Tensor:
         """Logits (B, vocab) for the token after out[:, :n], under `generate`'s context rule."""
         W = self.config.block_size
-        if cache is not None and cache.length == n - 1 and (self.sliding or n <= W):
-            return self.decode_step(out[:, n - 1 : n], cache, weights)  # one new token
+        if self._decodes(n, cache):
+            return self.decode_step(out[:, n - 1 : n], cache, weights)
         if self.sliding:
             if cache is not None:  # the prompt at once
                 return self(out[:, cache.length : n], cache=cache, last_only=True)[0][:, -1]
@@ -428,6 +462,7 @@ class DecoderLM(nn.Module):
         top_p: float = 1.0,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
+        cuda_graph: bool | None = None,
     ):
         """Extend idx (B, T) by max_new_tokens sampled tokens; returns (B, T + max_new_tokens).
 
@@ -440,18 +475,100 @@ class DecoderLM(nn.Module):
           tokens' hidden states keep the context they had (nanoGPT recomputes them on the crop alone).
         - learned / sinusoidal: nanoGPT's rule, a full forward over the last block_size tokens with
           positions 0 .. block_size - 1; the cache serves until the window is first full.
+        cuda_graph (cached decoding only; default: on a CUDA device) replays the decoding step and the
+        sampling as one CUDA graph (`CUDAGraphDecoder`) instead of launching their ~120 kernels one by one
+        from Python; the tokens are the same.
         """
         B, T0 = idx.shape
+        if cuda_graph is None:
+            cuda_graph = use_cache and idx.device.type == "cuda"
+        if cuda_graph and not (use_cache and idx.device.type == "cuda"):
+            raise ValueError(f"cuda_graph needs use_cache and a CUDA device (tokens are on {idx.device})")
         # inference mode: no view or version tracking, about 10% more tokens/s at the baby size on a CPU
         with torch.inference_mode():
             out = idx.new_empty(B, T0 + max_new_tokens)  # preallocated: no torch.cat per token
             out[:, :T0] = idx
             cache = KVCache(self.config, B, idx.device, self.wte.weight.dtype) if use_cache else None
             weights = self.decode_weights() if use_cache else None
+            sampling = (temperature, top_k, top_p)
+            graph = (
+                CUDAGraphDecoder(self, cache, weights, T0 + max_new_tokens, sampling) if cuda_graph else None
+            )
             for n in range(T0, T0 + max_new_tokens):
+                if graph is not None and self._decodes(n, cache):
+                    out[:, n : n + 1] = graph.next_token(out[:, n - 1 : n], generator)
+                    continue
                 logits = self.next_logits(out, n, cache, weights)
                 out[:, n : n + 1] = sample_next_token(logits, temperature, top_k, top_p, generator)
         return out.clone()  # a normal tensor again: the tokens may feed a later forward that trains
+
+
+class CUDAGraphDecoder:
+    """`DecoderLM.decode_step` captured once as a CUDA graph and replayed for each new token.
+
+    A decoding step of the baby or 6x6x384 model is about a hundred small kernels; launched one by one
+    from Python they take ~10 us each for a few us of GPU work, so eager decoding on a GPU is bound by
+    the launches. A replay submits them all at once. The step reads its token and position from static
+    buffers (copied in before each replay), writes the cache it was built with (whose buffers never
+    move) and returns its logits in a static buffer, overwritten by the next call. RoPE rotations are
+    tabulated up to `end` (the last position decoded) before capture, as the graph holds the table's
+    address. Built lazily: the first call captures, after one eager warm-up of the very same step.
+
+    With `sampling` (temperature, top_k, top_p) the graph also samples the next token from the logits
+    (`next_token`); only the exponential noise of the draw is made outside it, by the caller's
+    generator, so the tokens are those of eager decoding with the same generator.
+    """
+
+    def __init__(
+        self, model: DecoderLM, cache: KVCache, weights: list, end: int, sampling: tuple | None = None
+    ):
+        device = cache.keys.device
+        if device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device (the cache is on {device})")
+        if sampling is not None:
+            check_sampling(*sampling)
+        model._rope_at(0, end)  # grow the table now, not inside the graph
+        self.model, self.cache, self.weights, self.sampling = model, cache, weights, sampling
+        B = cache.keys.size(1)
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.noise = None  # Exp(1) draws of the sampler, (B, vocab) float64, refilled before each replay
+        if sampling is not None and sampling[0] > 0:
+            self.noise = torch.empty(B, model.config.vocab_size, dtype=torch.float64, device=device)
+        self.graph, self.logits, self.sampled = None, None, None
+
+    def next_token(self, token: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The token (B, 1) sampled after token (B, 1), in a static buffer (needs `sampling`)."""
+        if self.sampling is None:
+            raise ValueError("next_token needs the sampling settings given when the decoder is built")
+        if self.noise is not None:
+            self.noise.exponential_(1, generator=generator)  # what sample_next_token would draw
+        self(token)
+        return self.sampled
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) for token (B, 1) at position cache.length, as decode_step."""
+        self.model._check_length(self.cache.length + 1, True)
+        self.token.copy_(token)
+        self.position.fill_(self.cache.length)
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits
+
+    def _capture(self) -> None:
+        step = (self.token, self.cache, self.weights, self.position)
+        side = torch.cuda.Stream()  # warm-up off the capturing stream, as torch.cuda.graph's docs ask
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.model._decode(*step)  # writes the cache slot that the first replay writes again
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.model._decode(*step)
+            if self.sampling is not None:
+                self.sampled = sample_next_token(self.logits, *self.sampling, noise=self.noise)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,8 +629,13 @@ def sample_next_token(
     top_k: int | None = None,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One token per row of logits (B, V) -> (B, 1); temperature 0 is greedy (first maximum)."""
+    """One token per row of logits (B, V) -> (B, 1); temperature 0 is greedy (first maximum).
+
+    The draw is the exponential race: argmax of p / q with q ~ Exp(1) per token, so token k wins with
+    probability p_k. torch.multinomial(p, 1) draws one sample this very way, so the same generator
+    gives the same tokens (tested). `noise` (B, V) float64 is q drawn beforehand, as a CUDA graph needs."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -522,4 +644,6 @@ def sample_next_token(
         probs = ((z - z.max(dim=-1, keepdim=True).values) / temperature).softmax(dim=-1)
     else:
         probs = filter_logits(logits, temperature, top_k, top_p).exp()
-    return torch.multinomial(probs, 1, generator=generator)
+    if noise is None:
+        noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1, keepdim=True)

@@ -9,6 +9,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from decoder_transformer.model import (  # noqa: E402
     POSITIONS,
+    CUDAGraphDecoder,
     DecoderLM,
     KVCache,
     ModelConfig,
@@ -265,3 +266,84 @@ def test_generated_tokens_can_feed_a_training_step():
     model.train()
     model(out[:, :-1], out[:, 1:])[1].backward()  # the embedding saves its indices for backward
     assert model.wte.weight.grad is not None
+
+
+def decode_both_ways(model: DecoderLM, prompt: torch.Tensor, steps: int, device: str, graph: bool = False):
+    """Logits of `steps` single-token decoding steps after `prompt`, from decode_step (Python positions,
+    narrowed views) and from the static step (tensor positions, masked full window; with graph=True
+    captured in a CUDA graph and replayed), each on its own cache."""
+    eager_cache, static_cache = (KVCache(model.config, len(prompt), device) for _ in range(2))
+    weights = model.decode_weights()
+    tokens = torch.randint(0, 11, (len(prompt), steps), generator=torch.Generator().manual_seed(9)).to(device)
+    replay = CUDAGraphDecoder(model, static_cache, weights, prompt.size(1) + steps) if graph else None
+    model._rope_at(0, prompt.size(1) + steps)  # the static step reads a table grown beforehand
+    eager, static = [], []
+    with torch.no_grad():
+        model(prompt, cache=eager_cache)
+        model(prompt, cache=static_cache)
+        for t in range(steps):
+            token = tokens[:, t : t + 1]
+            eager.append(model.decode_step(token, eager_cache, weights))
+            if replay is not None:
+                static.append(replay(token).clone())
+            else:
+                position = torch.tensor(static_cache.length, device=device)
+                static.append(model._decode(token, static_cache, weights, position))
+                static_cache.length += 1
+    return torch.stack(eager, 1), torch.stack(static, 1), eager_cache, static_cache
+
+
+@pytest.mark.parametrize("pos", POSITIONS)
+def test_static_decode_step_equals_the_eager_one(pos):
+    """The shape-static step (what a CUDA graph captures) against decode_step: rope and none slide 2.5
+    windows past the block size; learned and sinusoidal stop at it."""
+    model = tiny_model(pos)
+    steps = 37 if model.sliding else 13
+    prompt = torch.randint(0, 11, (2, 3), generator=torch.Generator().manual_seed(8))
+    eager, static, eager_cache, static_cache = decode_both_ways(model, prompt, steps, "cpu")
+    torch.testing.assert_close(static, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(static_cache.keys, eager_cache.keys, rtol=1e-5, atol=1e-6)
+    assert static_cache.length == eager_cache.length == 3 + steps
+
+
+def test_cuda_graph_needs_a_cuda_device_and_the_cache():
+    model = tiny_model("rope")
+    with pytest.raises(ValueError, match="cuda_graph needs use_cache and a CUDA device"):
+        model.generate(torch.zeros(1, 1, dtype=torch.long), 5, cuda_graph=True)
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        CUDAGraphDecoder(model, KVCache(model.config, 1, "cpu"), model.decode_weights(), 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("pos", POSITIONS)
+def test_cuda_graph_replays_the_decode_step(pos):
+    """On a GPU: graph replays give decode_step's logits, and generate draws the same tokens with the
+    graph, without it, and without the cache."""
+    model = tiny_model(pos).cuda()
+    steps = 37 if model.sliding else 13
+    prompt = torch.randint(0, 11, (2, 3), generator=torch.Generator().manual_seed(8)).cuda()
+    eager, graphed, _, _ = decode_both_ways(model, prompt, steps, "cuda", graph=True)
+    torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
+    runs = [
+        model.generate(
+            prompt, 60, top_p=0.9, use_cache=c, generator=torch.Generator("cuda").manual_seed(4), cuda_graph=g
+        )
+        for c, g in ((True, True), (True, False), (False, None))
+    ]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.0}, {"temperature": 0.7, "top_k": 3}, {"top_p": 0.5}])
+def test_cuda_graph_samples_the_tokens_of_eager_decoding(kw):
+    """The graph samples in itself from noise drawn outside it: every sampling setting gives the tokens
+    of eager cached decoding and of uncached decoding with the same generator, past three windows."""
+    model = tiny_model("rope").cuda()
+    prompt = torch.randint(0, 11, (3, 2), generator=torch.Generator().manual_seed(2)).cuda()
+    runs = [
+        model.generate(
+            prompt, 50, **kw, use_cache=c, generator=torch.Generator("cuda").manual_seed(5), cuda_graph=g
+        )
+        for c, g in ((True, True), (True, False), (False, None))
+    ]
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])

@@ -177,3 +177,27 @@ def test_samples_follow_the_nucleus_distribution():
 def test_bad_sampling_arguments_raise(kw, message):
     with pytest.raises(ValueError, match=message):
         sample_next_token(torch.zeros(1, 3), **kw)
+
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kw", [{}, {"temperature": 0.7, "top_k": 5}, {"top_p": 0.8}])
+def test_sampling_draws_what_torch_multinomial_draws(device, kw):
+    """The exponential race with a generator gives torch.multinomial's tokens for the same generator
+    state (the oracle: torch's own sampler on the filtered probabilities), and noise drawn beforehand
+    from that generator (what a CUDA graph replays) gives them too."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)).to(device)
+    probs = filter_logits(logits, **kw).exp()
+    for seed in range(30):
+        expected = torch.multinomial(probs, 1, generator=torch.Generator(device).manual_seed(seed))
+        ours = sample_next_token(logits, **kw, generator=torch.Generator(device).manual_seed(seed))
+        noise = torch.empty(4, 50, dtype=torch.float64, device=device)
+        noise.exponential_(1, generator=torch.Generator(device).manual_seed(seed))
+        assert torch.equal(ours, expected) and torch.equal(
+            sample_next_token(logits, **kw, noise=noise), expected
+        )
