@@ -20,7 +20,11 @@ processes summed), written as {"whole_machine": {"processes": P, "<S>": {"batche
 With --compile every S is also timed with the TD loss compiled (run.py --compile), in turn with the eager
 one, and written beside it as {"vectorised_compiled": {...the same keys...}, "compile_speedup": {"<S>":
 compiled / eager seed-steps/s}} (and with --processes, "whole_machine_compiled" beside "whole_machine").
-Compilation happens in untimed learning steps before the timed ones.
+Compilation happens in untimed learning steps before the timed ones. On a GPU (--device cuda),
+--cuda-graph likewise times the gradient step replayed as a CUDA graph (run.py --cuda-graph):
+"vectorised_cuda_graph" and "cuda_graph_speedup".
+
+    python bbf_lunar/benchmark.py --device cuda --replay-ratio 2 --cuda-graph
 
 --peer sb3 instead trains stable-baselines3's DQN with the zoo hyperparameters (peer.py; an optional
 extra) on --peer-seeds seeds under this folder's evaluation protocol, beside our `dqn` on the same
@@ -40,6 +44,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -47,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer  # noqa: E402
 import run as bbf_run  # noqa: E402
 import stats  # noqa: E402
-from job import Job, require_compiler, require_env, seed_dir, train_job  # noqa: E402
+from job import Job, require_compiler, require_cuda, require_env, seed_dir, train_job  # noqa: E402
 
 from common import UserError, parse_args, read_json, run_main, write_json  # noqa: E402
 
@@ -70,6 +75,8 @@ class Args:
     eval_episodes: int = 10  # --peer: greedy episodes per evaluation point
     against: str = ""  # --peer: a finished run.py folder whose dqn seeds to use (default: train ours here)
     compile: bool = False  # also time every S with the TD loss torch.compile'd, in turn with the eager one
+    device: Literal["cpu", "cuda"] = "cpu"  # where the networks train (one torch thread either way)
+    cuda_graph: bool = False  # --device cuda: also time every S with the gradient step as a CUDA graph
 
 
 def check_args(a: Args) -> None:
@@ -87,12 +94,19 @@ def check_args(a: Args) -> None:
         raise ValueError(f"--eval-every ({a.eval_every}) must be <= --total-steps ({a.total_steps})")
     if a.against and not a.peer:
         raise ValueError("--against goes with --peer sb3")
+    if a.cuda_graph and a.device != "cuda":
+        raise ValueError("--cuda-graph needs --device cuda")
 
 
 UNTIMED_LEARNING_STEPS = 20  # after the random warm-up: torch.compile compiles here, caches warm up
+# the ways a gradient step can run besides eager: (result key suffix, speedup key, printed title)
+MODES = {
+    "compiled": ("compile_speedup", "TD loss torch.compile'd"),
+    "cuda_graph": ("cuda_graph_speedup", "gradient step as a CUDA graph"),
+}
 
 
-def seed_steps_per_second(args: Args, num_seeds: int, folder: Path, compiled: bool = False) -> float:
+def seed_steps_per_second(args: Args, num_seeds: int, folder: Path, mode: str = "eager") -> float:
     """Train a fresh S-seed job for warmup + 20 + steps env steps; time the last `steps`."""
     import torch
 
@@ -100,9 +114,9 @@ def seed_steps_per_second(args: Args, num_seeds: int, folder: Path, compiled: bo
     total = args.warmup + UNTIMED_LEARNING_STEPS + args.steps
     base = replace(bbf_run.Args(), total_steps=total + 1, eval_every=total + 1, learning_starts=args.warmup)
     base = replace(base, eval_episodes=1, checkpoint_every=10 * total, replay_ratio=args.replay_ratio)
-    base = replace(base, compile=compiled)
+    base = replace(base, compile=mode == "compiled", cuda_graph=mode == "cuda_graph")
     seeds = list(range(args.seed, args.seed + num_seeds))
-    job = Job(bbf_run.job_spec(base, args.variant, seeds, folder), "cpu")
+    job = Job(bbf_run.job_spec(base, args.variant, seeds, folder), args.device)
     progress, losses = io.StringIO(), []
     obs = job.start_envs()
     for _ in range(args.warmup + UNTIMED_LEARNING_STEPS):
@@ -110,36 +124,40 @@ def seed_steps_per_second(args: Args, num_seeds: int, folder: Path, compiled: bo
     t0 = time.perf_counter()
     for _ in range(args.steps):
         obs = job.env_step(obs, progress, losses)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
     return num_seeds * args.steps / (time.perf_counter() - t0)
 
 
-def whole_machine_rates(args: Args, num_seeds: int, folder: Path, compiled: bool = False) -> float:
+def whole_machine_rates(args: Args, num_seeds: int, folder: Path, mode: str = "eager") -> float:
     """Summed seed-steps/s of --processes processes timing num_seeds seeds each, all at once."""
     import multiprocessing as mp
 
-    jobs = [(args, num_seeds, folder / str(p), compiled) for p in range(args.processes)]
+    jobs = [(args, num_seeds, folder / str(p), mode) for p in range(args.processes)]
     with mp.get_context("spawn").Pool(args.processes) as pool:
         return float(sum(pool.starmap(seed_steps_per_second, jobs)))
 
 
-def timed_rounds(args: Args, counts: list[int], measure) -> dict[tuple[int, bool], list[float]]:
-    """Each round times S = 1 and every S in counts in turn, eager and (with --compile) compiled:
-    {(S, compiled): [seed-steps/s per round]}."""
-    modes = (False, True) if args.compile else (False,)
-    rates: dict[tuple[int, bool], list[float]] = {(s, c): [] for s in [1, *counts] for c in modes}
+def modes(args: Args) -> list[str]:
+    return ["eager"] + [m for m in MODES if getattr(args, "compile" if m == "compiled" else m)]
+
+
+def timed_rounds(args: Args, counts: list[int], measure) -> dict[tuple[int, str], list[float]]:
+    """Each round times S = 1 and every S in counts in turn, in every mode (eager, and compiled or
+    as a CUDA graph when asked): {(S, mode): [seed-steps/s per round]}."""
+    rates: dict[tuple[int, str], list[float]] = {(s, m): [] for s in [1, *counts] for m in modes(args)}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for s, c in rates:
-                rates[s, c].append(measure(args, s, Path(tmp) / f"{s}_{c}_{r}", c))
+            for s, m in rates:
+                rates[s, m].append(measure(args, s, Path(tmp) / f"{s}_{m}_{r}", m))
     return rates
 
 
-def ratios(median: dict[tuple[int, bool], float], counts: list[int], compiled: bool, keys: tuple) -> dict:
+def ratios(median: dict[tuple[int, str], float], counts: list[int], mode: str, keys: tuple) -> dict:
     """{"<S>": {keys[0]: S-seed rate, keys[1]: single-seed rate, "speedup": their ratio}}."""
-    one = median[1, compiled]
+    one = median[1, mode]
     return {
-        str(s): {keys[0]: median[s, compiled], keys[1]: one, "speedup": median[s, compiled] / one}
-        for s in counts
+        str(s): {keys[0]: median[s, mode], keys[1]: one, "speedup": median[s, mode] / one} for s in counts
     }
 
 
@@ -199,6 +217,8 @@ def main() -> None:
     require_env()
     if args.compile:
         require_compiler()
+    if args.device == "cuda":
+        require_cuda("--device cuda")
     if args.peer:
         return compare_with_peer(args)
     counts = args.seeds or [5, 10]
@@ -210,52 +230,53 @@ def main() -> None:
         "replay_ratio": args.replay_ratio,
         "threads": 1,
         "cpu": os.cpu_count(),
-        "rounds": {str(s): v for (s, c), v in rates.items() if not c},
-        "vectorised": ratios(median, counts, False, per_core),
+        "device": device_name(args.device),
     }
     print(
-        f"{args.variant} at replay ratio {args.replay_ratio:g}, one torch thread, median of {args.rounds}"
-        f" rounds of {args.steps} steps (after {args.warmup} random and {UNTIMED_LEARNING_STEPS} learning"
-        " ones):"
+        f"{args.variant} at replay ratio {args.replay_ratio:g}, one torch thread, {result['device']},"
+        f" median of {args.rounds} rounds of {args.steps} steps (after {args.warmup} random and"
+        f" {UNTIMED_LEARNING_STEPS} learning ones):"
     )
-    print_rates("one core", median, counts, False)
-    if args.compile:
-        result["rounds_compiled"] = {str(s): v for (s, c), v in rates.items() if c}
-        result["vectorised_compiled"] = ratios(median, counts, True, per_core)
-        result["compile_speedup"] = {str(s): median[s, True] / median[s, False] for s in [1, *counts]}
-        print_rates("one core, TD loss torch.compile'd", median, counts, True)
+    for mode in modes(args):
+        suffix = "" if mode == "eager" else f"_{mode}"
+        result[f"rounds{suffix}"] = {str(s): v for (s, m), v in rates.items() if m == mode}
+        result[f"vectorised{suffix}"] = ratios(median, counts, mode, per_core)
+        if mode != "eager":
+            result[MODES[mode][0]] = {str(s): median[s, mode] / median[s, "eager"] for s in [1, *counts]}
+        print_rates("one core" + ("" if mode == "eager" else f", {MODES[mode][1]}"), median, counts, mode)
     if args.processes:
         machine = timed_rounds(args, counts, whole_machine_rates)
         total = {key: float(np.median(v)) for key, v in machine.items()}
         both = ("batched_steps_per_s", "separate_steps_per_s")
-        result["whole_machine"] = {
-            "processes": args.processes,
-            "rounds": {str(s): v for (s, c), v in machine.items() if not c},
-            **ratios(total, counts, False, both),
-        }
-        print_rates(f"{args.processes} processes at once, summed", total, counts, False)
-        if args.compile:
-            result["whole_machine_compiled"] = {
+        for mode in modes(args):
+            result["whole_machine" + ("" if mode == "eager" else f"_{mode}")] = {
                 "processes": args.processes,
-                "rounds": {str(s): v for (s, c), v in machine.items() if c},
-                **ratios(total, counts, True, both),
+                "rounds": {str(s): v for (s, m), v in machine.items() if m == mode},
+                **ratios(total, counts, mode, both),
             }
-            print_rates(f"{args.processes} processes at once, summed, compiled", total, counts, True)
+            title = f"{args.processes} processes at once, summed" + ("" if mode == "eager" else f", {mode}")
+            print_rates(title, total, counts, mode)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)
     print(f"-> {args.out}")
 
 
-def print_rates(title: str, median: dict[tuple[int, bool], float], counts: list[int], compiled: bool) -> None:
+def print_rates(title: str, median: dict[tuple[int, str], float], counts: list[int], mode: str) -> None:
     print(f"  {title}:")
-    one = median[1, compiled]
+    one = median[1, mode]
     print(f"    S = 1 (single-seed processes): {one:8.0f} seed-steps/s")
     for s in counts:
-        rate = median[s, compiled]
+        rate = median[s, mode]
         print(f"    S = {s:<2} per process         : {rate:8.0f} seed-steps/s  x{rate / one:.2f}")
-    if compiled:
-        gains = ", ".join(f"S = {s}: x{median[s, True] / median[s, False]:.2f}" for s in [1, *counts])
-        print(f"    compiled / eager             : {gains}")
+    if mode != "eager":
+        gains = ", ".join(f"S = {s}: x{median[s, mode] / median[s, 'eager']:.2f}" for s in [1, *counts])
+        print(f"    {mode} / eager{' ' * max(0, 21 - len(mode))}: {gains}")
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from agent import Agent, AgentConfig, ModelConfig, ReplayBuffer, linear_epsilon
 
 from common import CHECKPOINT_PT, UserError, load_torch, save_torch, write_json
@@ -38,6 +39,12 @@ def require_env() -> None:
     except (ImportError, gym.error.DependencyNotInstalled) as e:
         first = (str(e).strip() or type(e).__name__).splitlines()[0]
         raise UserError(f"{ENV_ID} cannot be made ({first}); {hint}") from None
+
+
+def require_cuda(flag: str) -> None:
+    """--cuda-graph / --device cuda: one line up front when torch sees no CUDA GPU."""
+    if not torch.cuda.is_available():
+        raise UserError(f"{flag} needs a CUDA GPU, and torch sees none here; run without it")
 
 
 COMPILERS = ("g++", "clang++", "c++", "gcc", "clang", "cc")
@@ -205,7 +212,7 @@ class Job:
             if step % 1000 == 0 and losses:
                 row = {
                     "step": step,
-                    "train/loss": np.mean(losses, axis=0).tolist(),
+                    "train/loss": torch.stack(losses).double().mean(dim=0).tolist(),  # one GPU wait
                     "train/n": int(agent.n_step[0]),
                 }
                 progress.write(json.dumps(row | {"train/gamma": float(agent.gamma[0])}) + "\n")
@@ -303,7 +310,6 @@ def progress_results(spec: dict) -> list[dict]:
 
 def train_job(spec: dict, report=None) -> list[dict]:
     """Train one seed batch to the end (resuming from its checkpoint); one result dict per seed."""
-    import torch
 
     torch.set_num_threads(1)
     device = "cuda" if torch.cuda.is_available() else "cpu"

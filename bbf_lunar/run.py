@@ -31,7 +31,7 @@ from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also in spawned workers
 from agent import AgentConfig, Layout, ModelConfig  # noqa: E402
-from job import at_step, progress_results, require_compiler, require_env, seed_dir, train_job  # noqa: E402
+from job import at_step, progress_results, require_compiler, require_cuda, require_env, seed_dir, train_job  # noqa: E402
 from report import make_plots, print_table, summarize  # noqa: E402
 
 from common import RunArgs, RunLogger, UserError, parse_args, read_json, run_main, run_name  # noqa: E402
@@ -65,6 +65,9 @@ class Args(RunArgs):
     eps_decay_steps: int = 10_000  # bbf: environment steps of linear epsilon decay
     dqn_lr: float = 6.3e-4  # dqn: Adam learning rate (rl-baselines3-zoo LunarLander-v3: 6.3e-4)
     compile: bool = False  # torch.compile each gradient step's TD loss (~1.25x on a CPU; not bit-identical)
+    cuda_graph: bool = (
+        False  # on a GPU: each gradient step replays one captured CUDA graph (not with --compile)
+    )
     checkpoint_every: int = 10_000  # environment steps between per-job checkpoints
     bootstrap_reps: int = 50_000  # bootstrap replicates when the resamples are too many to enumerate
     summarize_only: bool = False  # with --resume: no training, statistics and plots from the result files
@@ -127,6 +130,10 @@ def check_args(a: Args) -> None:
         raise ValueError(f"--learning-starts must be < --total-steps (got {a.learning_starts})")
     if a.n_min > a.n_max:
         raise ValueError(f"--n-min ({a.n_min}) must be <= --n-max ({a.n_max})")
+    if a.compile and a.cuda_graph:
+        raise ValueError(
+            "--compile and --cuda-graph: choose one (a CUDA graph of a compiled step is not supported)"
+        )
     if a.summarize_only and not a.resume:
         raise ValueError("--summarize-only works on an earlier run: add --resume and its --out")
     if a.score_step and not a.summarize_only:
@@ -316,6 +323,8 @@ def main() -> None:
             require_env()
             if args.compile:
                 require_compiler()
+            if args.cuda_graph:
+                require_cuda("--cuda-graph")
             log.keep()  # job folders with checkpoints will hold work worth keeping
         done, errors = run_jobs(pending, args.workers)
         results += done

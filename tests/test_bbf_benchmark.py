@@ -4,6 +4,7 @@ import json
 import statistics
 
 import pytest
+import torch
 from conftest import one_line_error, run_script
 
 BENCH = "bbf_lunar/benchmark.py"
@@ -52,9 +53,29 @@ def test_compile_times_eager_and_compiled_in_turn(tmp_path):
         (["--replay-ratio", "nan"], "--replay-ratio must be a finite number"),
         (["--replay-ratio", "0"], "--replay-ratio must be > 0"),
         (["--seeds", "1"], "each seed count must be >= 2"),
+        (["--cuda-graph"], "--cuda-graph needs --device cuda"),
     ],
 )
 def test_bad_flags_are_one_line(tmp_path, flags, message):
     done = run_script(BENCH, *flags, "--out", tmp_path / "b.json", rc=2, timeout=60)
     assert message in one_line_error(done)
     assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path):
+    done = run_script(BENCH, "--device", "cuda", "--out", tmp_path / "b.json", rc=1, timeout=60)
+    assert "--device cuda needs a CUDA GPU" in one_line_error(done)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_times_eager_and_graphed_in_turn_on_the_gpu(tmp_path):
+    out = tmp_path / "bench.json"
+    flags = ["--device", "cuda", "--cuda-graph", "--steps", "20", "--warmup", "60", "--rounds", "2"]
+    done = run_script(BENCH, *flags, "--seeds", "2", "--out", out, timeout=300)
+    result = json.loads(out.read_text())
+    assert len(result["rounds"]["2"]) == len(result["rounds_cuda_graph"]["2"]) == 2
+    for s in ("1", "2"):
+        eager, graphed = (statistics.median(result[key][s]) for key in ("rounds", "rounds_cuda_graph"))
+        assert result["cuda_graph_speedup"][s] == pytest.approx(graphed / eager)
+    assert result["device"] != "cpu" and "gradient step as a CUDA graph" in done.stdout

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import REPO, one_line_error, run_script
 
 BBF_DIR = REPO / "bbf_lunar"
@@ -50,6 +51,7 @@ def tiny_args(**kw) -> R.Args:
         ),
         (["--summarize-only"], "add --resume"),
         (["--n-min", "5", "--n-max", "3"], "--n-min (5) must be <= --n-max (3)"),
+        (["--compile", "--cuda-graph"], "--compile and --cuda-graph: choose one"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(capsys, flags, message):
@@ -95,6 +97,15 @@ def test_compile_without_a_compiler_is_one_line_before_any_worker_starts(tmp_pat
     done = run_script(RUN, *flags, "--compile", "--clearml", "off", "--out", out, rc=1, env=env, timeout=120)
     assert "--compile needs a C/C++ compiler" in one_line_error(done)
     assert not (out / "jobs").exists()  # no worker started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_cuda_graph_without_a_gpu_is_one_line_before_any_worker_starts(tmp_path):
+    flags = ["--seeds", "1", "--total-steps", "200", "--eval-every", "200", "--learning-starts", "100"]
+    out = tmp_path / "run"
+    done = run_script(RUN, *flags, "--cuda-graph", "--clearml", "off", "--out", out, rc=1, timeout=120)
+    assert "--cuda-graph needs a CUDA GPU, and torch sees none here" in one_line_error(done)
+    assert not (out / "jobs").exists()
 
 
 def test_seed_batches_cover_every_seed_once_and_use_the_workers():
