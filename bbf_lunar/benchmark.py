@@ -99,10 +99,10 @@ def check_args(a: Args) -> None:
 
 
 UNTIMED_LEARNING_STEPS = 20  # after the random warm-up: torch.compile compiles here, caches warm up
-# the ways a gradient step can run besides eager: (result key suffix, speedup key, printed title)
+# the ways a gradient step can run besides eager: the flag that asks for it, its speedup key, its title
 MODES = {
-    "compiled": ("compile_speedup", "TD loss torch.compile'd"),
-    "cuda_graph": ("cuda_graph_speedup", "gradient step as a CUDA graph"),
+    "compiled": ("compile", "compile_speedup", "TD loss torch.compile'd"),
+    "cuda_graph": ("cuda_graph", "cuda_graph_speedup", "gradient step as a CUDA graph"),
 }
 
 
@@ -139,7 +139,12 @@ def whole_machine_rates(args: Args, num_seeds: int, folder: Path, mode: str = "e
 
 
 def modes(args: Args) -> list[str]:
-    return ["eager"] + [m for m in MODES if getattr(args, "compile" if m == "compiled" else m)]
+    return ["eager"] + [m for m, (flag, _, _) in MODES.items() if getattr(args, flag)]
+
+
+def suffix(mode: str) -> str:
+    """The result keys' suffix: "" for eager, "_compiled", "_cuda_graph"."""
+    return "" if mode == "eager" else f"_{mode}"
 
 
 def timed_rounds(args: Args, counts: list[int], measure) -> dict[tuple[int, str], list[float]]:
@@ -238,18 +243,17 @@ def main() -> None:
         f" {UNTIMED_LEARNING_STEPS} learning ones):"
     )
     for mode in modes(args):
-        suffix = "" if mode == "eager" else f"_{mode}"
-        result[f"rounds{suffix}"] = {str(s): v for (s, m), v in rates.items() if m == mode}
-        result[f"vectorised{suffix}"] = ratios(median, counts, mode, per_core)
+        result[f"rounds{suffix(mode)}"] = {str(s): v for (s, m), v in rates.items() if m == mode}
+        result[f"vectorised{suffix(mode)}"] = ratios(median, counts, mode, per_core)
         if mode != "eager":
-            result[MODES[mode][0]] = {str(s): median[s, mode] / median[s, "eager"] for s in [1, *counts]}
-        print_rates("one core" + ("" if mode == "eager" else f", {MODES[mode][1]}"), median, counts, mode)
+            result[MODES[mode][1]] = {str(s): median[s, mode] / median[s, "eager"] for s in [1, *counts]}
+        print_rates("one core" + ("" if mode == "eager" else f", {MODES[mode][2]}"), median, counts, mode)
     if args.processes:
         machine = timed_rounds(args, counts, whole_machine_rates)
         total = {key: float(np.median(v)) for key, v in machine.items()}
         both = ("batched_steps_per_s", "separate_steps_per_s")
         for mode in modes(args):
-            result["whole_machine" + ("" if mode == "eager" else f"_{mode}")] = {
+            result[f"whole_machine{suffix(mode)}"] = {
                 "processes": args.processes,
                 "rounds": {str(s): v for (s, m), v in machine.items() if m == mode},
                 **ratios(total, counts, mode, both),
@@ -270,7 +274,7 @@ def print_rates(title: str, median: dict[tuple[int, str], float], counts: list[i
         print(f"    S = {s:<2} per process         : {rate:8.0f} seed-steps/s  x{rate / one:.2f}")
     if mode != "eager":
         gains = ", ".join(f"S = {s}: x{median[s, mode] / median[s, 'eager']:.2f}" for s in [1, *counts])
-        print(f"    {mode} / eager{' ' * max(0, 21 - len(mode))}: {gains}")
+        print(f"    {mode + ' / eager':<29}: {gains}")
 
 
 def device_name(device: str) -> str:

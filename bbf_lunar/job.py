@@ -310,7 +310,6 @@ def progress_results(spec: dict) -> list[dict]:
 
 def train_job(spec: dict, report=None) -> list[dict]:
     """Train one seed batch to the end (resuming from its checkpoint); one result dict per seed."""
-
     torch.set_num_threads(1)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     job = Job(spec, device)

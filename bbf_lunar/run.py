@@ -65,9 +65,7 @@ class Args(RunArgs):
     eps_decay_steps: int = 10_000  # bbf: environment steps of linear epsilon decay
     dqn_lr: float = 6.3e-4  # dqn: Adam learning rate (rl-baselines3-zoo LunarLander-v3: 6.3e-4)
     compile: bool = False  # torch.compile each gradient step's TD loss (~1.25x on a CPU; not bit-identical)
-    cuda_graph: bool = (
-        False  # on a GPU: each gradient step replays one captured CUDA graph (not with --compile)
-    )
+    cuda_graph: bool = False  # GPU only: each gradient step replays one CUDA graph (not with --compile)
     checkpoint_every: int = 10_000  # environment steps between per-job checkpoints
     bootstrap_reps: int = 50_000  # bootstrap replicates when the resamples are too many to enumerate
     summarize_only: bool = False  # with --resume: no training, statistics and plots from the result files

@@ -245,11 +245,11 @@ def bench_generate(args: Args, log: RunLogger, model: DecoderLM, device: str) ->
     taking turns; same prompt and length. same_tokens: all of ours drew the same tokens."""
     prompt = torch.zeros(1, 1, dtype=torch.long, device=device)
 
-    def ours(use_cache: bool, cuda_graph: bool | None = None):
-        generator = lambda: torch.Generator(device).manual_seed(args.seed)  # noqa: E731
+    def ours(use_cache: bool, cuda_graph: bool | None = None):  # a fresh generator, same seed, each call
         return lambda p: model.generate(
-            p, args.new_tokens, 1.0, None, args.top_p, use_cache, generator(), cuda_graph
-        )
+            p, args.new_tokens, 1.0, None, args.top_p, use_cache,
+            torch.Generator(device).manual_seed(args.seed), cuda_graph,
+        )  # fmt: skip
 
     systems = {"cached": ours(True), "uncached": ours(False)}
     if device.startswith("cuda"):  # cached decoding replays a CUDA graph there; also time it without
