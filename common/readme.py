@@ -1,0 +1,33 @@
+"""README tables written by code: `cog -r -I . README.md */README.md` regenerates them from the
+committed result files, and CI's `cog --check` fails when a README has drifted from its data.
+
+A README's cog block loads its experiment's `tables.py` by path (experiments are folders, not
+packages, and never import each other) and prints what it returns:
+
+    <!-- [[[cog
+    from common.readme import experiment_module
+    cog.out(experiment_module("revnet_mnist/tables.py").memory_table())
+    ]]] -->
+    ...generated markdown...
+    <!-- [[[end]]] -->
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def experiment_module(path: str):
+    """Import `<repo>/<path>` under a name of its own (e.g. `revnet_mnist.tables`)."""
+    file = REPO / path
+    name = ".".join(Path(path).with_suffix("").parts)
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
