@@ -49,6 +49,7 @@ from typing import Literal
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 import peer  # noqa: E402
 import run as bbf_run  # noqa: E402
 import stats  # noqa: E402

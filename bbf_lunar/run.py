@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import ClassVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also in spawned workers
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from agent import AgentConfig, Layout, ModelConfig  # noqa: E402
 from job import at_step, progress_results, require_compiler, require_cuda, require_env, seed_dir, train_job  # noqa: E402
 from report import make_plots, print_table, summarize  # noqa: E402

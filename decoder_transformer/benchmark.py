@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from model import DecoderLM, ModelConfig
 from textdata import Vocab, get_batch, load_model, load_text, pick_device, split_tokens, tiled_windows
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from common import RunArgs, RunLogger, UserError, parse_args, read_json, run_main, run_name  # noqa: E402
 
 COLUMNS = (  # summary.json key, table header

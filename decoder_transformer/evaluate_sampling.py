@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import matplotlib
@@ -26,6 +28,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from textdata import encode_prompt, load_model, load_text, pick_device, split_tokens  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 

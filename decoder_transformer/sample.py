@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import codecs
 import random
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from textdata import Vocab, encode_prompt, load_model, pick_device
 
 from common import RunArgs, RunLogger, parse_args, run_main, run_name

@@ -34,6 +34,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from model import DecoderLM, ModelConfig  # noqa: E402
 from textdata import Vocab, get_batch, load_checkpoint, load_text, pick_device, split_tokens, tiled_windows
 from tqdm import tqdm  # noqa: E402

@@ -20,8 +20,10 @@ Tiny:     python padim_anomaly/importance.py --weights none --n-features 16 --ks
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import matplotlib
@@ -30,6 +32,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from padim import (  # noqa: E402
     LAYER_CHANNELS,
     LAYERS,

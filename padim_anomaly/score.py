@@ -12,6 +12,7 @@ maps/ (one colour scale for the whole folder, so maps compare) and summary.json.
 from __future__ import annotations
 
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -22,6 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from padim import anomaly_map, image_scores, mahalanobis  # noqa: E402
 from padim_io import (  # noqa: E402
     IMAGE_SUFFIXES,

@@ -13,8 +13,10 @@ Any folder mvtec_ad/NAME in the MVTec AD layout works: --category NAME.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import matplotlib
@@ -23,6 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from padim import TOTAL_CHANNELS, FeatureExtractor, aupro, choose_channels  # noqa: E402
 from padim_io import (  # noqa: E402
     PeakMemory,

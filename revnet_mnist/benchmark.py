@@ -43,6 +43,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from mnist_data import load_split, normalise, split_present
 from revnet import MODELS, Adam, ModelConfig, Network, softmax_cross_entropy, train_step
 from threadpoolctl import threadpool_info, threadpool_limits

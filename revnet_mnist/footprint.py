@@ -21,9 +21,12 @@ import resource
 import sys
 import tracemalloc
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from mnist_data import load_mnist, normalise, split_present
 from revnet import CHECK_BATCH, Adam, ModelConfig, Network, held_bytes, reversibility_check, train_step
 from threadpoolctl import threadpool_limits

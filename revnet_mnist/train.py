@@ -25,9 +25,12 @@ import time
 import tracemalloc
 import zipfile
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from mnist_data import load_mnist, normalise
 from revnet import (
     CHECK_BATCH,

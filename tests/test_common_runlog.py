@@ -197,12 +197,17 @@ def test_script_help_and_user_error_in_subprocess(tmp_path):
             run_main(main)
     ''')
     )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # a script outside the checkout finds its common
     helped = subprocess.run(
-        [sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=REPO_ROOT
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=REPO_ROOT, env=env
     )
     assert "where the data lives (default: nowhere)" in helped.stdout
     failed = subprocess.run(
-        [sys.executable, str(script), "--data-dir", "/x"], capture_output=True, text=True, cwd=REPO_ROOT
+        [sys.executable, str(script), "--data-dir", "/x"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env,
     )
     assert failed.returncode == 1
     assert failed.stderr.strip() == "error: no data in /x"
