@@ -53,9 +53,10 @@ def run_score(result: dict) -> float:
     return float(np.mean(points[-SCORE_POINTS:]))
 
 
-def load_scores(run_dir: Path) -> dict[str, list[float]]:
-    """{variant: scores in seed order}; UserError when a seed is missing, unfinished or off-protocol."""
-    scores = {}
+def load_scores(run_dir: Path) -> tuple[dict[str, list[float]], list[str]]:
+    """({variant: scores in seed order}, ["variant seed" of each run that was resumed after an
+    interruption]); UserError when a seed is missing, unfinished or off-protocol."""
+    scores, resumed = {}, []
     for variant in VARIANTS:
         scores[variant] = []
         for seed in SEEDS:
@@ -72,7 +73,9 @@ def load_scores(run_dir: Path) -> dict[str, list[float]]:
             if r["eval_steps"] != EVAL_STEPS:
                 raise UserError(f"{path}: evaluated at {r['eval_steps']}, the protocol says every 10k")
             scores[variant].append(run_score(r))
-    return scores
+            if r.get("resumed"):
+                resumed.append(f"{variant} {seed}")
+    return scores, resumed
 
 
 def iqm_difference_with_ci(x, y, reps: int = REPS, seed: int = BOOTSTRAP_SEED, level: float = 0.95) -> dict:
@@ -90,7 +93,7 @@ def iqm_difference_with_ci(x, y, reps: int = REPS, seed: int = BOOTSTRAP_SEED, l
     return {"diff": stats.iqm(x) - stats.iqm(y), "ci_low": low, "ci_high": high, "reps": reps}
 
 
-def confirmation(scores: dict[str, list[float]], protocol_commit: str) -> dict:
+def confirmation(scores: dict[str, list[float]], protocol_commit: str, resumed: list[str]) -> dict:
     """confirmation.json's content."""
     variants = {}
     for v in VARIANTS:
@@ -120,6 +123,7 @@ def confirmation(scores: dict[str, list[float]], protocol_commit: str) -> dict:
         "bootstrap": f"percentile, 95%, {REPS} replicates, seed {BOOTSTRAP_SEED}",
         "decision_rule": f"confirmed iff the Newcombe 95% lower bound of P(bbf > dqn) > {THRESHOLD}",
         "confirmed": bool(confirmed),
+        "resumed_runs": resumed,  # runs continued from a checkpoint after an interruption
     }
 
 
@@ -128,7 +132,8 @@ def main() -> None:
     run_dir = Path(args.run)
     if not (run_dir / "jobs").is_dir():
         raise UserError(f"{run_dir} has no jobs/ folder: give the run.py run folder with --run")
-    out = confirmation(load_scores(run_dir), args.protocol_commit.strip())
+    scores, resumed = load_scores(run_dir)
+    out = confirmation(scores, args.protocol_commit.strip(), resumed)
     write_json(Path(args.out), out)
     p, d = out["poi"], out["iqm_difference"]
     print(

@@ -27,6 +27,7 @@ def fake_run(tmp_path, score_of, skip=()):
             s = score_of(variant, seed)
             points = [[-1000.0, -1000.0]] * 8 + [[s - 5, s + 5]] * 3
             result = {"variant": variant, "seed": seed, "env_steps": 100_000, "eval_steps": C.EVAL_STEPS}
+            result["resumed"] = int((variant, seed) == ("dqn", 1004))
             path = run / "jobs" / f"{variant}_seed{seed}" / "result.json"
             path.parent.mkdir(parents=True)
             path.write_text(json.dumps(result | {"eval_returns": points, "score": s}))
@@ -57,6 +58,7 @@ def test_confirmation_file_has_the_protocols_shape_and_numbers(tmp_path):
     assert c["iqm_difference"]["diff"] == pytest.approx(30.0) and c["iqm_difference"]["reps"] >= 50_000
     assert c["iqm_difference"]["ci_low"] < 30 < c["iqm_difference"]["ci_high"]
     assert low < 0.5 and c["confirmed"] is False and "NOT confirmed" in proc.stdout
+    assert c["resumed_runs"] == ["dqn 1004"]
 
 
 def test_a_clear_win_is_confirmed(tmp_path):
