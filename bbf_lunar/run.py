@@ -58,7 +58,7 @@ class Args(RunArgs):
     total_steps: int = 100_000  # environment steps per run
     eval_every: int = 10_000  # environment steps between evaluations (also at step 0 and the end)
     eval_episodes: int = 10  # evaluation episodes per evaluation point
-    learning_starts: int = 2_000  # bbf: uniformly random actions before the first gradient step
+    learning_starts: int = 2_000  # bbf: random steps before learning and the epsilon decay (BBF: 2000)
     # bbf: gradient steps per environment step. BBF.gin's replay_ratio = 64 counts replayed samples:
     # spr_agent.py set_replay_settings takes replay_ratio // batch_size = 64 // 32 = 2 gradient steps
     # per environment step; the paper's headline runs use 8 (scores/RR8_*.csv)
