@@ -491,16 +491,23 @@ class RunLogger:
             self._lock_file = None
 
     def _abandon(self, say: bool = False) -> None:
-        """Failed before anything worth keeping: remove the folder this logger created and still holds."""
-        if self._created and not self._kept and self._lock_file is not None:
+        """Failed before anything worth keeping: remove what this logger made, only while it holds the
+        lock; a folder it created goes, one it found empty is emptied again (so the same --out works)."""
+        if not self._kept and self._lock_file is not None and not self.resumed:
             if self._metrics is not None:
                 self._metrics.close()
                 self._metrics = None
-            shutil.rmtree(self.run_dir, ignore_errors=True)  # under the lock: no one else is in it
-            self._lock_file.close()
-            self._lock_file = None
+            if self._created:
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # under the lock: no one else is in it
+                self._lock_file.close()
+                self._lock_file = None
+            else:
+                for entry in self.run_dir.iterdir():  # it held nothing but the lock when we took it
+                    if entry.name != LOCK:
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
             if say:
-                print(f"removed {self.run_dir}: the run stopped before it saved anything", file=sys.stderr)
+                what = self.run_dir if self._created else f"what it wrote in {self.run_dir}"
+                print(f"removed {what}: the run stopped before it saved anything", file=sys.stderr)
         self._release()
 
     def close(self, announce: bool = True) -> None:
@@ -513,7 +520,7 @@ class RunLogger:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and self._created and not self._kept:
+        if exc_type is not None and not self._kept and not self.resumed:
             self._close_clearml()
             self._abandon(say=not issubclass(exc_type, (UserError, MemoryError)))  # an error stays one line
         else:
