@@ -92,10 +92,10 @@ def tiny_text(folder: Path) -> Path:
 ENTRIES = [
     Entry(
         "revnet_mnist/train.py",
-        lambda i: [*REVNET, "--epochs", "2", "--data-dir", i["mnist"]],
+        lambda i: [*REVNET, "--epochs", "5", "--data-dir", i["mnist"]],  # 10 steps an epoch: 50 at its end
         checkpoint="checkpoint.npz",
-        extend=("--epochs", "3", "1"),
-        extended=lambda s: s["epochs"] == 3,
+        extend=("--epochs", "6", "4"),
+        extended=lambda s: s["epochs"] == 6,
         oversize=["--width", "3000000"],
     ),
     Entry(
@@ -408,21 +408,43 @@ def test_a_finished_run_is_never_modified_by_resume(entry, finished, inputs):
 def test_more_work_extends_a_finished_run_and_garbage_in_metrics_is_dropped(
     entry, finished, inputs, tmp_path
 ):
-    out = shutil.copytree(finished(entry)[0], tmp_path / "run")
+    src = finished(entry)[0]
+    out = shutil.copytree(src, tmp_path / "run")
     before = json.loads((out / "summary.json").read_text())
     with open(out / "metrics.jsonl", "ab") as f:
         f.write(b"\xff\xfe\x00 garbage \x9c\n" + b'{"step": 1, "train/lo')
     flag, more, _ = entry.extend
-    proc = run(entry, *entry.args(inputs), flag, more, "--out", out, "--resume", "--clearml", "off")
+    extend = [*entry.args(inputs), flag, more, "--resume", "--clearml", "off"]
+    proc = run(entry, *extend, "--out", out)
     assert "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if "damaged line" in line] == [
         f"note: {out / 'metrics.jsonl'}: dropped 2 damaged line(s)"
     ]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    pairs = [(r["step"], k) for r in rows for k in r if k not in ("step", "time")]
-    assert len(pairs) == len(set(pairs)), "a step logged twice"
+    rows = logged(out)
+    assert len(rows) == len(set(rows)), "a step logged twice"
     after = json.loads((out / "summary.json").read_text())
     assert after != before and entry.extended(after)
+    if entry.metrics_from_results:
+        return
+    # the same extension stopped just before its last checkpoint, after writing the rows it logs first
+    # (the rows the uninterrupted extension logged after the first run's, but its last step's): resumed,
+    # every (step, metric) appears once, as in the run that was not stopped
+    done = len((src / "metrics.jsonl").read_text().splitlines())
+    stopped = as_unfinished(entry, src, tmp_path / "stopped")
+    last = max(step for step, _ in rows)
+    with open(stopped / "metrics.jsonl", "a") as f:
+        for line in (out / "metrics.jsonl").read_text().splitlines()[done:]:
+            if json.loads(line)["step"] < last:
+                f.write(line + "\n")
+    run(entry, *extend, "--out", stopped)
+    again = logged(stopped)
+    assert len(again) == len(set(again)), "a step logged twice after the checkpoint"
+
+
+def logged(folder: Path) -> list[tuple]:
+    """(step, metric) of every value in a run's metrics.jsonl, in order."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], k) for r in rows for k in r if k not in ("step", "time")]
 
 
 # ---------------------------------------------------------------------------------------------
