@@ -8,11 +8,13 @@
         log.save_figure("curves", fig)       # -> curves.png + ClearML plot
         log.write_summary({"test_accuracy": 0.98})
 
-The folder is checked (writable, not in use by another process, resumable with these flags) before
-ClearML starts. A run that fails before `keep()` or `write_summary()` removes the folder it created,
-so the same `--out` works again. ClearML modes: `off`; `offline` (a session zip, importable later with
-`Task.import_offline_session`); `online` (a configured, answering server, else an error); `auto`
-(online when a configured server answers within a few seconds, else offline with a one-line note).
+The folder is created exclusively and locked (`.lock`, removed at the end), then checked (not in use
+by another process, resumable with these flags) before ClearML starts. A run that fails before `keep()`
+or `write_summary()` removes the folder it created, only while it still holds the lock, so the same
+`--out` works again. A finished run reopens only to grow (`EXTENDS`). ClearML modes: `off`; `offline`
+(a session zip, importable later with `Task.import_offline_session`); `online` (a configured server
+that confirms a login, else an error); `auto` (online when a configured server confirms a login
+within a few seconds, else offline with a one-line note).
 `--clearml-queue NAME` hands the run to a ClearML agent queue.
 """
 

@@ -397,9 +397,10 @@ def test_a_finished_run_is_never_modified_by_resume(entry, finished, inputs):
     if entry.extend:
         tries.append([entry.extend[0], entry.extend[2]])
     for flags in tries:
-        proc = run(entry, *entry.args(inputs), *flags, "--out", out, "--resume", "--clearml", "off", rc=1)
+        proc = run(entry, *entry.args(inputs), *flags, "--out", out, "--resume", "--clearml", "off", rc=None)
         line = one_line_error(proc)
-        assert "finished run" in line or " -> " in line, (flags, line)
+        assert proc.returncode in (1, 2), line  # 2: a script whose runs never resume refuses the flag
+        assert "finished run" in line or " -> " in line or "--resume: " in line, (flags, line)
         assert snapshot(out) == before, flags
 
 
