@@ -351,7 +351,12 @@ def backbone_weights(weights: str, seed: int) -> tuple[torch.nn.Module, str]:
             f"--weights {weights}: no such file (use imagenet, none, or the path of a ResNet18 "
             "state dict saved with torch.save(model.state_dict(), PATH))"
         )
-    state = load_torch(path, what="--weights")  # a folder, a damaged file or NaN weights: one line
+    try:
+        state = load_torch(path, what="--weights")  # a folder, a damaged file or NaN weights: one line
+    except UserError as e:
+        if "not a torch checkpoint" not in str(e):
+            raise
+        raise UserError(f"--weights {path} is not a torchvision ResNet18 state dict (not a torch file)") from None
     try:
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
