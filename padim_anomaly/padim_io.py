@@ -356,7 +356,7 @@ def backbone_weights(weights: str, seed: int) -> tuple[torch.nn.Module, str]:
     except UserError as e:
         if "not a torch checkpoint" not in str(e):
             raise
-        raise UserError(f"--weights {path} is not a torchvision ResNet18 state dict (not a torch file)") from None
+        raise UserError(f"--weights {path} is not a torchvision ResNet18 state dict (not torch)") from None
     try:
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
