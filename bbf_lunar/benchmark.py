@@ -56,6 +56,7 @@ import stats  # noqa: E402
 from job import Job, require_compiler, require_cuda, require_env, seed_dir, train_job  # noqa: E402
 
 from common import UserError, parse_args, read_json, run_main, write_json  # noqa: E402
+from common.cli import REPO_ROOT  # noqa: E402
 
 
 @dataclass
@@ -67,7 +68,7 @@ class Args:
     warmup: int = 300  # random-action steps before the timed ones (they fill the buffers)
     rounds: int = 3  # alternating rounds; the median is reported
     seed: int = 0  # first seed of every process
-    out: str = "runs/bbf_lunar/benchmark.json"  # where the JSON result goes
+    out: str = str(REPO_ROOT / "runs" / "bbf_lunar" / "benchmark.json")  # where the JSON result goes
     processes: int = 0  # also time this many processes at once, all cores busy (0: per core only)
     peer: str = ""  # "sb3": compare our dqn with stable-baselines3's zoo DQN instead of timing seeds
     peer_seeds: int = 5  # --peer: seeds seed .. seed + peer_seeds - 1 of each implementation

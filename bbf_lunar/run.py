@@ -93,6 +93,7 @@ class Args(RunArgs):
     # --seeds and --variants may change on --resume: finished (variant, seed) runs are kept, new ones
     # train, and the statistics cover the runs the flags name (a variant's settings do not depend on them)
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"workers", "bootstrap_reps", "seeds", "variants"})
+    EXTENDS: ClassVar[frozenset[str]] = frozenset({"seeds"})  # more seeds continue a finished run
 
 
 # Variants as overrides of the settings `settings()` builds from Args. `no_*_anneal` hold n / gamma
@@ -252,8 +253,7 @@ def run_jobs(pending: list[dict], workers: int) -> tuple[list[dict], list[str]]:
 def _collect(outcomes, results: list, errors: list):
     for outcome in outcomes:
         if "error" in outcome:
-            errors.append(outcome["error"])
-            print(f"error: {outcome['error']}", file=sys.stderr, flush=True)
+            errors.append(outcome["error"])  # printed once, at the end
             continue
         done = outcome["results"]
         results += done
@@ -346,8 +346,6 @@ def main() -> None:
             log.rewind(-1)  # metrics.jsonl is rewritten from the results at the end
         results, pending, damaged = plan(args, log)
         describe(args, log, results, pending)
-        for line in damaged:
-            print(f"error: {line}", file=sys.stderr, flush=True)
         if pending:
             require_env()
             if args.compile:
@@ -357,7 +355,11 @@ def main() -> None:
             log.keep()  # job folders with checkpoints will hold work worth keeping
         done, errors = run_jobs(pending, args.workers)
         results += done
+        if len(damaged) + len(errors) == 1:  # one damaged file or failed job: its line alone
+            raise UserError((damaged + errors)[0])
         if damaged or errors:
+            for line in damaged + errors:
+                print(f"error: {line}", file=sys.stderr, flush=True)
             raise UserError(f"{len(damaged) + len(errors)} job(s) failed (see above); the others are saved")
         if not results:
             raise UserError(f"no finished jobs under {log.path('jobs')}")

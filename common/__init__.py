@@ -1,7 +1,17 @@
 """The one piece of code the experiments share: the command line, the run folder and its files."""
 
-from common.cli import DataArgs, RunArgs, UserError, default_data_dir, parse_args, run_main
-from common.files import CHECKPOINT_NPZ, CHECKPOINT_PT, load_torch, read_json, save_torch, write_json
+from common.cli import DataArgs, RunArgs, UserError, check_fits, default_data_dir, parse_args, run_main
+from common.files import (
+    CHECKPOINT_NPZ,
+    CHECKPOINT_PT,
+    existing_file,
+    load_npz,
+    load_torch,
+    read_json,
+    read_jsonl,
+    save_torch,
+    write_json,
+)
 from common.runlog import RunLogger, run_name
 
 __all__ = [
@@ -11,10 +21,14 @@ __all__ = [
     "RunArgs",
     "RunLogger",
     "UserError",
+    "check_fits",
     "default_data_dir",
+    "existing_file",
+    "load_npz",
     "load_torch",
     "parse_args",
     "read_json",
+    "read_jsonl",
     "run_main",
     "run_name",
     "save_torch",

@@ -49,6 +49,9 @@ class RunArgs:
     clearml_queue: str | None = None  # hand the run to this ClearML agent queue and exit
 
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset()  # flags that may change on --resume
+    # RESUME_SAFE flags that grow a run (epochs, steps, seeds): raised, they reopen a finished run;
+    # lowered, they are refused. Any other change leaves a finished run as it is (refused).
+    EXTENDS: ClassVar[frozenset[str]] = frozenset()
     # flags that only re-read a run's results (e.g. --summarize-only): never stored in config.json,
     # and set, they may open a finished run again
     REPORT_ONLY: ClassVar[frozenset[str]] = frozenset()
@@ -183,12 +186,44 @@ def parse_args(cls, argv=None, check=None, description: str | None = None):
     return args
 
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel can give without swapping (MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(nbytes: float, what: str) -> None:
+    """UserError before a size that cannot fit is allocated: `nbytes` is an estimate from the flags."""
+    free = available_memory()
+    if free is not None and nbytes > free:
+        raise UserError(f"{what} needs about {nbytes / 2**30:,.1f} GiB; {free / 2**30:,.1f} GiB is available")
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A MemoryError, or torch's allocator failing (a RuntimeError subclass on CPU and CUDA)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
 def run_main(main) -> None:
-    """Call `main()`; a UserError becomes one line on stderr and exit status 1, Ctrl-C status 130."""
+    """Call `main()`; a UserError becomes one line on stderr and exit status 1, running out of memory
+    likewise, Ctrl-C status 130."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        print("error: out of memory; choose smaller sizes (width, batch, model or buffer)", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

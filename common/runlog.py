@@ -8,11 +8,13 @@
         log.save_figure("curves", fig)       # -> curves.png + ClearML plot
         log.write_summary({"test_accuracy": 0.98})
 
-The folder is checked (writable, not in use by another process, resumable with these flags) before
-ClearML starts. A run that fails before `keep()` or `write_summary()` removes the folder it created,
-so the same `--out` works again. ClearML modes: `off`; `offline` (a session zip, importable later with
-`Task.import_offline_session`); `online` (a configured, answering server, else an error); `auto`
-(online when a configured server answers within a few seconds, else offline with a one-line note).
+The folder is created exclusively and locked (`.lock`, removed at the end), then checked (not in use
+by another process, resumable with these flags) before ClearML starts. A run that fails before `keep()`
+or `write_summary()` removes the folder it created, only while it still holds the lock, so the same
+`--out` works again. A finished run reopens only to grow (`EXTENDS`). ClearML modes: `off`; `offline`
+(a session zip, importable later with `Task.import_offline_session`); `online` (a configured server
+that confirms a login, else an error); `auto` (online when a configured server confirms a login
+within a few seconds, else offline with a one-line note).
 `--clearml-queue NAME` hands the run to a ClearML agent queue.
 """
 
@@ -21,7 +23,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import fcntl
+import http.client
 import json
+import math
 import os
 import platform
 import shutil
@@ -35,9 +39,10 @@ from importlib import metadata
 from pathlib import Path
 
 from common.cli import REPO_ROOT, UserError
-from common.files import read_json, write_json
+from common.files import read_json, read_jsonl, write_json
 
 CLEARML_MODES = ("auto", "offline", "online", "off")
+LOCK = ".lock"  # held (flock) by the process working in a run folder; removed when it ends
 ALWAYS_RESUME_SAFE = frozenset({"out", "resume", "clearml", "clearml_queue", "data_dir"})
 SERVER_TIMEOUT_S = 3.0  # how long `auto` waits for a ClearML server before going offline
 _PACKAGES = ("numpy", "scipy", "torch", "torchvision", "scikit-learn", "gymnasium", "clearml", "matplotlib")
@@ -48,13 +53,22 @@ def run_name(tag: str, seed: int) -> str:
 
 
 def _git_commit() -> str | None:
+    """The commit of this checkout (the one holding this `common`); None when it is not a git
+    checkout of its own (a copy inside another repository reports no commit, not that one's)."""
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--show-toplevel", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
-        return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+    lines = out.stdout.splitlines()
+    if out.returncode != 0 or len(lines) != 2 or Path(lines[0]).resolve() != REPO_ROOT:
+        return None
+    return lines[1]
 
 
 def _versions() -> dict:
@@ -69,6 +83,18 @@ def _versions() -> dict:
 
 def _plain(config: dict) -> dict:
     return json.loads(json.dumps(config, default=str))  # tuples -> lists, as config.json stores them
+
+
+def _holds_run(folder: Path) -> bool:
+    """Anything in the folder other than a lock file (a fresh or abandoned folder holds nothing)."""
+    return any(entry.name != LOCK for entry in folder.iterdir())
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 # ClearML ---------------------------------------------------------------------------------------
@@ -88,22 +114,31 @@ def clearml_server() -> tuple[str, str, str] | None:
 
 
 def server_problem(host: str, key: str, secret: str, timeout: float = SERVER_TIMEOUT_S) -> str | None:
-    """None when the server answers and accepts the credentials, else what is wrong (one phrase)."""
+    """None only for a confirmed login (HTTP 200 with a ClearML token); else what is wrong (one phrase).
+
+    Any other answer (another status, a proxy's 502, a plain web server's 501, a page that is not
+    ClearML's JSON), a timeout, a reset or a TLS failure is a problem, never an exception."""
     token = base64.b64encode(f"{key}:{secret}".encode()).decode()
-    request = urllib.request.Request(
-        host.rstrip("/") + "/auth.login",
-        data=b"{}",
-        headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
-    )
     try:
-        with urllib.request.urlopen(request, timeout=timeout):
+        request = urllib.request.Request(
+            host.rstrip("/") + "/auth.login",
+            data=b"{}",
+            headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as answer:
+            body = answer.read(1 << 20)
+        found = json.loads(body.decode("utf-8"))
+        if isinstance(found, dict) and isinstance(found.get("data"), dict) and found["data"].get("token"):
             return None
+        return f"{host} answered, but not as a ClearML server (no login token)"
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             return f"the ClearML server at {host} refused the credentials (HTTP {e.code})"
-        return None  # it answers; let ClearML deal with anything else
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
+        return f"{host} answered HTTP {e.code} to a ClearML login, not a login"
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return f"{host} answered, but not as a ClearML server (not JSON)"
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        reason = str(getattr(e, "reason", e) or type(e).__name__).splitlines()[0][:200]
         return f"no ClearML server answers at {host} within {timeout:g} s ({reason})"
 
 
@@ -187,11 +222,13 @@ class RunLogger:
         clearml_queue: str | None = None,
         resume: bool = False,
         resume_safe=(),
+        extends=(),
     ):
         if dataclasses.is_dataclass(config):
             args = config
             out, clearml, clearml_queue, resume = args.out, args.clearml, args.clearml_queue, args.resume
             resume_safe = set(resume_safe) | set(getattr(args, "RESUME_SAFE", ()))
+            extends = set(getattr(args, "EXTENDS", ()))
             report_only = set(getattr(args, "REPORT_ONLY", ()))
             self.reporting = any(getattr(args, k) for k in report_only)
             config = {k: v for k, v in dataclasses.asdict(args).items() if k not in report_only}
@@ -200,6 +237,8 @@ class RunLogger:
             }
         else:
             self.reporting, report_only, defaults = False, set(), {}
+            extends = set(extends)
+        self._extends = extends
         # a flag added after a run was made is no change on --resume while it keeps its default
         self._defaults = _plain(defaults)
         self._report_only = report_only  # not compared on --resume, even where an older config.json has them
@@ -209,22 +248,37 @@ class RunLogger:
         self.task = None
         self._kept = self.resumed
         self._metrics = None
-        self._lock_file = None
-        self.run_dir, self._created = self._make_folder(experiment, name, out, resume)
+        self._lock_file = self._lock_path = None
+        self.run_dir, self._created = self._open_folder(experiment, name, out, resume)
         try:
-            self._lock()
             self.finished = (self.run_dir / "summary.json").exists()
             if resume:
                 self._check_resume(_plain(config), ALWAYS_RESUME_SAFE | set(resume_safe))
             self._write_config(experiment, config)
             self._t0 = time.time()
             self._metrics = open(self.run_dir / "metrics.jsonl", "a")
+            if resume:
+                self.rewind(math.inf)  # damaged lines (a crash mid-write, garbage) are dropped with a note
             self.task = start_clearml(clearml, clearml_queue, experiment, self.run_dir.name, config)
         except BaseException:
             self._abandon()
             raise
 
     # set-up
+
+    def _open_folder(self, experiment: str, name: str, out: str | None, resume: bool) -> tuple[Path, bool]:
+        """Create the folder (exclusively) or find it, then hold its lock: (folder, created here).
+
+        Two processes starting on one fresh folder: one creates it, whichever locks it first runs, the
+        other gets one line. A folder removed by its creator while we waited is created again."""
+        for _ in range(5):
+            run_dir, created = self._make_folder(experiment, name, out, resume)
+            if self._lock(run_dir):
+                if not resume and _holds_run(run_dir):  # another process finished a run here meanwhile
+                    self._release()
+                    raise UserError(f"{run_dir} already holds a run; choose another --out or add --resume")
+                return run_dir, created
+        raise UserError(f"{run_dir} keeps disappearing (removed by another process); try again")
 
     @staticmethod
     def _make_folder(experiment: str, name: str, out: str | None, resume: bool) -> tuple[Path, bool]:
@@ -234,35 +288,62 @@ class RunLogger:
                 raise UserError("--resume needs --out, the folder of the run to continue")
             if not (run_dir / "config.json").is_file():
                 raise UserError(f"--resume: {run_dir} holds no run (no config.json); nothing to continue")
-        elif run_dir.is_dir() and any(run_dir.iterdir()):
-            if out:
-                raise UserError(f"{run_dir} already holds a run; choose another --out or add --resume")
-            run_dir = run_dir.with_name(f"{name}-{os.getpid()}")  # same second, same name
-        created = not run_dir.exists()
+            return run_dir, False
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write_test"
-            probe.touch()
-            probe.unlink()
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot write to the output folder {run_dir}: {e.strerror}") from None
-        return run_dir, created
+        while True:
+            try:
+                run_dir.mkdir()  # exclusive: exactly one process creates it
+                return run_dir, True
+            except FileExistsError:
+                if not run_dir.is_dir():
+                    raise UserError(f"--out {run_dir} exists and is not a folder") from None
+                if not _holds_run(run_dir):
+                    return run_dir, False  # an empty folder: used, not created (never removed by us)
+                if out:
+                    raise UserError(
+                        f"{run_dir} already holds a run; choose another --out or add --resume"
+                    ) from None
+                run_dir = run_dir.with_name(f"{name}-{os.getpid()}")  # same second, same name
+            except OSError as e:
+                raise UserError(f"cannot write to the output folder {run_dir}: {e.strerror}") from None
 
-    def _lock(self) -> None:
-        """Hold an exclusive lock on the folder for the life of the run (children inherit it)."""
-        self._lock_file = open(self.run_dir / ".lock", "a+")
+    def _lock(self, run_dir: Path) -> bool:
+        """Hold an exclusive lock on the folder for the life of the run (children inherit it).
+
+        False when the folder (or its lock file) vanished before the lock was held: try again."""
+        path = run_dir / LOCK
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            handle = open(path, "a+")
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise UserError(f"cannot write to the output folder {run_dir}: {e.strerror}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            self._lock_file.seek(0)
-            holder = self._lock_file.read().strip() or "?"
-            self._lock_file.close()
-            self._lock_file = None
-            raise UserError(f"{self.run_dir} is in use by another process (pid {holder})") from None
-        self._lock_file.seek(0)
-        self._lock_file.truncate()
-        self._lock_file.write(str(os.getpid()))
-        self._lock_file.flush()
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            by = f" (pid {holder})" if holder.isdigit() else ""
+            raise UserError(
+                f"{run_dir} is in use by another process{by}; wait for it or choose another --out"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # its holder removed it as we opened it: the lock guards nothing
+            handle.close()
+            return False
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_file, self._lock_path = handle, path
+        return True
 
     def _check_resume(self, config: dict, safe: set) -> None:
         stored = read_json(self.run_dir / "config.json").get("args", {})
@@ -277,14 +358,34 @@ class RunLogger:
                 f"--resume: {self.run_dir} was run with other training flags ({flags}); "
                 "restore them or start a new --out"
             )
-        if self.finished and not self.reporting and not [k for k in changed if k not in ALWAYS_RESUME_SAFE]:
+        if self.finished and not self.reporting:
+            self._check_extension(stored, config)
+
+    def _check_extension(self, stored: dict, config: dict) -> None:
+        """A finished run reopens only to grow (more epochs, steps, seeds); flags that change speed
+        alone, or fewer than were done, are refused: the finished run is left as it is."""
+        grown = []
+        for k in sorted(self._extends):
+            old, new = stored.get(k), config.get(k)
+            if old == new:
+                continue
+            if isinstance(old, list) and isinstance(new, list):
+                smaller, bigger = not set(old) <= set(new), set(new) > set(old)
+            elif isinstance(old, (int, float)) and isinstance(new, (int, float)):
+                smaller, bigger = new < old, new > old
+            else:
+                smaller, bigger = True, False
+            if smaller:
+                raise UserError(
+                    f"--resume: {self.run_dir} holds a finished run with --{k.replace('_', '-')} {old}; "
+                    f"{new} would drop work already done (a finished run is only extended)"
+                )
+            grown += [k] if bigger else []
+        if not grown:
+            more = ", ".join("--" + k.replace("_", "-") for k in sorted(self._extends))
             raise UserError(
                 f"--resume: {self.run_dir} holds a finished run (summary.json); nothing to resume"
-                + (
-                    f" (to train further, raise one of: {', '.join(sorted(safe - ALWAYS_RESUME_SAFE))})"
-                    if safe - ALWAYS_RESUME_SAFE
-                    else ""
-                )
+                + (f" (to extend it, raise {more})" if more else "")
             )
 
     def _write_config(self, experiment: str, config: dict) -> None:
@@ -321,18 +422,14 @@ class RunLogger:
         self._kept = True
 
     def rewind(self, step: int) -> None:
-        """Drop metrics rows logged after `step` (the checkpoint's), and any half-written last line."""
+        """Drop metrics rows logged after `step` (the checkpoint's), and any damaged line (a note)."""
         self._metrics.close()
         path = self.run_dir / "metrics.jsonl"
         kept, last_time = [], 0.0
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and row.get("step", 0) <= step:
+        for row, line in zip(*read_jsonl(path)):
+            if _number(row.get("step", 0)) <= step:
                 kept.append(line)
-                last_time = max(last_time, float(row.get("time", 0.0)))
+                last_time = max(last_time, _number(row.get("time", 0.0)))
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
@@ -390,16 +487,30 @@ class RunLogger:
             self._metrics.close()
             self._metrics = None
         if self._lock_file is not None:
+            # removed while still held: a process that opened the old file finds it gone and retries
+            self._lock_path.unlink(missing_ok=True)
             self._lock_file.close()  # releases the flock
             self._lock_file = None
 
     def _abandon(self, say: bool = False) -> None:
-        """Failed before anything worth keeping: remove the folder this logger created."""
-        self._release()
-        if self._created and not self._kept:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        """Failed before anything worth keeping: remove what this logger made, only while it holds the
+        lock; a folder it created goes, one it found empty is emptied again (so the same --out works)."""
+        if not self._kept and self._lock_file is not None and not self.resumed:
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
+            if self._created:
+                shutil.rmtree(self.run_dir, ignore_errors=True)  # under the lock: no one else is in it
+                self._lock_file.close()
+                self._lock_file = None
+            else:
+                for entry in self.run_dir.iterdir():  # it held nothing but the lock when we took it
+                    if entry.name != LOCK:
+                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
             if say:
-                print(f"removed {self.run_dir}: the run stopped before it saved anything", file=sys.stderr)
+                what = self.run_dir if self._created else f"what it wrote in {self.run_dir}"
+                print(f"removed {what}: the run stopped before it saved anything", file=sys.stderr)
+        self._release()
 
     def close(self, announce: bool = True) -> None:
         self._close_clearml()
@@ -411,8 +522,8 @@ class RunLogger:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and self._created and not self._kept:
+        if exc_type is not None and not self._kept and not self.resumed:
             self._close_clearml()
-            self._abandon(say=not issubclass(exc_type, UserError))  # a UserError stays one line
+            self._abandon(say=not issubclass(exc_type, (UserError, MemoryError)))  # an error stays one line
         else:
             self.close(announce=exc_type is None)  # a failed run's error stays the one line it prints

@@ -40,7 +40,17 @@ from model import DecoderLM, ModelConfig  # noqa: E402
 from textdata import Vocab, get_batch, load_checkpoint, load_text, pick_device, split_tokens, tiled_windows
 from tqdm import tqdm  # noqa: E402
 
-from common import CHECKPOINT_PT, DataArgs, RunLogger, UserError, parse_args, run_main, run_name, save_torch
+from common import (
+    CHECKPOINT_PT,
+    DataArgs,
+    RunLogger,
+    UserError,
+    check_fits,
+    parse_args,
+    run_main,
+    run_name,
+    save_torch,
+)
 
 PRESETS = {  # nanoGPT: the CPU "baby GPT" command in its README, and config/train_shakespeare_char.py
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, dropout=0.0),
@@ -79,6 +89,7 @@ class Args(DataArgs):
 
     # more steps, another device, compile or thread count change nothing already trained
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"max_iters", "device", "compile", "threads"})
+    EXTENDS: ClassVar[frozenset[str]] = frozenset({"max_iters"})  # more steps continue a finished run
 
 
 def check_args(args: Args) -> None:
@@ -472,6 +483,10 @@ def describe(args: Args, setup: Setup, data: Data, model, state: State) -> None:
 
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
+    # float32 weights, gradients and AdamW's moments; a step's activations and attention scores
+    L, d, T, B = args.n_layer, args.n_embd, args.block_size, args.batch_size
+    need = 16 * (12 * L * d * d + (256 + T) * d) + 4 * B * T * L * (16 * d + 2 * args.n_head * T)
+    check_fits(need, f"--n-layer {L} --n-embd {d} --block-size {T} --batch-size {B}")
     setup = set_up(args)
     # inputs first: a bad text or checkpoint fails in one line, before a run folder is touched
     text, source = load_text(args.text, args.data_dir)

@@ -72,7 +72,7 @@ from study import (  # noqa: E402
     stability,
 )
 
-from common import DataArgs, RunLogger, parse_args, read_json, run_main, run_name, write_json  # noqa: E402
+from common import DataArgs, RunLogger, check_fits, parse_args, read_json, run_main, run_name, write_json  # noqa: E402
 
 
 @dataclass
@@ -96,6 +96,7 @@ class Args(DataArgs):
 
     # --resume reuses the finished folds; the subset study and the report after them are always redone
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"device", "download", "ks", "n_random", "n_boot"})
+    EXTENDS: ClassVar[frozenset[str]] = frozenset({"ks", "n_random"})  # more subsets continue a finished run
 
 
 def check_args(args: Args) -> None:
@@ -536,6 +537,9 @@ def report_classes(log, per_class: dict) -> dict:
 
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
+    # per-position covariances and their inverses (float32), and a batch's backbone activations
+    s, c = args.image_size, n_features_of(args.n_features, low=1)
+    check_fits(8 * (s // 4) ** 2 * c * c + 200 * args.batch_size * s * s, f"--image-size {s}")
     device, config, names, extractor, weights_source = setup(args)
     tag = names[0] if len(names) == 1 else f"{len(names)}classes"
     print(

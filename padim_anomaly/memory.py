@@ -62,7 +62,7 @@ from padim_io import (  # noqa: E402
 )
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from common import DataArgs, RunLogger, parse_args, run_main, run_name, write_json  # noqa: E402
+from common import DataArgs, RunLogger, check_fits, parse_args, run_main, run_name, write_json  # noqa: E402
 
 
 @dataclass
@@ -368,6 +368,9 @@ def targets(args: Args, fit: dict) -> dict:
 
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
+    # per-position covariances and their inverses (float32), and a batch's backbone activations
+    s, c = args.image_size, n_features_of(args.n_features, low=1)
+    check_fits(8 * (s // 4) ** 2 * c * c + 200 * args.batch_size * s * s, f"--image-size {s}")
     torch.manual_seed(args.seed)
     device = pick_device(args.device)
     config = model_config(args)

@@ -346,13 +346,18 @@ def backbone_weights(weights: str, seed: int) -> tuple[torch.nn.Module, str]:
             ) from None
         return resnet18_backbone(state), "torchvision ResNet18_Weights.IMAGENET1K_V1"
     path = Path(weights)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(
             f"--weights {weights}: no such file (use imagenet, none, or the path of a ResNet18 "
             "state dict saved with torch.save(model.state_dict(), PATH))"
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch(path, what="--weights")  # a folder, a damaged file or NaN weights: one line
+    except UserError as e:
+        if "not a torch checkpoint" not in str(e):
+            raise
+        raise UserError(f"--weights {path} is not a torchvision ResNet18 state dict (not torch)") from None
+    try:
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         return resnet18_backbone(state), f"state dict {path}"

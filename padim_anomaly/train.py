@@ -43,7 +43,7 @@ from padim_io import (  # noqa: E402
 )
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from common import DataArgs, RunLogger, parse_args, run_main, run_name  # noqa: E402
+from common import DataArgs, RunLogger, check_fits, parse_args, run_main, run_name  # noqa: E402
 
 
 @dataclass
@@ -154,6 +154,9 @@ def evaluate(args: Args, config, device, category, test_set, extractor, mean, in
 
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
+    # per-position covariances and their inverses (float32), and a batch's backbone activations
+    s, c = args.image_size, n_features_of(args.n_features, low=1)
+    check_fits(8 * (s // 4) ** 2 * c * c + 200 * args.batch_size * s * s, f"--image-size {s}")
     config, device, category, test_set, extractor, weights_source = setup(args)
     labels = category.test_labels
     n_positions = config.grid**2

@@ -49,7 +49,17 @@ from mnist_data import load_split, normalise, split_present
 from revnet import MODELS, Adam, ModelConfig, Network, softmax_cross_entropy, train_step
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from common import DataArgs, RunLogger, UserError, parse_args, read_json, run_main, run_name, write_json
+from common import (
+    DataArgs,
+    RunLogger,
+    UserError,
+    check_fits,
+    parse_args,
+    read_json,
+    run_main,
+    run_name,
+    write_json,
+)
 from common.cli import REPO_ROOT
 
 MIB = 2**20
@@ -484,6 +494,10 @@ def plot_rss(result: dict, depths: list[int]):
 
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
+    w, d, b = args.width, max(args.depths), args.batch_size  # as train.py: weights, Adam, activations
+    check_fits(
+        4 * (4 * (794 * w + d * w * w) + 4 * b * w * (d + 2)), f"--width {w} --depths {d} --batch-size {b}"
+    )
     threadpool_limits(args.threads, user_api="blas")
     blas = max((p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"), default=1)
     print(f"batch {args.batch_size}, width {args.width}, float32, {blas} BLAS thread(s)")

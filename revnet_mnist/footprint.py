@@ -31,7 +31,7 @@ from mnist_data import load_mnist, normalise, split_present
 from revnet import CHECK_BATCH, Adam, ModelConfig, Network, held_bytes, reversibility_check, train_step
 from threadpoolctl import threadpool_limits
 
-from common import default_data_dir, parse_args, run_main
+from common import check_fits, default_data_dir, parse_args, run_main
 
 MIB = 2**20
 LR = 1e-3  # the learning rate does not change the cost of a step
@@ -135,6 +135,10 @@ def traced_steps(args: Args, data: dict, network: Network, optimizer: Adam) -> f
 
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
+    w, d, b = args.width, args.depth, args.batch_size  # as train.py: weights, Adam, activations
+    check_fits(
+        4 * (4 * (794 * w + d * w * w) + 4 * b * w * (d + 2)), f"--width {w} --depth {d} --batch-size {b}"
+    )
     threadpool_limits(args.threads, user_api="blas")
     data, source = load_data(args)
     config = ModelConfig(args.model, args.depth, args.width)

@@ -44,7 +44,17 @@ from revnet import (
 )
 from threadpoolctl import threadpool_limits
 
-from common import CHECKPOINT_NPZ, DataArgs, RunLogger, UserError, parse_args, run_main, run_name
+from common import (
+    CHECKPOINT_NPZ,
+    DataArgs,
+    RunLogger,
+    UserError,
+    check_fits,
+    load_npz,
+    parse_args,
+    run_main,
+    run_name,
+)
 
 MIB = 2**20
 
@@ -72,6 +82,7 @@ class Args(DataArgs):
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset(
         {"epochs", "threads", "memory_steps", "rebuild_tolerance"}
     )
+    EXTENDS: ClassVar[frozenset[str]] = frozenset({"epochs"})  # more epochs continue a finished run
 
 
 def check_args(args: Args) -> None:
@@ -153,12 +164,12 @@ def save_checkpoint(path, network, optimizer, meta: dict) -> None:
 
 
 def load_checkpoint(path, network, optimizer) -> dict:
+    ckpt = load_npz(path)  # checksums and finite weights checked: a damaged file is one line
     try:
-        with np.load(path, allow_pickle=False) as ckpt:
-            meta = json.loads(str(ckpt["meta"]))
-            network.load_state_dict({k[6:]: ckpt[k] for k in ckpt.files if k.startswith("param/")})
-            optimizer.load_state({k[4:]: ckpt[k] for k in ckpt.files if k.startswith("opt/")})
-            return meta
+        meta = json.loads(str(ckpt["meta"]))
+        network.load_state_dict({k[6:]: ckpt[k] for k in ckpt if k.startswith("param/")})
+        optimizer.load_state({k[4:]: ckpt[k] for k in ckpt if k.startswith("opt/")})
+        return meta
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"cannot resume from {path}: {e}; it is corrupt, start a new --out") from None
 
@@ -227,6 +238,10 @@ class Run:
         self.start_epoch, self.history = meta["epoch"], meta["history"]
         self.order_rng.bit_generator.state = meta["order_rng"]
         self.train_seconds = meta.get("train_seconds", 0.0)
+        if self.start_epoch > self.args.epochs:
+            raise UserError(
+                f"--epochs {self.args.epochs} is below the checkpoint's {self.start_epoch} epochs"
+            )
         return self.start_epoch * self.steps_per_epoch
 
     def save(self, path) -> None:
@@ -259,8 +274,8 @@ class Run:
             if not math.isfinite(loss):
                 raise UserError(f"training diverged (loss {loss}) at step {step}; try a smaller --lr")
             loss_sum, correct_sum, seen = loss_sum + loss * len(y), correct_sum + correct, seen + len(y)
-            if step % 50 == 0:
-                log.log(step, {"train/loss": loss, "charts/lr": lr})
+            if step % 50 == 0:  # logged at the steps done, as the checkpoint counts them (resume rewinds)
+                log.log(step + 1, {"train/loss": loss, "charts/lr": lr})
         seconds = time.perf_counter() - started
         self.train_seconds += seconds
         return {"train_loss": loss_sum / seen, "train_accuracy": correct_sum / seen, "seconds": seconds}
@@ -359,6 +374,11 @@ def report(run: Run, log: RunLogger) -> dict:
 
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
+    # float32 weights, gradients and Adam's two moments, and a batch's activations per layer
+    w, d, b = args.width, args.depth, args.batch_size
+    check_fits(
+        4 * (4 * (794 * w + d * w * w) + 4 * b * w * (d + 2)), f"--width {w} --depth {d} --batch-size {b}"
+    )
     threadpool_limits(args.threads, user_api="blas")
     run = Run(args)
     print(run.describe())

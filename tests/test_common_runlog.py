@@ -225,8 +225,10 @@ class TrainArgs(RunArgs):
     preset: Literal["baby", "gpu"] = "baby"  # a comment the formatter wrapped inside parentheses
     shift: float = 0.0  # may be negative
     ratio: float | None = None  # optional; nan allowed
+    threads: int = 1  # speed only
 
-    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"epochs"})
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"epochs", "threads"})
+    EXTENDS: ClassVar[frozenset[str]] = frozenset({"epochs"})
     ALLOW_NEGATIVE: ClassVar[frozenset[str]] = frozenset({"shift"})
     ALLOW_NONFINITE: ClassVar[frozenset[str]] = frozenset({"ratio"})
 
@@ -313,9 +315,15 @@ def test_a_finished_run_is_not_rewritten(tmp_path):
     with RunLogger("demo", "r", train_args(tmp_path)) as log:
         log.write_summary({"accuracy": 0.9})
     before = (tmp_path / "run" / "summary.json").read_bytes()
-    with pytest.raises(UserError, match="finished run .* raise one of: epochs"):
+    with pytest.raises(UserError, match="finished run .* raise --epochs"):
         RunLogger("demo", "r", train_args(tmp_path, resume=True))
+    with pytest.raises(UserError, match="finished run .* raise --epochs"):  # speed alone: no reopening
+        RunLogger("demo", "r", train_args(tmp_path, resume=True, threads=2))
+    with pytest.raises(UserError, match="--epochs 2; 1 would drop work already done"):
+        RunLogger("demo", "r", train_args(tmp_path, resume=True, epochs=1, threads=2))
     assert (tmp_path / "run" / "summary.json").read_bytes() == before
+    with RunLogger("demo", "r", train_args(tmp_path, resume=True, epochs=3, threads=2)) as log:
+        assert log.resumed and log.finished  # more epochs: the run is extended
 
 
 def test_resume_needs_an_existing_run(tmp_path):
