@@ -466,3 +466,22 @@ def test_workers_die_when_the_parent_is_killed(tmp_path):
         for pid in [parent.pid, *workers]:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_export_keeps_the_per_seed_curves_behind_the_summary(finished, tmp_path):
+    out, _ = finished
+    proc = run_script("bbf_lunar/export.py", "--run", out, "--name", "tiny", "--results", tmp_path)
+    assert "bbf: 2 seeds, dqn: 2 seeds" in proc.stdout
+    curves = json.loads((tmp_path / "tiny_curves.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    sys.path.insert(0, str(BBF_DIR))
+    import tables
+
+    for name, scores in tables.rederived_scores(curves).items():
+        assert scores == pytest.approx(summary["variants"][name]["final_returns"], rel=1e-12)
+    dqn1 = json.loads((out / "jobs" / "dqn_seed1" / "result.json").read_text())
+    per_point = [np.mean(x) for x in dqn1["eval_returns"]]
+    assert curves["variants"]["dqn"]["returns"][1] == pytest.approx(per_point)
+    assert curves["variants"]["bbf"]["eval_steps"] == [0, 200, 400] and curves["args"]["total_steps"] == 400
+    assert len(curves["git_commit"] or "") in (0, 40)
