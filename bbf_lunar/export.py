@@ -6,7 +6,8 @@ built on the run can be made again without the run folder (tables.py reads these
 
 The file holds the run's settings and the commit that made it, and per variant: the seeds, the
 evaluation steps, each seed's evaluation returns (the mean over the --eval-episodes episodes of each
-evaluation point), its score (the mean of the last 3 points), and the env steps of its resets.
+evaluation point), its score (the mean of the last 3 points), the env steps of its resets, and the
+time its processes took.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def curves(run: Path) -> dict:
         "git_commit": config.get("git_commit"),
         "resumed_at_commits": [r.get("git_commit") for r in config.get("resumes", [])],
         "versions": config.get("versions", {}),
+        "python": config.get("python"),
+        "started": config.get("started"),
         "args": config.get("args", {}),
         "score": f"mean of the last {SCORE_POINTS} evaluation points",
         "variants": {},
@@ -70,6 +73,9 @@ def curves(run: Path) -> dict:
             "returns": [[mean(point) for point in r["eval_returns"]] for r in results],  # (seeds, points)
             "scores": [r["score"] for r in results],
             "reset_steps": v.get("reset_steps"),
+            "seeds_in_process": v.get("seeds_in_process"),
+            "minutes_per_process": v.get("minutes_per_process"),
+            "seed_steps_per_second": v.get("seed_steps_per_second"),
         }
     return out
 

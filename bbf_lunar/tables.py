@@ -81,11 +81,37 @@ def confirmation(results: Path = RESULTS) -> str:
             f"{min(s):.1f}, {max(s):.1f} |"
         )
     p = c["poi"]
-    verdict = "met" if p["newcombe_low"] > 0.5 else "**not met**"
-    lines += ["", f"P(bbf > dqn) = **{_newcombe(p)}**; the goal, Newcombe low > 0.5, is {verdict}."]
-    if "decision" in c:
-        lines.append(f"Decision (protocol's rule): {c['decision']}")
+    confirmed = c.get("confirmed", p["newcombe_low"] > 0.5)
+    lines += ["", f"- P(bbf > dqn) = **{_newcombe(p)}**."]
+    if "iqm_difference" in c:
+        d = c["iqm_difference"]
+        ci = f"[{d['ci_low']:.1f}, {d['ci_high']:.1f}]"
+        lines.append(f"- IQM(bbf) - IQM(dqn) = {d['diff']:.1f}, 95% bootstrap CI {ci}.")
+    rule = c.get("decision_rule", "confirmed iff the Newcombe 95% lower bound of P(bbf > dqn) > 0.5")
+    lines.append(f"- Decision ({rule}): **{'confirmed' if confirmed else 'not confirmed'}**.")
+    if c.get("resumed_runs"):
+        lines.append(
+            f"- Runs continued from a checkpoint after an interruption: {', '.join(c['resumed_runs'])}."
+        )
     return "\n".join(lines) + "\n"
+
+
+def confirmation_time(results: Path = RESULTS) -> str:
+    """How the confirmation ran: commit, versions, processes and their time (from its curves file)."""
+    c = _read(results, "confirmation_curves.json")
+    if c is None:
+        return "- The confirmation: not yet run.\n"
+    a, v = c["args"], c["versions"]
+    per = "; ".join(
+        f"`{n}` {r['seeds_in_process']} seeds per process, {r['minutes_per_process']:.1f} min per process "
+        f"({r['seed_steps_per_second']:.0f} seed-steps/s)"
+        for n, r in c["variants"].items()
+    )
+    return (
+        f"- The confirmation: commit `{(c['git_commit'] or '?')[:7]}`, Python {c.get('python')}, torch "
+        f"{v.get('torch')}, gymnasium {v.get('gymnasium')}; `--workers {a['workers']}`, one torch thread "
+        f"per worker; {per}.\n"
+    )
 
 
 def confirmation_figures(results: Path = RESULTS) -> str:

@@ -41,6 +41,7 @@ def test_confirmation_absent_is_one_clear_line(tmp_path):
     text = T.confirmation(tmp_path)
     assert text.startswith("**Not yet run.**") and "PROTOCOL.md" in text
     assert T.confirmation_figures(tmp_path) == "" and T.figures(tmp_path) == []
+    assert "not yet run" in T.confirmation_time(tmp_path)
 
 
 def made_up(tmp_path, shift: float) -> dict:
@@ -48,7 +49,8 @@ def made_up(tmp_path, shift: float) -> dict:
     export.py would write it."""
     rng = np.random.default_rng(0)
     steps = list(range(0, 100_001, 10_000))
-    curves = {"run": "made_up", "git_commit": "0" * 40, "variants": {}}
+    curves = {"run": "made_up", "git_commit": "0" * 40, "variants": {}, "python": "3.11.7"}
+    curves |= {"args": {"workers": 2}, "versions": {"torch": "2.14.1", "gymnasium": "1.2.0"}}
     for name, offset in (("bbf", shift), ("dqn", 0.0)):
         returns = rng.normal(150 + offset, 40, size=(20, len(steps))) * np.linspace(0.2, 1, len(steps))
         curves["variants"][name] = {
@@ -56,6 +58,9 @@ def made_up(tmp_path, shift: float) -> dict:
             "eval_steps": steps,
             "returns": returns.tolist(),
             "reset_steps": [20_000, 40_000, 60_000, 80_000] if name == "bbf" else [],
+            "seeds_in_process": 20,
+            "minutes_per_process": 61.25,
+            "seed_steps_per_second": 544.4,
         }
     scores = T.rederived_scores(curves)
     confirmation = {
@@ -63,21 +68,26 @@ def made_up(tmp_path, shift: float) -> dict:
         "seeds": list(range(1000, 1020)),
         "variants": {n: {**stats.iqm_with_ci(s, 2000), "scores": s} for n, s in scores.items()},
         "poi": stats.probability_of_improvement_with_ci(scores["bbf"], scores["dqn"], 2000),
+        "iqm_difference": {"diff": 1.0, "ci_low": -2.0, "ci_high": 3.5, "reps": 10},
     }
     (tmp_path / "confirmation_curves.json").write_text(json.dumps(curves))
     (tmp_path / "confirmation.json").write_text(json.dumps(confirmation))
     return confirmation
 
 
-@pytest.mark.parametrize("shift, verdict", [(60.0, "is met"), (0.0, "is **not met**")])
+@pytest.mark.parametrize("shift, verdict", [(60.0, "**confirmed**"), (0.0, "**not confirmed**")])
 def test_a_made_up_confirmation_renders_its_numbers_and_verdict(tmp_path, shift, verdict):
     c = made_up(tmp_path, shift)
     text = T.confirmation(tmp_path)
     bbf, p = c["variants"]["bbf"], c["poi"]
     assert f"| `bbf` | 20 | **{bbf['iqm']:.1f}** | [{bbf['ci_low']:.1f}, {bbf['ci_high']:.1f}] |" in text
     assert f"Newcombe [{p['newcombe_low']:.2f}, {p['newcombe_high']:.2f}]" in text and verdict in text
-    assert (p["newcombe_low"] > 0.5) == (verdict == "is met")
+    assert (p["newcombe_low"] > 0.5) == (verdict == "**confirmed**")
     assert "Seeds 1000-1019 (20 per agent), protocol of commit `1111111`" in text
+    assert "IQM(bbf) - IQM(dqn) = 1.0, 95% bootstrap CI [-2.0, 3.5]" in text
+    when = T.confirmation_time(tmp_path)
+    assert "commit `0000000`" in when and "torch 2.14.1" in when and "`--workers 2`" in when
+    assert "`bbf` 20 seeds per process, 61.2 min per process (544 seed-steps/s)" in when
 
 
 def test_figures_are_drawn_from_the_curves_file(tmp_path):
