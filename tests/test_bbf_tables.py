@@ -34,7 +34,10 @@ def test_every_committed_table_renders_and_its_statistics_follow_from_its_scores
     for seed in peer["seeds"]:  # sb3's per-seed curves are kept too
         curve = json.loads((RESULTS / "peer_sb3" / f"seed{seed}_100000_10000_10.json").read_text())
         assert curve["score"] == pytest.approx(peer["sb3_dqn"]["scores"][seed])
-    assert "| 5 | 487 | x2.26 | 755 | x1.97 |" in T.batching()
+    cpu = json.loads((RESULTS / "benchmark_rr2.json").read_text())
+    five = cpu["vectorised"]["5"]
+    assert five["one_process_steps_per_s"] / five["separate_steps_per_s"] == pytest.approx(five["speedup"])
+    assert "S = 5, x2.26 on one CPU core, x1.97 with both cores busy, x4.19 on the H200" in T.batching()
 
 
 def test_confirmation_absent_is_one_clear_line(tmp_path):
@@ -83,7 +86,7 @@ def test_a_made_up_confirmation_renders_its_numbers_and_verdict(tmp_path, shift,
     assert f"| `bbf` | 20 | **{bbf['iqm']:.1f}** | [{bbf['ci_low']:.1f}, {bbf['ci_high']:.1f}] |" in text
     assert f"Newcombe [{p['newcombe_low']:.2f}, {p['newcombe_high']:.2f}]" in text and verdict in text
     assert (p["newcombe_low"] > 0.5) == (verdict == "**confirmed**")
-    assert "Seeds 1000-1019 (20 per agent), protocol of commit `1111111`" in text
+    assert "| agent (seeds 1000-1019) |" in text and "protocol of commit `1111111`" in text
     assert "IQM(bbf) - IQM(dqn) = 1.0, 95% bootstrap CI [-2.0, 3.5]" in text
     when = T.confirmation_time(tmp_path)
     assert "commit `0000000`" in when and "torch 2.14.1" in when and "`--workers 2`" in when
@@ -95,7 +98,9 @@ def test_figures_are_drawn_from_the_curves_file(tmp_path):
     written = T.figures(tmp_path, reps=200)
     assert [p.name for p in written] == ["confirmation_curves.png", "confirmation_profile_poi.png"]
     assert all(p.stat().st_size > 20_000 for p in written)
-    assert T.confirmation_figures(tmp_path).count("![") == 2
+    assert T.confirmation_figures(tmp_path).count("![") == 2 and "resets (dotted)" in T.confirmation_figures(
+        tmp_path
+    )
 
 
 def test_every_variant_keeps_its_colour_and_other_labels_get_distinct_ones():
@@ -120,3 +125,9 @@ def test_learning_curves_mark_resets_and_keep_the_legend_off_the_axes():
 def test_export_refuses_a_folder_that_holds_no_finished_run(tmp_path):
     with pytest.raises(E.UserError, match="summary.json not found"):
         E.curves(tmp_path)
+
+
+def test_the_readme_stays_within_250_lines_with_the_tables_it_renders():
+    lines = (REPO / "bbf_lunar" / "README.md").read_text().splitlines()
+    assert len(lines) <= 250
+    assert any('experiment_module("bbf_lunar/tables.py")' in line for line in lines)
