@@ -67,7 +67,7 @@ def read_item(text: str) -> dict:
     lr = a.get("dqn_lr") if variant == "dqn" else a.get("lr")
     ratio = summary.get("replay_ratio", {}).get(variant, a.get("replay_ratio"))
     item = {"label": label, "folder": str(folder), "variant": variant, "lr": lr, "replay_ratio": ratio}
-    item["reset_steps"] = v.get("reset_steps")
+    item["reset_steps"] = summary.get("reset_steps", {}).get(variant)
     return item | {"scores": v["final_returns"], "seeds": v["seeds"], "curve": summary["curves"][variant]}
 
 

@@ -72,7 +72,7 @@ def curves(run: Path) -> dict:
             "eval_steps": steps,
             "returns": [[mean(point) for point in r["eval_returns"]] for r in results],  # (seeds, points)
             "scores": [r["score"] for r in results],
-            "reset_steps": v.get("reset_steps"),
+            "reset_steps": summary.get("reset_steps", {}).get(name, results[0].get("reset_steps")),
             "seeds_in_process": v.get("seeds_in_process"),
             "minutes_per_process": v.get("minutes_per_process"),
             "seed_steps_per_second": v.get("seed_steps_per_second"),

@@ -65,7 +65,7 @@ def summarize(results: list[dict], reps: int, seed: int) -> dict:
 def make_plots(s: dict, log: RunLogger) -> None:
     """learning_curves (resets marked), final_iqm, performance_profiles, probability_of_improvement."""
     names = list(s["variants"])
-    resets = {name: s["variants"][name].get("reset_steps") for name in names}
+    resets = {name: s.get("reset_steps", {}).get(name) for name in names}  # run.py adds them
     log.save_figure("learning_curves", plots.learning_curves(s["curves"], resets))
     scored = {name: v | {"scores": v["final_returns"]} for name, v in s["variants"].items()}
     log.save_figure("final_iqm", plots.final_scores(scored, f"score at {s['env_steps']:,} steps"))
