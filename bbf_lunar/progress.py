@@ -73,7 +73,7 @@ class _Job:
         self.path = Path(spec["job_dir"]) / "progress.jsonl"
         self.offset, self.start, self.step = 0, 0, 0
         if (Path(spec["job_dir"]) / "checkpoint.pt").exists():  # a resumed job restarts at its checkpoint
-            rows = self._rows()  # written before: the checkpoint is the last multiple of checkpoint_every
+            rows = self.read_new()  # written before: the checkpoint is the last multiple of checkpoint_every
             last = max((r["step"] for r in rows), default=0)
             self.start = last - last % spec["run"]["checkpoint_every"]
             self.old = [r for r in rows if r["step"] <= self.start]
@@ -82,17 +82,17 @@ class _Job:
             self.old = []
         self.step = self.start
 
-    def _rows(self) -> list[dict]:
+    def read_new(self) -> list[dict]:
         """Complete new lines since the last call (a line a worker is still writing waits)."""
         if not self.path.exists():
             return []
-        with open(self.path) as f:
+        with open(self.path, "rb") as f:
             f.seek(self.offset)
-            text = f.read()
-        end = text.rfind("\n") + 1
-        self.offset += len(text[:end].encode())
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self.offset += end
         rows = []
-        for line in text[:end].splitlines():
+        for line in data[:end].decode(errors="replace").splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:  # a line cut by a kill before a resume
@@ -107,9 +107,9 @@ class _Job:
 def metric_rows(variant: str, seeds: list[int], row: dict) -> dict:
     """Per-seed metrics of one progress.jsonl row (evaluation or loss); {} for other rows."""
     out = {}
-    for key, name in (("eval/return", "eval/return"), ("train/loss", "train/loss")):
+    for key in ("eval/return", "train/loss"):
         if key in row:
-            out |= {f"{name}_{variant}_seed{k}": x for k, x in zip(seeds, row[key])}
+            out |= {f"{key}_{variant}_seed{k}": x for k, x in zip(seeds, row[key])}
     return out
 
 
@@ -168,7 +168,7 @@ class Monitor:
 
     def poll(self) -> None:
         for job in self.jobs:
-            for row in job._rows():
+            for row in job.read_new():
                 job.step = max(job.step, row.get("step", 0))
                 self._metrics(job, row)
                 if "eval/return" in row:
