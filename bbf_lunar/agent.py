@@ -8,7 +8,10 @@ this code; each ingredient is a field of `ModelConfig` / `AgentConfig` so an abl
     n-step annealing    n_max -> n_min over `anneal_steps` gradient steps after each reset
     gamma annealing     gamma_start -> gamma_end on the same clock
     resets              shrink-and-perturb the encoder, re-initialise projection and head (online
-                        and target, each towards its own fresh draw), as the official BBF code does
+                        and target, each towards its own fresh draw), fresh Adam state for every
+                        parameter, as the official BBF code (spr_agent.py, jit_reset) does
+    target acting       the EMA target network acts, in training and evaluation (BBF.gin:
+                        target_action_selection = True)
 
 Seeds as a batch dimension: every parameter of the S networks lives in one flat (S, D) tensor, a
 layer is `torch.baddbmm` over the seed axis, and the optimizer (AdamW with per-seed step counts),
@@ -48,7 +51,7 @@ class AgentConfig:
     lr: float = 3e-4  # Adam(W) learning rate
     weight_decay: float = 0.1  # decoupled weight decay on weight matrices only (not biases, LayerNorm)
     adam_eps: float = 1.5e-4  # Adam epsilon (BBF / Dopamine: 1.5e-4)
-    max_grad_norm: float = 10.0  # per-seed global gradient-norm clip
+    max_grad_norm: float = 0.0  # per-seed global gradient-norm clip, 0 = none (BBF: none; SB3's DQN: 10)
     double: bool = True  # double-DQN target (online argmax, target value); else max of the target
     tau: float = 0.005  # target EMA rate per gradient step; 1 with target_every > 0 = hard copies
     n_max: int = 10  # n-step horizon right after a reset (BBF: 10)
@@ -88,6 +91,12 @@ def linear_epsilon(step: int, start: float, end: float, decay_steps: int) -> flo
     if decay_steps <= 0:
         return end
     return start + (end - start) * min(step / decay_steps, 1.0)
+
+
+def warmup_epsilon(step: int, warmup: int, decay_steps: int, end: float) -> float:
+    """1 for the first `warmup` steps, then linear 1 -> end over `decay_steps` steps: Dopamine's
+    linearly_decaying_epsilon(decay_period, step, warmup_steps, epsilon), which BBF acts with."""
+    return 1.0 if step < warmup else linear_epsilon(step - warmup, 1.0, end, decay_steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,8 +338,8 @@ class Agent:
         self.exp_avg = torch.zeros_like(self.online)
         self.exp_avg_sq = torch.zeros_like(self.online)
         self.grad = torch.zeros_like(self.online)  # preallocated: the views below stay valid
-        # torch's fused Adam sees each seed's encoder and projection + head as separate tensors, with
-        # their own step counts: a reset restarts the second only, and no seed's state touches another's
+        # torch's fused Adam sees each seed's encoder and projection + head as separate tensors with
+        # their own step counts (BBF's two masked AdamWs); no seed's state touches another's
         e = self.layout.encoder_size
         groups = [(s, cols) for s in range(self.num_seeds) for cols in (slice(0, e), slice(e, None))]
         self._adam_lists = [
@@ -362,15 +371,21 @@ class Agent:
         )
 
     @torch.no_grad()
-    def greedy(self, obs: np.ndarray) -> np.ndarray:
-        """(S, B, obs_dim) states -> (S, B) greedy actions of each seed's online network."""
+    def greedy(self, obs: np.ndarray, target: bool = False) -> np.ndarray:
+        """(S, B, obs_dim) states -> (S, B) greedy actions of each seed's online (or target) network."""
         x = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-        return q_values(self.layout, self._online_views, x).argmax(dim=2).cpu().numpy()
+        views = self._target_views if target else self._online_views
+        return q_values(self.layout, views, x).argmax(dim=2).cpu().numpy()
 
-    def act(self, obs: np.ndarray, epsilon: float, rngs: list[np.random.Generator]) -> np.ndarray:
-        """(S, obs_dim) -> (S,) epsilon-greedy actions; seed s draws from rngs[s] (two draws per step)."""
+    def act(
+        self, obs: np.ndarray, epsilon: float, rngs: list[np.random.Generator], target: bool = False
+    ) -> np.ndarray:
+        """(S, obs_dim) -> (S,) epsilon-greedy actions of the online (or target) network; seed s draws
+        from rngs[s] (two draws per step)."""
         draws = [(rng.random(), rng.integers(self.model_cfg.num_actions)) for rng in rngs]
-        greedy = self.greedy(obs[:, None])[:, 0] if epsilon < 1 else np.zeros(len(rngs), dtype=np.int64)
+        greedy = (
+            self.greedy(obs[:, None], target)[:, 0] if epsilon < 1 else np.zeros(len(rngs), dtype=np.int64)
+        )
         return np.array([a if u < epsilon else g for (u, a), g in zip(draws, greedy)], dtype=np.int64)
 
     def update(self, buffer: ReplayBuffer, rngs: list[np.random.Generator]) -> dict[str, torch.Tensor]:
@@ -454,9 +469,11 @@ class Agent:
 
     @torch.no_grad()
     def _clip_(self, grad: torch.Tensor) -> torch.Tensor:
-        """Per seed: scale the gradient to norm <= max_grad_norm (torch's clip_grad_norm_ formula)."""
+        """Per seed: scale the gradient to norm <= max_grad_norm (torch's clip_grad_norm_ formula); with
+        max_grad_norm 0 the gradient is left as it is. Returns the norms before clipping."""
         norm = torch.linalg.vector_norm(grad, dim=1, keepdim=True)  # (S, 1)
-        grad.mul_((self.cfg.max_grad_norm / (norm + 1e-6)).clamp_(max=1.0))
+        if self.cfg.max_grad_norm > 0:
+            grad.mul_((self.cfg.max_grad_norm / (norm + 1e-6)).clamp_(max=1.0))
         return norm[:, 0]
 
     @torch.no_grad()
@@ -474,10 +491,12 @@ class Agent:
 
     @torch.no_grad()
     def reset(self, seeds=None) -> None:
-        """BBF reset of the given seed indices (default all), as in the official code: the encoder is
-        shrunk and perturbed towards a fresh draw (online and target each towards their own draw),
-        projection and head are re-initialised, their Adam state restarts (the encoder's is kept),
-        and the n / gamma anneal restarts."""
+        """BBF reset of the given seed indices (default all), as in the official code (spr_agent.py,
+        jit_reset): the encoder is shrunk and perturbed towards a fresh draw (online and target each
+        towards their own draw), projection and head are re-initialised, the Adam state of every
+        parameter restarts (moments and step count: jit_reset's copy_params does not descend into the
+        optax.chain of masked AdamWs, so the fresh optimizer.init state is kept whole), and the n /
+        gamma anneal restarts."""
         c, e = self.cfg, self.layout.encoder_size
         for s in range(self.num_seeds) if seeds is None else seeds:
             fresh_online = self.layout.init(self.generators[s]).to(self.device)
@@ -485,8 +504,9 @@ class Agent:
             for params, fresh in ((self.online, fresh_online), (self.target, fresh_target)):
                 params[s, :e].mul_(c.shrink).add_(fresh[:e], alpha=c.perturb)
                 params[s, e:] = fresh[e:]
-            self.exp_avg[s, e:] = 0.0
-            self.exp_avg_sq[s, e:] = 0.0
+            self.exp_avg[s] = 0.0
+            self.exp_avg_sq[s] = 0.0
+            self.adam_steps[2 * s].zero_()
             self.adam_steps[2 * s + 1].zero_()
             self.steps_since_reset[s] = 0
             self.num_resets[s] += 1

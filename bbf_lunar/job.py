@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from agent import Agent, AgentConfig, ModelConfig, ReplayBuffer, linear_epsilon
+from agent import Agent, AgentConfig, ModelConfig, ReplayBuffer, warmup_epsilon
 
 from common import CHECKPOINT_PT, UserError, load_torch, save_torch, write_json
 
@@ -65,9 +65,33 @@ def seed_dir(jobs_dir: Path, variant: str, seed: int) -> Path:
     return jobs_dir / f"{variant}_seed{seed}"
 
 
-def evaluate(agent: Agent, envs: list[list]) -> np.ndarray:
-    """Greedy returns (S, E): envs[s][i] plays episode i (seed 1e6 + i) with seed s's network."""
-    return evaluate_policy(agent.greedy, envs)  # every seed's network on all its episodes at once
+def reset_schedule(total_steps: int, reset_every: int, no_resets_after: int) -> list[int]:
+    """The environment steps at which a run resets: every reset_every steps, skipping any after which
+    fewer than reset_every steps remain before no_resets_after (spr_agent.py, reset_weights: the reset
+    at step t happens iff t + interval <= no_resets_after; BBF.gin: reset_every 20_000,
+    no_resets_after 100_000 = the run's length, so 20k, 40k, 60k and 80k)."""
+    if reset_every <= 0:
+        return []
+    return [t for t in range(reset_every, total_steps + 1, reset_every) if t + reset_every <= no_resets_after]
+
+
+def evaluate(
+    agent: Agent, envs: list[list], target: bool = False, epsilon: float = 0.0, rngs=None
+) -> np.ndarray:
+    """Returns (S, E): envs[s][i] plays episode i (seed 1e6 + i) with seed s's online (or target)
+    network, epsilon-greedy; with epsilon > 0 seed s draws from rngs[s] (E uniforms, then E actions,
+    per step)."""
+
+    def policy(obs):  # every seed's network on all its episodes at once
+        actions = agent.greedy(obs, target)
+        if epsilon > 0:
+            E, A = actions.shape[1], agent.model_cfg.num_actions
+            for s, rng in enumerate(rngs):
+                explore, random_actions = rng.random(E) < epsilon, rng.integers(A, size=E)
+                actions[s] = np.where(explore, random_actions, actions[s])
+        return actions
+
+    return evaluate_policy(policy, envs)
 
 
 def evaluate_policy(policy, envs: list[list]) -> np.ndarray:
@@ -105,7 +129,7 @@ class Job:
         self.buffer = ReplayBuffer(S, self.run["buffer_size"], obs_dim)
         self.rngs = [np.random.default_rng(s) for s in self.seeds]
         self.state = {"env_step": 0, "updates_owed": 0.0, "eval_steps": [], "eval_returns": []}
-        self.state |= {"seconds": 0.0, "episodes": [0] * S, "resumes": 0}
+        self.state |= {"seconds": 0.0, "episodes": [0] * S, "resumes": 0, "reset_steps": []}
         self.envs = gym.vector.SyncVectorEnv(
             [lambda: gym.make(ENV_ID) for _ in self.seeds], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
         )
@@ -124,6 +148,7 @@ class Job:
             for rng, state in zip(self.rngs, ckpt["numpy_rngs"], strict=True):
                 rng.bit_generator.state = json.loads(state)
             self.state = ckpt["state"]
+            self.state.setdefault("reset_steps", [])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             from common import UserError
 
@@ -146,12 +171,13 @@ class Job:
     # loop
 
     def act(self, obs: np.ndarray, step: int) -> np.ndarray:
+        """Uniformly random for the first learning_starts steps, then epsilon 1 -> eps_end over
+        eps_decay_steps (BBF: Dopamine's linearly_decaying_epsilon from min_replay_history; dqn:
+        learning_starts 0, as SB3's schedule starts at step 0); the target network acts when
+        act_with_target (BBF.gin: target_action_selection = True)."""
         r = self.run
-        if step < r["learning_starts"]:
-            epsilon = 1.0
-        else:
-            epsilon = linear_epsilon(step, r["eps_start"], r["eps_end"], r["eps_decay_steps"])
-        return self.agent.act(obs, epsilon, self.rngs)
+        epsilon = warmup_epsilon(step, r["learning_starts"], r["eps_decay_steps"], r["eps_end"])
+        return self.agent.act(obs, epsilon, self.rngs, target=r["act_with_target"])
 
     def learn(self, step: int, losses: list) -> None:
         """After env step `step` (1-based): every train_freq steps, replay_ratio * train_freq gradient
@@ -164,12 +190,18 @@ class Job:
                 self.state["updates_owed"] -= 1
         if r["target_every"] and step % r["target_every"] == 0:
             agent.hard_update_target()
-        # the official BBF code skips a reset that would leave less than a full interval to recover in
-        if r["reset_every"] and step % r["reset_every"] == 0 and step + r["reset_every"] < r["total_steps"]:
+        # spr_agent.py reset_weights: no reset after which less than an interval remains before
+        # no_resets_after (the run's length): at 20k, 40k, 60k and 80k of 100k (see reset_schedule)
+        every = r["reset_every"]
+        if every and step % every == 0 and step + every <= r["no_resets_after"]:
             agent.reset()
+            self.state["reset_steps"].append(step)
 
     def record_eval(self, progress) -> np.ndarray:
-        returns = evaluate(self.agent, self.eval_envs)  # (S, E)
+        r, step = self.run, self.state["env_step"]
+        # evaluation's own exploration draws, seeded by (seed, step): the training streams are untouched
+        rngs = [np.random.default_rng([EVAL_SEED_BASE, seed, step]) for seed in self.seeds]
+        returns = evaluate(self.agent, self.eval_envs, r["act_with_target"], r["eval_epsilon"], rngs)
         self.state["eval_steps"].append(self.state["env_step"])
         self.state["eval_returns"].append(returns.tolist())
         row = {"step": self.state["env_step"], "eval/return": returns.mean(axis=1).tolist()}
@@ -252,6 +284,7 @@ class Job:
                 "env_steps": st["env_step"],
                 "grad_steps": int(self.agent.grad_steps[s]),
                 "resets": int(self.agent.num_resets[s]),
+                "reset_steps": st["reset_steps"],
                 "episodes": st["episodes"][s],
                 "seconds": seconds,
                 "seeds_in_process": len(self.seeds),

@@ -4,8 +4,9 @@ against a tuned DQN, scored with the interquartile mean and bootstrap intervals 
 
 All seeds of a variant train together in one process, as a batch dimension of the networks
 (agent.py); variants x seed batches run in a pool of worker processes (one torch thread each), so
-every core is busy. Each seed evaluates its greedy policy on --eval-episodes fixed episodes every
---eval-every steps; its score is the mean of its last 3 evaluation points. The parent writes
+every core is busy. Each seed plays --eval-episodes fixed episodes every --eval-every steps (bbf:
+its target network at epsilon 0.001, as the official BBF agent; dqn: its online network, greedily);
+its score is the mean of its last 3 evaluation points. The parent writes
 summary.json and the plots (learning curves, final IQM, performance profiles, probability of
 improvement) into the run folder.
 
@@ -32,7 +33,16 @@ from typing import ClassVar
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, also in spawned workers
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from agent import AgentConfig, Layout, ModelConfig  # noqa: E402
-from job import at_step, progress_results, require_compiler, require_cuda, require_env, seed_dir, train_job  # noqa: E402
+from job import (  # noqa: E402
+    at_step,
+    progress_results,
+    require_compiler,
+    require_cuda,
+    require_env,
+    reset_schedule,
+    seed_dir,
+    train_job,
+)
 from progress import Console, Monitor  # noqa: E402
 from report import make_plots, print_table, summarize  # noqa: E402
 
@@ -47,10 +57,13 @@ class Args(RunArgs):
         os.cpu_count() or 1
     )  # worker processes; a variant's seeds are split into enough batches to use them
     total_steps: int = 100_000  # environment steps per run
-    eval_every: int = 10_000  # environment steps between greedy evaluations (also at step 0 and the end)
+    eval_every: int = 10_000  # environment steps between evaluations (also at step 0 and the end)
     eval_episodes: int = 10  # evaluation episodes per evaluation point
-    learning_starts: int = 2_000  # bbf: uniformly random actions before the first gradient step
-    replay_ratio: float = 2.0  # bbf: gradient steps per environment step (BBF: 8; 2 is this README's pick)
+    learning_starts: int = 2_000  # bbf: random steps before learning and the epsilon decay (BBF: 2000)
+    # bbf: gradient steps per environment step. BBF.gin's replay_ratio = 64 counts replayed samples:
+    # spr_agent.py set_replay_settings takes replay_ratio // batch_size = 64 // 32 = 2 gradient steps
+    # per environment step; the paper's headline runs use 8 (scores/RR8_*.csv)
+    replay_ratio: float = 2.0
     batch_size: int = 64  # bbf: transitions per gradient step
     lr: float = 3e-4  # bbf: AdamW learning rate (BBF: 1e-4)
     weight_decay: float = 0.1  # bbf: AdamW weight decay on weight matrices (BBF: 0.1)
@@ -63,8 +76,10 @@ class Args(RunArgs):
     gamma_end: float = 0.997  # bbf: discount after annealing
     anneal_steps: int = 10_000  # bbf: gradient steps to anneal n and gamma after each reset
     reset_every: int = 20_000  # bbf: environment steps between resets, 0 = never (official BBF code: 20k)
-    eps_end: float = 0.01  # bbf: epsilon after decay (from 1)
-    eps_decay_steps: int = 10_000  # bbf: environment steps of linear epsilon decay
+    eps_end: float = 0.0  # bbf: epsilon after decay (BBF.gin: epsilon_train 0)
+    # bbf: environment steps of linear epsilon decay 1 -> eps_end after the learning_starts random ones
+    # (BBF.gin: epsilon_decay_period 2001 after min_replay_history 2000)
+    eps_decay_steps: int = 2001
     dqn_lr: float = 6.3e-4  # dqn: Adam learning rate (rl-baselines3-zoo LunarLander-v3: 6.3e-4)
     compile: bool = False  # torch.compile each gradient step's TD loss (~1.25x on a CPU; not bit-identical)
     cuda_graph: bool = False  # GPU only: each gradient step replays one CUDA graph (not with --compile)
@@ -101,6 +116,7 @@ VARIANTS = {
         "batch_size": 128, "buffer_size": 50_000, "learning_starts": 0, "replay_ratio": 1.0,
         "train_freq": 4, "n_max": 1, "n_min": 1, "gamma_start": 0.99, "gamma_end": 0.99, "tau": 1.0,
         "target_every": 250, "reset_every": 0, "eps_end": 0.1, "eps_decay_steps": 12_000,
+        "act_with_target": False, "eval_epsilon": 0.0, "max_grad_norm": 10.0,
     },
 }  # fmt: skip
 
@@ -151,7 +167,10 @@ def settings(a: Args, variant: str) -> dict:
     """A variant's full settings: Args, BBF's network defaults, then the variant's overrides."""
     s = {**asdict(a), "residual": True, "layer_norm": True, "projection": True, "dueling": True}
     s |= {"double": True, "adam_eps": 1.5e-4, "buffer_size": a.total_steps, "train_freq": 1}
-    s |= {"target_every": 0, "eps_start": 1.0}
+    # BBF.gin: target_action_selection = True (the EMA target acts, in training and evaluation),
+    # epsilon_eval 0.001; optax.adamw without gradient clipping; no_resets_after = the run's length
+    s |= {"target_every": 0, "act_with_target": True, "eval_epsilon": 0.001, "max_grad_norm": 0.0}
+    s |= {"no_resets_after": a.total_steps}
     for key, value in VARIANTS[variant].items():
         s[key] = s[value] if isinstance(value, str) else value
     s["num_blocks"] = s["blocks"]
@@ -163,8 +182,8 @@ def job_spec(a: Args, variant: str, seeds: list[int], jobs_dir: Path) -> dict:
     s = settings(a, variant)
     pick = lambda cls: {f.name: s[f.name] for f in fields(cls) if f.name in s}  # noqa: E731
     run_keys = ("total_steps", "eval_every", "eval_episodes", "learning_starts", "replay_ratio", "train_freq")
-    run_keys += ("eps_start", "eps_end", "eps_decay_steps", "checkpoint_every", "buffer_size")
-    run_keys += ("target_every", "reset_every")
+    run_keys += ("eps_end", "eps_decay_steps", "checkpoint_every", "buffer_size", "act_with_target")
+    run_keys += ("eval_epsilon", "target_every", "reset_every", "no_resets_after")
     return {
         "variant": variant,
         "seeds": seeds,
@@ -307,9 +326,20 @@ def describe(args: Args, log: RunLogger, results: list[dict], pending: list[dict
     print(f"{len(results)} seed runs done; to train: {batches or 'nothing'} -> {log.run_dir}", flush=True)
 
 
+def variant_reset_steps(args: Args, variant: str, results: list[dict]) -> list[int]:
+    """The environment steps at which the variant's runs reset, as their result files record them
+    (the schedule from the settings for result files written before they did)."""
+    for r in results:
+        if r["variant"] == variant and "reset_steps" in r:
+            return r["reset_steps"]
+    s = settings(args, variant)
+    return reset_schedule(s["total_steps"], s["reset_every"], s["no_resets_after"])
+
+
 def report(args: Args, log: RunLogger, results: list[dict]) -> None:
     s = summarize(results, args.bootstrap_reps, args.seed)
     s["replay_ratio"] = {v: settings(args, v)["replay_ratio"] for v in s["variants"]}
+    s["reset_steps"] = {v: variant_reset_steps(args, v, results) for v in s["variants"]}
     for j, step in enumerate(next(iter(s["curves"].values()))["steps"]):
         log.log(
             step,

@@ -130,6 +130,8 @@ def test_dqn_is_the_zoo_tuned_setting():
     )  # fmt: skip
     assert (r["train_freq"], r["replay_ratio"], r["target_every"], r["buffer_size"]) == (4, 1.0, 250, 50_000)
     assert (r["learning_starts"], r["eps_end"], r["eps_decay_steps"], r["reset_every"]) == (0, 0.1, 12_000, 0)
+    # SB3: the online network acts, evaluation is deterministic (greedy), gradients clipped at norm 10
+    assert (r["act_with_target"], r["eval_epsilon"], a["max_grad_norm"]) == (False, 0.0, 10.0)
     size = R.Layout(R.ModelConfig(**spec["model"])).size
     assert size == 8 * 256 + 256 + 256 * 256 + 256 + 256 * 4 + 4  # the [256, 256] MLP
 
@@ -191,7 +193,7 @@ def run_job(tmp_path, seeds, **kw):
 
 @pytest.mark.slow
 def test_seed_in_a_batch_follows_the_same_trajectory_as_alone(tmp_path):
-    """1500 env steps, 1400 gradient steps and a reset: same actions, losses, evaluations."""
+    """1500 env steps, 1400 gradient steps and two resets: same actions, losses, evaluations."""
     batch, batch_rows = run_job(tmp_path, [0, 1, 2])
     alone, alone_rows = run_job(tmp_path, [1])
     assert np.array_equal(batch.buffer.actions[1], alone.buffer.actions[0])
@@ -203,7 +205,7 @@ def test_seed_in_a_batch_follows_the_same_trajectory_as_alone(tmp_path):
         np.array(batch.state["eval_returns"])[:, 1].tolist()
         == np.array(alone.state["eval_returns"])[:, 0].tolist()
     )
-    assert batch.agent.num_resets.tolist() == [1, 1, 1]  # at 500; at 1000 no full interval is left
+    assert batch.agent.num_resets.tolist() == [2, 2, 2]  # at 500 and 1000 (1000 + 500 <= 1500)
 
 
 @pytest.mark.slow
@@ -223,11 +225,11 @@ def test_interrupted_job_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     spec = R.job_spec(tiny_args(), "bbf", [3], tmp_path / "jobs")
     real_evaluate, calls = J.evaluate, []
 
-    def interrupt_third_eval(agent, envs):
+    def interrupt_third_eval(agent, envs, *rest):
         calls.append(int(agent.grad_steps[0]))
         if len(calls) == 3:  # step 1500, after the checkpoint at step 750
             raise KeyboardInterrupt
-        return real_evaluate(agent, envs)
+        return real_evaluate(agent, envs, *rest)
 
     monkeypatch.setattr(J, "evaluate", interrupt_third_eval)
     with pytest.raises(KeyboardInterrupt):
@@ -236,6 +238,7 @@ def test_interrupted_job_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     (result,) = J.train_job(spec, report=lambda *a: None)
     assert result["resumed"] == 1 and result["env_steps"] == 1500 and result["eval_steps"] == [0, 750, 1500]
     assert result["grad_steps"] == 1400 and calls == [0, 650, 1400, 1400]  # 750-1500 redone from step 750
+    assert result["reset_steps"] == [500, 1000]  # the one at 1000 redone once, from the checkpoint's [500]
     assert not (Path(spec["job_dir"]) / "checkpoint.pt").exists()
     assert json.loads((Path(spec["seed_dirs"][0]) / "result.json").read_text())["score"] == result["score"]
 
@@ -258,6 +261,7 @@ def test_run_writes_summary_plots_and_per_seed_results(finished):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["variants"]) == {"bbf", "dqn"} and summary["seeds"] == [0, 1]
     assert summary["replay_ratio"] == {"bbf": 1.0, "dqn": 1.0}
+    assert summary["reset_steps"] == {"bbf": [150], "dqn": []}
     for v in summary["variants"].values():
         assert len(v["final_returns"]) == 2 and v["ci_low"] <= v["iqm"] <= v["ci_high"]
         assert v["iqm"] == pytest.approx(sum(v["final_returns"]) / 2)  # 2 runs: nothing trimmed
@@ -268,7 +272,7 @@ def test_run_writes_summary_plots_and_per_seed_results(finished):
         assert (out / f"{name}.png").stat().st_size > 5000
     bbf = json.loads((out / "jobs" / "bbf_seed0" / "result.json").read_text())
     dqn = json.loads((out / "jobs" / "dqn_seed1" / "result.json").read_text())
-    assert bbf["grad_steps"] == 300 and bbf["resets"] == 1  # at 150; at 300 no full interval is left
+    assert bbf["grad_steps"] == 300 and bbf["resets"] == 1 and bbf["reset_steps"] == [150]  # 300 + 150 > 400
     assert bbf["score"] == pytest.approx(np.mean([np.mean(x) for x in bbf["eval_returns"]]))  # last 3 points
     assert dqn["grad_steps"] == 400 and dqn["resets"] == 0  # train_freq 4 x 4 gradient steps from step 0
     assert dqn["seeds_in_process"] == 2 and not (out / "jobs" / "bbf_seeds0-1" / "checkpoint.pt").exists()
