@@ -63,7 +63,7 @@ def learning_curves(curves: dict, reset_steps: dict | None = None, title="IQM le
         ax.fill_between(c["steps"], c["ci_low"], c["ci_high"], color=col, alpha=0.15, lw=0)
     for name, steps in (reset_steps or {}).items():
         for i, step in enumerate(steps or []):
-            label = f"{name}: reset (the evaluation at this step follows it)" if i == 0 else None
+            label = f"{name}: reset (an evaluation at the same step follows it)" if i == 0 else None
             ax.axvline(step, color=color(name, names), ls=":", lw=1.2, label=label)
     ax.axhline(SOLVED, color="grey", ls="--", lw=1, label=f"solved ({SOLVED:g})")
     ax.set(xlabel="environment steps", ylabel="IQM evaluation return", title=title)
