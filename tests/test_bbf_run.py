@@ -385,6 +385,11 @@ def test_damaged_result_of_a_finished_run_is_rebuilt_by_resume(finished, tmp_pat
     assert "finished" in one_line_error(run_script(RUN, *flags, rc=1))  # and now it is finished again
 
 
+def evaluated_steps(metrics: Path) -> set[int]:
+    lines = metrics.read_text().splitlines(keepends=True) if metrics.exists() else []
+    return {json.loads(x)["step"] for x in lines if "eval/return_dqn_seed1" in x and x.endswith("\n")}
+
+
 @pytest.mark.slow
 def test_first_line_at_once_progress_lines_and_a_killed_run_keeps_its_metrics(tmp_path):
     """Split into parts: killed mid-run, its rows stay; --resume finishes it."""
@@ -401,7 +406,7 @@ def test_first_line_at_once_progress_lines_and_a_killed_run_keeps_its_metrics(tm
         assert first.startswith("bbf_lunar: dqn x seeds 0-1") and time.time() - started < 60
         metrics = out / "metrics.jsonl"
         deadline = time.time() + 300
-        while '"step": 1000, ' not in (metrics.read_text() if metrics.exists() else ""):
+        while 1000 not in evaluated_steps(metrics):  # the evaluation's row, not the loss row at 1000
             assert time.time() < deadline and parent.poll() is None, "no evaluation at step 1000"
             time.sleep(0.2)
         os.kill(parent.pid, signal.SIGKILL)
