@@ -23,8 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
+import plots  # noqa: E402
 import stats  # noqa: E402
-from report import SOLVED  # noqa: E402
 
 from common import RunArgs, RunLogger, UserError, parse_args, read_json, run_main, run_name  # noqa: E402
 
@@ -67,6 +67,7 @@ def read_item(text: str) -> dict:
     lr = a.get("dqn_lr") if variant == "dqn" else a.get("lr")
     ratio = summary.get("replay_ratio", {}).get(variant, a.get("replay_ratio"))
     item = {"label": label, "folder": str(folder), "variant": variant, "lr": lr, "replay_ratio": ratio}
+    item["reset_steps"] = summary.get("reset_steps", {}).get(variant)
     return item | {"scores": v["final_returns"], "seeds": v["seeds"], "curve": summary["curves"][variant]}
 
 
@@ -112,40 +113,12 @@ def table(result: dict) -> list[str]:
 
 
 def plot(items: list[dict]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, item in enumerate(items):
-        c = item["curve"]
-        ax.plot(c["steps"], c["iqm"], color=f"C{i}", label=f"{item['label']} ({len(item['scores'])} seeds)")
-        ax.fill_between(c["steps"], c["ci_low"], c["ci_high"], color=f"C{i}", alpha=0.15)
-    ax.axhline(SOLVED, color="grey", ls="--", lw=1)
-    ax.set(xlabel="environment steps", ylabel="IQM evaluation return", title="IQM learning curves (95% CI)")
-    ax.legend()
-    return fig
+    curves = {i["label"]: i["curve"] | {"label": f"{i['label']} ({len(i['scores'])} seeds)"} for i in items}
+    return plots.learning_curves(curves, {i["label"]: i.get("reset_steps") for i in items})
 
 
 def plot_final(result: dict):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(result["items"])
-    fig, ax = plt.subplots(figsize=(6, 0.5 * len(labels) + 1.5))
-    for i, label in enumerate(labels):
-        r = result["items"][label]
-        ax.errorbar(
-            r["iqm"], i, xerr=[[r["iqm"] - r["ci_low"]], [r["ci_high"] - r["iqm"]]], fmt="o", capsize=4
-        )
-        ax.plot(r["scores"], [i] * len(r["scores"]), "x", color="grey", alpha=0.6)
-    ax.axvline(SOLVED, color="grey", ls="--", lw=1)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set(xlabel="score: IQM (95% CI) and each seed (x)", title="Final performance")
-    return fig
+    return plots.final_scores(result["items"], "score")
 
 
 def main() -> None:

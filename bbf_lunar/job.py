@@ -249,6 +249,8 @@ class Job:
                 }
                 progress.write(json.dumps(row | {"train/gamma": float(agent.gamma[0])}) + "\n")
                 losses = []
+            if step % 1000 == 0:
+                progress.flush()  # the parent's progress lines follow this file (progress.py)
             if step % r["eval_every"] == 0 or step == r["total_steps"]:
                 report(step, self.record_eval(progress), (step - start_step) / (time.perf_counter() - t0))
             if step % r["checkpoint_every"] == 0 and step < r["total_steps"]:

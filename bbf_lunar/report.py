@@ -8,12 +8,11 @@ profiles); `make_plots` draws them; `print_table` prints the final-return table.
 from __future__ import annotations
 
 import numpy as np
+import plots
 import stats
 from job import SCORE_POINTS
 
 from common import RunLogger, UserError
-
-SOLVED = 200.0  # LunarLander's "solved" return (gymnasium docs)
 
 
 def summarize(results: list[dict], reps: int, seed: int) -> dict:
@@ -64,65 +63,16 @@ def summarize(results: list[dict], reps: int, seed: int) -> dict:
 
 
 def make_plots(s: dict, log: RunLogger) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {name: f"C{i}" for i, name in enumerate(s["variants"])}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, c in s["curves"].items():
-        ax.plot(c["steps"], c["iqm"], color=colors[name], label=name)
-        ax.fill_between(c["steps"], c["ci_low"], c["ci_high"], color=colors[name], alpha=0.2)
-    ax.axhline(SOLVED, color="grey", ls="--", lw=1)
-    ax.set(xlabel="environment steps", ylabel="IQM evaluation return", title="IQM learning curves (95% CI)")
-    ax.legend()
-    log.save_figure("learning_curves", fig)
-
+    """learning_curves (resets marked), final_iqm, performance_profiles, probability_of_improvement."""
     names = list(s["variants"])
-    fig, ax = plt.subplots(figsize=(6, 0.5 * len(names) + 1.5))
-    for i, name in enumerate(names):
-        v = s["variants"][name]
-        ax.errorbar(
-            v["iqm"],
-            i,
-            xerr=[[v["iqm"] - v["ci_low"]], [v["ci_high"] - v["iqm"]]],
-            fmt="o",
-            color=colors[name],
-            capsize=4,
-        )
-    ax.axvline(SOLVED, color="grey", ls="--", lw=1)
-    ax.set_yticks(range(len(names)), names)
-    ax.set(xlabel=f"IQM return at {s['env_steps']:,} steps (95% CI)", title="Final performance")
-    log.save_figure("final_iqm", fig)
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    tau = s["profiles"]["thresholds"]
-    for name in names:
-        p = s["profiles"][name]
-        ax.step(tau, p["fraction"], where="post", color=colors[name], label=name)
-        ax.fill_between(tau, p["ci_low"], p["ci_high"], step="post", color=colors[name], alpha=0.15)
-    ax.axvline(SOLVED, color="grey", ls="--", lw=1)
-    ax.set(xlabel="return threshold", ylabel="fraction of runs above", title="Performance profiles (95% CI)")
-    ax.legend()
-    log.save_figure("performance_profiles", fig)
-
+    resets = {name: s.get("reset_steps", {}).get(name) for name in names}  # run.py adds them
+    log.save_figure("learning_curves", plots.learning_curves(s["curves"], resets))
+    scored = {name: v | {"scores": v["final_returns"]} for name, v in s["variants"].items()}
+    log.save_figure("final_iqm", plots.final_scores(scored, f"score at {s['env_steps']:,} steps"))
+    log.save_figure("performance_profiles", plots.performance_profiles(s["profiles"], names))
     if s["probability_of_improvement"]:
-        pairs = list(s["probability_of_improvement"].items())
-        fig, ax = plt.subplots(figsize=(6, 0.5 * len(pairs) + 1.5))
-        for i, (_, p) in enumerate(pairs):
-            ax.errorbar(
-                p["poi"],
-                i,
-                xerr=[[p["poi"] - p["ci_low"]], [p["ci_high"] - p["poi"]]],
-                fmt="o",
-                color="C0",
-                capsize=4,
-            )
-        ax.axvline(0.5, color="grey", ls="--", lw=1)
-        ax.set_yticks(range(len(pairs)), [pair.replace("_vs_", " > ") for pair, _ in pairs])
-        ax.set(xlim=(0, 1), xlabel="P(BBF > variant) (95% CI)", title="Probability of improvement")
-        log.save_figure("probability_of_improvement", fig)
+        pairs = {k.replace("_vs_", " vs "): p for k, p in s["probability_of_improvement"].items()}
+        log.save_figure("probability_of_improvement", plots.probability_of_improvement(pairs))
 
 
 def print_table(s: dict) -> None:

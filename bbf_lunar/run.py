@@ -43,6 +43,7 @@ from job import (  # noqa: E402
     seed_dir,
     train_job,
 )
+from progress import Console, Monitor  # noqa: E402
 from report import make_plots, print_table, summarize  # noqa: E402
 
 from common import RunArgs, RunLogger, UserError, parse_args, read_json, run_main, run_name  # noqa: E402
@@ -88,11 +89,14 @@ class Args(RunArgs):
     # with --summarize-only: score every run at this env step (0 = at its end); jobs still unfinished
     # are then read from their progress.jsonl
     score_step: int = 0
+    progress_every: float = 30.0  # seconds between progress lines (a tqdm bar instead on a terminal)
 
     REPORT_ONLY: ClassVar[frozenset[str]] = frozenset({"summarize_only", "score_step"})
     # --seeds and --variants may change on --resume: finished (variant, seed) runs are kept, new ones
     # train, and the statistics cover the runs the flags name (a variant's settings do not depend on them)
-    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"workers", "bootstrap_reps", "seeds", "variants"})
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset(
+        {"workers", "bootstrap_reps", "seeds", "variants", "progress_every"}
+    )
     EXTENDS: ClassVar[frozenset[str]] = frozenset({"seeds"})  # more seeds continue a finished run
 
 
@@ -134,7 +138,7 @@ def check_args(a: Args) -> None:
     for name in ("n_max", "n_min", "checkpoint_every", "bootstrap_reps"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(a, name)})")
-    for name in ("replay_ratio", "lr", "dqn_lr", "tau"):
+    for name in ("replay_ratio", "lr", "dqn_lr", "tau", "progress_every"):
         if getattr(a, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(a, name)})")
     for name in ("gamma_start", "gamma_end", "eps_end", "tau"):
@@ -228,7 +232,7 @@ def run_one(spec: dict) -> dict:
     """Worker entry: {"results": [...]} or {"error": one line}. A damaged checkpoint is moved aside
     (checkpoint.pt.damaged) so the next --resume restarts this job from scratch."""
     try:
-        return {"results": train_job(spec)}
+        return {"results": train_job(spec, report=lambda *_: None)}  # the parent prints (progress.py)
     except UserError as e:
         ckpt = Path(spec["job_dir"]) / "checkpoint.pt"
         if str(ckpt) in str(e) and ckpt.exists():
@@ -237,20 +241,20 @@ def run_one(spec: dict) -> dict:
         return {"error": str(e)}
 
 
-def run_jobs(pending: list[dict], workers: int) -> tuple[list[dict], list[str]]:
+def run_jobs(pending: list[dict], workers: int, say=print) -> tuple[list[dict], list[str]]:
     results, errors = [], []
     if not pending:
         return results, errors
     if workers == 1 or len(pending) == 1:
         outcomes = map(run_one, pending)
-        return _collect(outcomes, results, errors)
+        return _collect(outcomes, results, errors, say)
     ctx = mp.get_context("spawn")
     with ctx.Pool(min(workers, len(pending)), initializer=_worker_init, initargs=(os.getpid(),)) as pool:
-        _collect(pool.imap_unordered(run_one, pending), results, errors)
+        _collect(pool.imap_unordered(run_one, pending), results, errors, say)
     return results, errors
 
 
-def _collect(outcomes, results: list, errors: list):
+def _collect(outcomes, results: list, errors: list, say):
     for outcome in outcomes:
         if "error" in outcome:
             errors.append(outcome["error"])  # printed once, at the end
@@ -258,10 +262,9 @@ def _collect(outcomes, results: list, errors: list):
         done = outcome["results"]
         results += done
         scores = ", ".join(f"{r['score']:.1f}" for r in done)
-        print(
+        say(
             f"done {done[0]['variant']} seeds {done[0]['seed']}-{done[-1]['seed']}: scores [{scores}] "
-            f"({done[0]['seconds'] / 60:.1f} min)",
-            flush=True,
+            f"({done[0]['seconds'] / 60:.1f} min)"
         )
     return results, errors
 
@@ -273,7 +276,9 @@ def _collect(outcomes, results: list, errors: list):
 def plan(args: Args, log: RunLogger) -> tuple[list[dict], list[dict], list[str]]:
     """(finished results, pending job specs, damaged result files). A job is finished when every
     seed of its batch has a readable result.json (--resume has checked the settings); a job whose
-    batch is partly finished trains only its missing seeds (results do not depend on the batching)."""
+    batch is partly finished trains only its missing seeds (results do not depend on the batching).
+    A damaged result.json is moved aside; its seed trains again from scratch now, or with
+    --summarize-only at the next --resume."""
     variants, jobs_dir = variant_list(args.variants), log.path("jobs")
     specs = [job_spec(args, v, b, jobs_dir) for v in variants for b in seed_batches(args, variants)]
     results, pending, damaged = [], [], []
@@ -285,9 +290,12 @@ def plan(args: Args, log: RunLogger) -> tuple[list[dict], list[dict], list[str]]
                 try:
                     found.append(read_json(path))
                 except UserError as e:
-                    damaged.append(f"{e}; moved aside, the next --resume restarts its job from scratch")
                     os.replace(path, path.with_name("result.json.damaged"))
-                    bad = True
+                    if args.summarize_only:
+                        damaged.append(f"{e}; moved aside, the next --resume trains its seed again")
+                        bad = True
+                    else:
+                        print(f"note: {e}; moved aside, its seed trains again from scratch", flush=True)
         if len(found) < len(spec["seeds"]) and args.score_step and not bad:
             found = progress_results(spec)  # an unfinished job, scored at an earlier step
         if len(found) == len(spec["seeds"]) or (args.summarize_only and found):
@@ -302,7 +310,15 @@ def plan(args: Args, log: RunLogger) -> tuple[list[dict], list[dict], list[str]]
 
 
 def describe(args: Args, log: RunLogger, results: list[dict], pending: list[dict]) -> None:
-    for v in variant_list(args.variants):
+    variants, last = variant_list(args.variants), args.seed + args.seeds - 1
+    to_train = sum(len(s["seeds"]) for s in pending) * args.total_steps  # resumed jobs: at most this
+    print(
+        f"bbf_lunar: {', '.join(variants)} x seeds {args.seed}-{last}, {args.total_steps:,} steps per run; "
+        f"{len(pending)} job(s) to train on {min(args.workers, max(len(pending), 1))} worker(s), "
+        f"up to {to_train:,} seed-steps; progress every {args.progress_every:g} s -> {log.run_dir}",
+        flush=True,
+    )
+    for v in variants:
         s = settings(args, v)
         size = Layout(ModelConfig(**{f.name: s[f.name] for f in fields(ModelConfig) if f.name in s})).size
         print(f"{v:<16} {size:>7,} weights, replay ratio {s['replay_ratio']:g}, lr {s['lr']:g}", flush=True)
@@ -339,11 +355,51 @@ def report(args: Args, log: RunLogger, results: list[dict]) -> None:
     print_table(s)
 
 
+def unreadable_results(args: Args) -> list[Path]:
+    """The result.json files of the runs the flags name that are missing or damaged."""
+    jobs_dir, bad = Path(args.out) / "jobs", []
+    for v in variant_list(args.variants):
+        for k in range(args.seed, args.seed + args.seeds):
+            path = seed_dir(jobs_dir, v, k) / "result.json"
+            try:
+                read_json(path)
+            except UserError:
+                bad.append(path)
+    return bad
+
+
+def open_run(args: Args) -> RunLogger:
+    """The run folder. --resume of a finished run (summary.json) with a missing or damaged result file
+    reopens it: summary.json is moved aside (summary.json.incomplete), so this --resume trains those
+    seeds again; it goes back when the folder is refused for another reason."""
+    summary = Path(args.out or ".") / "summary.json"
+    aside = summary.with_name("summary.json.incomplete")
+    reopen = args.resume and not args.summarize_only and summary.exists() and unreadable_results(args)
+    if reopen:
+        os.replace(summary, aside)
+    try:
+        log = RunLogger("bbf_lunar", run_name("bbf", args.seed), args)
+    except BaseException:
+        if reopen:
+            os.replace(aside, summary)
+        raise
+    if reopen:
+        print(f"note: {len(reopen)} result file(s) missing or damaged; reopened the finished run", flush=True)
+    return log
+
+
+def emit_results(log: RunLogger, results: list[dict]) -> None:
+    """metrics.jsonl rows of the runs finished before this session (per seed, as progress.py writes them)."""
+    for r in results:
+        for step, returns in zip(r["eval_steps"], r["eval_returns"]):
+            log.log(step, {f"eval/return_{r['variant']}_seed{r['seed']}": sum(returns) / len(returns)})
+
+
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
-    with RunLogger("bbf_lunar", run_name("bbf", args.seed), args) as log:
+    with open_run(args) as log, Console(log.path("log.txt")) as console:
         if log.resumed:
-            log.rewind(-1)  # metrics.jsonl is rewritten from the results at the end
+            log.rewind(-1)  # rebuilt below: finished runs from their results, pending jobs from progress
         results, pending, damaged = plan(args, log)
         describe(args, log, results, pending)
         if pending:
@@ -353,7 +409,9 @@ def main() -> None:
             if args.cuda_graph:
                 require_cuda("--cuda-graph")
             log.keep()  # job folders with checkpoints will hold work worth keeping
-        done, errors = run_jobs(pending, args.workers)
+        emit_results(log, results)
+        with Monitor(pending, log, console, args.progress_every) as monitor:
+            done, errors = run_jobs(pending, args.workers, monitor.say)
         results += done
         if len(damaged) + len(errors) == 1:  # one damaged file or failed job: its line alone
             raise UserError((damaged + errors)[0])
@@ -364,6 +422,7 @@ def main() -> None:
         if not results:
             raise UserError(f"no finished jobs under {log.path('jobs')}")
         report(args, log, results)
+        log.path("summary.json.incomplete").unlink(missing_ok=True)  # replaced by the new summary.json
 
 
 if __name__ == "__main__":

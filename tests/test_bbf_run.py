@@ -278,7 +278,13 @@ def test_run_writes_summary_plots_and_per_seed_results(finished):
     assert dqn["seeds_in_process"] == 2 and not (out / "jobs" / "bbf_seeds0-1" / "checkpoint.pt").exists()
     assert "P(bbf > dqn)" in proc.stdout and "pairs won" in proc.stdout and "caveat" in proc.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 200, 400] and "eval/iqm_bbf" in rows[0]
+    assert [r["step"] for r in rows if "eval/iqm_bbf" in r] == [0, 200, 400]  # the statistics at the end
+    live = {(r["step"], k): v for r in rows for k, v in r.items() if k.startswith("eval/return_")}
+    assert live[(400, "eval/return_dqn_seed1")] == pytest.approx(np.mean(dqn["eval_returns"][-1]))
+    assert len(live) == 2 * 2 * 3  # per variant, seed and evaluation, as the workers measured them
+    log = (out / "log.txt").read_text()
+    assert log.splitlines()[1].startswith("bbf_lunar: bbf, dqn x seeds 0-1, 400 steps per run; 2 job(s)")
+    assert "P(bbf > dqn)" in log and "bbf seeds 0-1: step 200/400, eval return per seed" in log
 
 
 @pytest.mark.slow
@@ -344,7 +350,7 @@ def test_resume_of_a_missing_folder_is_an_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_damaged_result_is_named_then_its_job_restarts_from_scratch(finished, tmp_path):
+def test_damaged_result_is_named_then_resume_trains_its_seed_again(finished, tmp_path):
     src, _ = finished
     out = tmp_path / "copy"
     shutil.copytree(src, out)
@@ -352,13 +358,71 @@ def test_damaged_result_is_named_then_its_job_restarts_from_scratch(finished, tm
     expected = json.loads((out / "jobs" / "dqn_seed1" / "result.json").read_text())
     (out / "jobs" / "dqn_seed1" / "result.json").write_text('{"variant": "dqn", "se')
     flags = ["--seeds", "2", "--variants", "bbf,dqn", "--workers", "2", "--out", out, "--resume", *TINY]
-    proc = run_script(RUN, *flags, rc=1)
-    assert f"{out / 'jobs' / 'dqn_seed1' / 'result.json'} is damaged" in proc.stderr
-    assert "Traceback" not in proc.stderr and not (out / "summary.json").exists()
     proc = run_script(RUN, *flags)
+    assert f"{out / 'jobs' / 'dqn_seed1' / 'result.json'} is damaged" in proc.stdout
     assert "to train: dqn 1-1" in proc.stdout and (out / "summary.json").exists()  # seed 0 is kept
     again = json.loads((out / "jobs" / "dqn_seed1" / "result.json").read_text())
     assert again["eval_returns"] == expected["eval_returns"]  # from scratch, same seed, same result
+
+
+@pytest.mark.slow
+def test_damaged_result_of_a_finished_run_is_rebuilt_by_resume(finished, tmp_path):
+    src, _ = finished
+    out = tmp_path / "finished"
+    shutil.copytree(src, out)
+    before = json.loads((out / "summary.json").read_text())["variants"]
+    damaged = out / "jobs" / "bbf_seed0" / "result.json"
+    damaged.write_text('{"variant": "bbf", "se')
+    flags = ["--seeds", "2", "--variants", "bbf,dqn", "--workers", "2", "--out", out, "--resume", *TINY]
+    proc = run_script(RUN, *flags, "--summarize-only", rc=1)  # the statistics need every run
+    assert f"{damaged} is damaged" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script(RUN, *flags)  # no longer "finished": the missing seed trains again
+    assert "reopened the finished run" in proc.stdout and "to train: bbf 0-0" in proc.stdout
+    after = json.loads((out / "summary.json").read_text())["variants"]
+    for v, key in ((v, k) for v in ("bbf", "dqn") for k in ("final_returns", "iqm", "ci_low", "ci_high")):
+        assert after[v][key] == before[v][key]  # the same seed from scratch gives the same result
+    assert not (out / "summary.json.incomplete").exists()
+    assert "finished" in one_line_error(run_script(RUN, *flags, rc=1))  # and now it is finished again
+
+
+def evaluated_steps(metrics: Path) -> set[int]:
+    lines = metrics.read_text().splitlines(keepends=True) if metrics.exists() else []
+    return {json.loads(x)["step"] for x in lines if "eval/return_dqn_seed1" in x and x.endswith("\n")}
+
+
+@pytest.mark.slow
+def test_first_line_at_once_progress_lines_and_a_killed_run_keeps_its_metrics(tmp_path):
+    """Split into parts: killed mid-run, its rows stay; --resume finishes it."""
+    out = tmp_path / "run"
+    flags = ["--seeds", "2", "--variants", "dqn", "--workers", "1", "--out", out, *TINY]
+    flags += ["--total-steps", "3000", "--eval-every", "500", "--checkpoint-every", "500"]
+    started = time.time()
+    parent = subprocess.Popen(
+        [sys.executable, str(REPO / RUN), *map(str, flags), "--progress-every", "1"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        first = parent.stdout.readline()
+        assert first.startswith("bbf_lunar: dqn x seeds 0-1") and time.time() - started < 60
+        metrics = out / "metrics.jsonl"
+        deadline = time.time() + 300
+        while 1000 not in evaluated_steps(metrics):  # the evaluation's row, not the loss row at 1000
+            assert time.time() < deadline and parent.poll() is None, "no evaluation at step 1000"
+            time.sleep(0.2)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert {0, 500, 1000} <= {r["step"] for r in rows if "eval/return_dqn_seed1" in r}
+    progress = [line for line in (out / "log.txt").read_text().splitlines() if line.startswith("progress: ")]
+    assert progress and all("elapsed" in x and "seed-steps/s" in x and "ETA" in x for x in progress)
+    run_script(RUN, *flags, "--resume")  # the second part
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in rows if "eval/return_dqn_seed0" in r]
+    assert sorted(set(steps)) == list(range(0, 3001, 500)) and len(steps) == len(set(steps))
+    assert json.loads((out / "summary.json").read_text())["seeds"] == [0, 1]
 
 
 @pytest.mark.slow
@@ -411,3 +475,22 @@ def test_workers_die_when_the_parent_is_killed(tmp_path):
         for pid in [parent.pid, *workers]:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_export_keeps_the_per_seed_curves_behind_the_summary(finished, tmp_path):
+    out, _ = finished
+    proc = run_script("bbf_lunar/export.py", "--run", out, "--name", "tiny", "--results", tmp_path)
+    assert "bbf: 2 seeds, dqn: 2 seeds" in proc.stdout
+    curves = json.loads((tmp_path / "tiny_curves.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    sys.path.insert(0, str(BBF_DIR))
+    import tables
+
+    for name, scores in tables.rederived_scores(curves).items():
+        assert scores == pytest.approx(summary["variants"][name]["final_returns"], rel=1e-12)
+    dqn1 = json.loads((out / "jobs" / "dqn_seed1" / "result.json").read_text())
+    per_point = [np.mean(x) for x in dqn1["eval_returns"]]
+    assert curves["variants"]["dqn"]["returns"][1] == pytest.approx(per_point)
+    assert curves["variants"]["bbf"]["eval_steps"] == [0, 200, 400] and curves["args"]["total_steps"] == 400
+    assert len(curves["git_commit"] or "") in (0, 40)

@@ -1,0 +1,133 @@
+"""bbf_lunar/tables.py, export.py and plots.py: the README's tables and figures from the committed
+result files (fast), and a made-up confirmation in a temporary folder (never committed)."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bbf_lunar"))
+import export as E  # noqa: E402
+import plots  # noqa: E402
+import stats  # noqa: E402
+import tables as T  # noqa: E402
+
+RESULTS = REPO / "bbf_lunar" / "results"
+
+
+def test_every_committed_table_renders_and_its_statistics_follow_from_its_scores():
+    ablation = json.loads((RESULTS / "ablation_s10_summary.json").read_text())
+    text = T.ablation()
+    for name, v in ablation["items"].items():
+        assert stats.iqm(v["scores"]) == pytest.approx(v["iqm"])  # the file backs its own numbers
+        assert f"| `{name}` | {v['iqm']:.1f} | [{v['ci_low']:.1f}, {v['ci_high']:.1f}] |" in text
+        if "vs_reference" in v:
+            assert stats.probability_of_improvement(v["scores"], ablation["items"]["bbf"]["scores"]) == (
+                pytest.approx(v["vs_reference"]["poi"])
+            )
+    peer = json.loads((RESULTS / "peer_sb3.json").read_text())["peer"]
+    for key in ("sb3_dqn", "our_dqn"):
+        assert stats.iqm(peer[key]["scores"]) == pytest.approx(peer[key]["iqm"])
+    assert "P(ours > sb3) = 0.92 (23/25), Newcombe [0.55, 0.99]." in T.peer()
+    for seed in peer["seeds"]:  # sb3's per-seed curves are kept too
+        curve = json.loads((RESULTS / "peer_sb3" / f"seed{seed}_100000_10000_10.json").read_text())
+        assert curve["score"] == pytest.approx(peer["sb3_dqn"]["scores"][seed])
+    cpu = json.loads((RESULTS / "benchmark_rr2.json").read_text())
+    five = cpu["vectorised"]["5"]
+    assert five["one_process_steps_per_s"] / five["separate_steps_per_s"] == pytest.approx(five["speedup"])
+    assert "S = 5, x2.26 on one CPU core, x1.97 with both cores busy, x4.19 on the H200" in T.batching()
+
+
+def test_confirmation_absent_is_one_clear_line(tmp_path):
+    text = T.confirmation(tmp_path)
+    assert text.startswith("**Not yet run.**") and "PROTOCOL.md" in text
+    assert T.confirmation_figures(tmp_path) == "" and T.figures(tmp_path) == []
+    assert "not yet run" in T.confirmation_time(tmp_path)
+
+
+def made_up(tmp_path, shift: float) -> dict:
+    """A made-up confirmation (20 seeds per agent, 11 evaluations) in tmp_path, as confirm.py and
+    export.py would write it."""
+    rng = np.random.default_rng(0)
+    steps = list(range(0, 100_001, 10_000))
+    curves = {"run": "made_up", "git_commit": "0" * 40, "variants": {}, "python": "3.11.7"}
+    curves |= {"args": {"workers": 2}, "versions": {"torch": "2.14.1", "gymnasium": "1.2.0"}}
+    for name, offset in (("bbf", shift), ("dqn", 0.0)):
+        returns = rng.normal(150 + offset, 40, size=(20, len(steps))) * np.linspace(0.2, 1, len(steps))
+        curves["variants"][name] = {
+            "seeds": list(range(1000, 1020)),
+            "eval_steps": steps,
+            "returns": returns.tolist(),
+            "reset_steps": [20_000, 40_000, 60_000, 80_000] if name == "bbf" else [],
+            "seeds_in_process": 20,
+            "minutes_per_process": 61.25,
+            "seed_steps_per_second": 544.4,
+        }
+    scores = T.rederived_scores(curves)
+    confirmation = {
+        "protocol_commit": "1" * 40,
+        "seeds": list(range(1000, 1020)),
+        "variants": {n: {**stats.iqm_with_ci(s, 2000), "scores": s} for n, s in scores.items()},
+        "poi": stats.probability_of_improvement_with_ci(scores["bbf"], scores["dqn"], 2000),
+        "iqm_difference": {"diff": 1.0, "ci_low": -2.0, "ci_high": 3.5, "reps": 10},
+    }
+    (tmp_path / "confirmation_curves.json").write_text(json.dumps(curves))
+    (tmp_path / "confirmation.json").write_text(json.dumps(confirmation))
+    return confirmation
+
+
+@pytest.mark.parametrize("shift, verdict", [(60.0, "**confirmed**"), (0.0, "**not confirmed**")])
+def test_a_made_up_confirmation_renders_its_numbers_and_verdict(tmp_path, shift, verdict):
+    c = made_up(tmp_path, shift)
+    text = T.confirmation(tmp_path)
+    bbf, p = c["variants"]["bbf"], c["poi"]
+    assert f"| `bbf` | 20 | **{bbf['iqm']:.1f}** | [{bbf['ci_low']:.1f}, {bbf['ci_high']:.1f}] |" in text
+    assert f"Newcombe [{p['newcombe_low']:.2f}, {p['newcombe_high']:.2f}]" in text and verdict in text
+    assert (p["newcombe_low"] > 0.5) == (verdict == "**confirmed**")
+    assert "| agent (seeds 1000-1019) |" in text and "protocol of commit `1111111`" in text
+    assert "IQM(bbf) - IQM(dqn) = 1.0, 95% bootstrap CI [-2.0, 3.5]" in text
+    when = T.confirmation_time(tmp_path)
+    assert "commit `0000000`" in when and "torch 2.14.1" in when and "`--workers 2`" in when
+    assert "`bbf` 20 seeds per process, 61.2 min per process (544 seed-steps/s)" in when
+
+
+def test_figures_are_drawn_from_the_curves_file(tmp_path):
+    made_up(tmp_path, 60.0)
+    written = T.figures(tmp_path, reps=200)
+    assert [p.name for p in written] == ["confirmation_curves.png", "confirmation_profile_poi.png"]
+    assert all(p.stat().st_size > 20_000 for p in written)
+    assert T.confirmation_figures(tmp_path).count("![") == 2 and "resets (dotted)" in T.confirmation_figures(
+        tmp_path
+    )
+
+
+def test_every_variant_keeps_its_colour_and_other_labels_get_distinct_ones():
+    assert plots.color("dqn") == plots.color("dqn", ["bbf", "rr1"]) == plots.COLORS["dqn"]
+    labels = ["rr1", "bbf", "rr4", "lr1e-4"]
+    spare = [plots.color(x, labels) for x in labels if x not in plots.COLORS]
+    assert len(set(spare)) == 3 and not set(spare) & set(plots.COLORS.values())
+
+
+def test_learning_curves_mark_resets_and_keep_the_legend_off_the_axes():
+    curve = {"steps": [0, 10, 20], "iqm": [0, 1, 2], "ci_low": [0, 0, 1], "ci_high": [1, 2, 3]}
+    fig = plots.learning_curves({"bbf": curve, "dqn": curve}, {"bbf": [10, 20], "dqn": []})
+    ax = fig.axes[0]
+    resets = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert [line.get_xdata()[0] for line in resets] == [10, 20]
+    assert {line.get_color() for line in resets} == {plots.COLORS["bbf"]}
+    fig.canvas.draw()
+    legend, axes = ax.get_legend().get_window_extent(), ax.get_window_extent()
+    assert legend.x0 >= axes.x1  # right of the plotting area
+
+
+def test_export_refuses_a_folder_that_holds_no_finished_run(tmp_path):
+    with pytest.raises(E.UserError, match="summary.json not found"):
+        E.curves(tmp_path)
+
+
+def test_the_readme_stays_within_250_lines_with_the_tables_it_renders():
+    lines = (REPO / "bbf_lunar" / "README.md").read_text().splitlines()
+    assert len(lines) <= 250
+    assert any('experiment_module("bbf_lunar/tables.py")' in line for line in lines)
