@@ -92,7 +92,27 @@ def settings(seed: int) -> dict:
         "max grad norm": (model.max_grad_norm, cfg.max_grad_norm),
         "parameters": (sum(p.numel() for p in model.q_net.parameters()), layout.size),
         "double DQN": ("no (DQN.train)", cfg.double),
+        "init bound": (spread(sb3_scaled(model.q_net)), spread(our_scaled(layout, seed))),
     }
+
+
+def sb3_scaled(q_net) -> torch.Tensor:
+    """sb3's initial weights and biases, each times sqrt(fan_in) of its layer."""
+    linears = [m for m in q_net.q_net if isinstance(m, torch.nn.Linear)]
+    return torch.cat(
+        [torch.cat([m.weight.reshape(-1), m.bias]) * m.in_features**0.5 for m in linears]
+    ).detach()
+
+
+def our_scaled(layout, seed: int) -> torch.Tensor:
+    """Our initial weights and biases (Layout.init), each times sqrt(fan_in) of its layer."""
+    flat = layout.init(torch.Generator().manual_seed(seed))
+    return torch.cat([flat[s.start : s.stop] * s.fan_in**0.5 for s in layout.slots.values()])
+
+
+def spread(x: torch.Tensor) -> str:
+    """U(-1, 1) has max |x| 1 and standard deviation 0.577."""
+    return f"max {x.abs().max():.3f}, std {x.std():.3f}"
 
 
 def epsilon_gap() -> float:

@@ -21,6 +21,14 @@ def test_settings_read_from_both_objects_agree():
     assert s["double DQN"][1] is False
 
 
+def test_both_initialisations_are_uniform_within_one_over_root_fan_in():
+    model = D.sb3_dqn(0)
+    layout = D.bbf_run.Layout(D.ModelConfig(**D.zoo_spec(0, REPO / "unused")["model"]))
+    for x in (D.sb3_scaled(model.q_net), D.our_scaled(layout, 0)):  # weights and biases times sqrt(fan_in)
+        assert 0.99 < float(x.abs().max()) <= 1.0
+        assert abs(float(x.std()) - 3**-0.5) < 0.01  # U(-1, 1)
+
+
 def test_epsilon_schedules_agree_at_every_step():
     assert D.epsilon_gap() < 1e-12
 
