@@ -7,6 +7,9 @@ comparison these checks back is DQN_VS_SB3.md.
   check records epsilon and the gradient steps done so far; at every target copy, the environment
   step and the gradient steps done. The two traces must agree, and the two epsilon schedules must
   agree at every step of a 100k-step run.
+- scores: the committed final scores (results/peer_sb3.json: seeds 0-4 of each; our seeds 0-9 from
+  results/ablation_s10_summary.json), P(ours > sb3) with its Newcombe interval, and the exact
+  permutation p-value of that P if both lists came from one distribution of runs.
 - update: both start from the same weights (sb3's, copied into ours) and take --grad-steps gradient
   steps on the same batches of the same stored transitions, with terminations and time-limit
   truncations among them. The target network gets a hard copy every --copy-every steps. Losses and
@@ -35,9 +38,10 @@ import run as bbf_run  # noqa: E402
 from agent import Agent, AgentConfig, ModelConfig, ReplayBuffer, linear_epsilon  # noqa: E402
 from job import ENV_ID, Job  # noqa: E402
 
-from common import parse_args, run_main  # noqa: E402
+from common import parse_args, read_json, run_main  # noqa: E402
 
 TOTAL_STEPS = 100_000  # the protocol's run length: sb3's exploration clock is a fraction of it
+RESULTS = Path(__file__).resolve().parent / "results"
 ROUNDING = 1e-4  # largest parameter or loss difference taken as float32 rounding
 
 
@@ -327,6 +331,22 @@ def update_check(seed: int, grad_steps: int, copy_every: int, transitions: int, 
     }
 
 
+def score_statistics() -> list[dict]:
+    """P(ours > sb3), Newcombe interval and exact permutation p-value, for our seeds 0-4 and 0-9."""
+    import stats
+
+    peer_result = read_json(RESULTS / "peer_sb3.json")["peer"]
+    sb3 = peer_result["sb3_dqn"]["scores"]
+    ours10 = read_json(RESULTS / "ablation_s10_summary.json")["items"]["dqn"]["scores"]
+    rows = []
+    for label, ours in (("ours 0-4", peer_result["our_dqn"]["scores"]), ("ours 0-9", ours10)):
+        ci = stats.probability_of_improvement_with_ci(ours, sb3)
+        rows.append({"label": label, "poi": ci["poi"], "won": ci["pairs_won"], "pairs": ci["pairs"],
+                     "newcombe": (ci["newcombe_low"], ci["newcombe_high"]),
+                     "p": stats.permutation_p_value(ours, sb3)})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     a = parse_args(Args, check=check_args, description=__doc__)
     peer.require_sb3()
@@ -335,6 +355,13 @@ def main() -> None:
     for name, (theirs, ours) in settings(a.seed).items():
         print(f"  {name:<14} {theirs!s:>22} | {ours}")
     print(f"epsilon at every step of a {TOTAL_STEPS:,}-step run: largest difference {epsilon_gap():.1e}")
+    print("final scores against sb3's seeds 0-4 (P(ours > sb3), pairs won, Newcombe, permutation p):")
+    for r in score_statistics():
+        low, high = r["newcombe"]
+        print(
+            f"  {r['label']}: {r['poi']:.2f}, {r['won']} of {r['pairs']}, [{low:.2f}, {high:.2f}], "
+            f"p = {r['p']:.4f}"
+        )
 
     actions = np.random.default_rng(a.seed).integers(0, 4, size=a.steps)  # both loops play these
     ours = our_trace(a.seed, a.steps, actions, a.max_episode_steps)

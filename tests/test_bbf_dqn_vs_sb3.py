@@ -74,3 +74,11 @@ def test_script_runs_as_a_user_would():
     flags = ["--steps", "260", "--grad-steps", "20", "--copy-every", "10", "--transitions", "400"]
     proc = run_script("bbf_lunar/dqn_vs_sb3.py", *flags, timeout=300)
     assert "stored transitions identical: True" in proc.stdout and "largest difference: online" in proc.stdout
+
+
+def test_score_statistics_read_the_committed_results():
+    rows = D.score_statistics()
+    peer = D.read_json(D.RESULTS / "peer_sb3.json")["peer"]["poi_ours_vs_sb3"]
+    assert [r["label"] for r in rows] == ["ours 0-4", "ours 0-9"]
+    assert rows[0]["won"] == peer["pairs_won"] and rows[0]["newcombe"][0] == peer["newcombe_low"]
+    assert rows[1]["pairs"] == 50 and 0 < rows[0]["p"] < 0.05

@@ -6,6 +6,7 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
+import scipy.stats
 from conftest import REPO, run_script
 
 sys.path.insert(0, str(REPO / "bbf_lunar"))
@@ -102,3 +103,29 @@ def test_cli_writes_every_variant_against_the_reference(tmp_path):
     result = json.loads(out.read_text())
     assert list(result["comparisons"]) == ["b"] and result["comparisons"]["b"]["seeds_needed"] == 10
     assert result["sims"] == 20 and "--sims 20" in result["command"] and "b " in proc.stdout
+
+
+# the exact permutation test used beside the probability of improvement (stats.permutation_p_value)
+
+
+@pytest.mark.parametrize("n,m", [(5, 5), (10, 5), (4, 7)])
+def test_permutation_p_value_is_scipys_exact_mann_whitney(n, m):
+    rng = np.random.default_rng(n * 10 + m)
+    x, y = rng.normal(size=n), rng.normal(size=m)
+    expected = scipy.stats.mannwhitneyu(x, y, alternative="greater", method="exact").pvalue
+    assert stats.permutation_p_value(x, y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_permutation_p_value_with_ties_is_scipys_permutation_test():
+    x, y = np.array([1.0, 2.0, 2.0, 3.0]), np.array([2.0, 2.0, 0.0, 1.0, 5.0])
+    u = lambda a, b: scipy.stats.mannwhitneyu(a, b).statistic  # noqa: E731
+    expected = scipy.stats.permutation_test(
+        (x, y), u, alternative="greater", permutation_type="independent", n_resamples=np.inf
+    ).pvalue
+    assert stats.permutation_p_value(x, y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_permutation_p_value_of_a_complete_separation_is_one_split():
+    assert stats.permutation_p_value([5, 6, 7, 8, 9], [0, 1, 2, 3, 4]) == pytest.approx(1 / 252)  # C(10, 5)
+    with pytest.raises(ValueError, match="limit"):
+        stats.permutation_p_value(np.arange(30), np.arange(30), limit=1000)
