@@ -332,7 +332,9 @@ def update_check(seed: int, grad_steps: int, copy_every: int, transitions: int, 
 
 
 def score_statistics() -> list[dict]:
-    """P(ours > sb3), Newcombe interval and exact permutation p-value, for our seeds 0-4 and 0-9."""
+    """P(ours > sb3), Newcombe interval and exact permutation p-value, for our seeds 0-4 and 0-9, and
+    how often 10 fresh seeds per side would resolve an effect of that size (power.py)."""
+    import power
     import stats
 
     peer_result = read_json(RESULTS / "peer_sb3.json")["peer"]
@@ -341,9 +343,12 @@ def score_statistics() -> list[dict]:
     rows = []
     for label, ours in (("ours 0-4", peer_result["our_dqn"]["scores"]), ("ours 0-9", ours10)):
         ci = stats.probability_of_improvement_with_ci(ours, sb3)
-        rows.append({"label": label, "poi": ci["poi"], "won": ci["pairs_won"], "pairs": ci["pairs"],
-                     "newcombe": (ci["newcombe_low"], ci["newcombe_high"]),
-                     "p": stats.permutation_p_value(ours, sb3)})  # fmt: skip
+        fresh = power.resolved_fractions(ours, sb3, seed_counts=(10,))["resolved"][0]
+        rows.append({
+            "label": label, "poi": ci["poi"], "won": ci["pairs_won"], "pairs": ci["pairs"],
+            "newcombe": (ci["newcombe_low"], ci["newcombe_high"]),
+            "p": stats.permutation_p_value(ours, sb3), "fresh_10": fresh,
+        })  # fmt: skip
     return rows
 
 
@@ -356,12 +361,15 @@ def main() -> None:
         print(f"  {name:<14} {theirs!s:>22} | {ours}")
     print(f"epsilon at every step of a {TOTAL_STEPS:,}-step run: largest difference {epsilon_gap():.1e}")
     print("final scores against sb3's seeds 0-4 (P(ours > sb3), pairs won, Newcombe, permutation p):")
-    for r in score_statistics():
+    rows = score_statistics()
+    for r in rows:
         low, high = r["newcombe"]
         print(
             f"  {r['label']}: {r['poi']:.2f}, {r['won']} of {r['pairs']}, [{low:.2f}, {high:.2f}], "
             f"p = {r['p']:.4f}"
         )
+    print(f"  an effect of the size of ours 0-9 vs sb3 0-4, at 10 fresh seeds per side: Newcombe above 0.5 "
+          f"with probability {rows[1]['fresh_10']:.2f} (power.py)")  # fmt: skip
 
     actions = np.random.default_rng(a.seed).integers(0, 4, size=a.steps)  # both loops play these
     ours = our_trace(a.seed, a.steps, actions, a.max_episode_steps)
