@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from itertools import combinations_with_replacement
+from itertools import combinations, combinations_with_replacement
 
 import numpy as np
 
@@ -181,3 +181,24 @@ def performance_profile_with_ci(
         "ci_low": [b[0] for b in bounds],
         "ci_high": [b[1] for b in bounds],
     }
+
+
+def permutation_p_value(x_scores, y_scores, limit: int = 1_000_000) -> float:
+    """Exact one-sided p-value of P(X > Y) under exchangeability (both lists from one distribution):
+    the fraction of the C(n + m, n) ways to split the pooled runs into n and m whose probability of
+    improvement is at least the observed one (the exact Mann-Whitney test, ties at mid-ranks)."""
+    x, y = _runs(x_scores), _runs(y_scores)
+    n, m = len(x), len(y)
+    if math.comb(n + m, n) > limit:
+        raise ValueError(f"C({n + m}, {n}) splits is over the limit of {limit:,}")
+    pooled = np.concatenate([x, y])
+    order = np.argsort(pooled, kind="stable")
+    ranks = np.empty(n + m)
+    ranks[order] = np.arange(1, n + m + 1)
+    for value in np.unique(pooled):  # tied runs share their mean rank
+        tied = pooled == value
+        ranks[tied] = ranks[tied].mean()
+    splits = np.array(list(combinations(range(n + m), n)), dtype=np.int64)  # (C, n)
+    poi = (ranks[splits].sum(axis=1) - n * (n + 1) / 2) / (n * m)
+    observed = probability_of_improvement(x, y)
+    return float(np.mean(poi >= observed - 1e-12))
