@@ -42,6 +42,9 @@ class Args:
     clearml: Literal["auto", "offline", "online", "off"] = "auto"  # train.py --clearml (auto: its default)
     epochs: int | None = None  # train.py --epochs (None: the preset's)
     threads: int = 1  # train.py --threads
+    train_flags: str = (
+        ""  # more train.py flags, as one string (e.g. "--val-size 80"); recorded in the command
+    )
     data_dir: str = default_data_dir()  # train.py --data-dir
     results: str = str(HERE / "results" / "memory")  # folder for <model>_seed<seed>.json
     runs: str = str(REPO_ROOT / "runs" / "revnet_mnist" / "memory")  # train.py's --out parent folder
@@ -68,6 +71,7 @@ def main() -> None:
     flags = ["--preset", args.preset, "--model", args.model, "--seed", str(args.seed)]
     flags += ["--threads", str(args.threads)] + (["--epochs", str(args.epochs)] if args.epochs else [])
     flags += [] if args.clearml == "auto" else ["--clearml", args.clearml]
+    flags += args.train_flags.split()
     command = [sys.executable, str(HERE / "train.py"), *flags, "--data-dir", args.data_dir, "--out", str(out)]
     with tempfile.NamedTemporaryFile("r", suffix=".time") as kib:
         load_before = os.getloadavg()
@@ -75,9 +79,9 @@ def main() -> None:
         done = subprocess.run([TIME, "-f", "%M", "-o", kib.name, *command])
         wall = time.time() - started
         load_after = os.getloadavg()
+        if done.returncode != 0:
+            raise UserError(f"train.py exited with {done.returncode}; nothing written")
         peak_kib = int(kib.read().strip().splitlines()[-1])
-    if done.returncode != 0:
-        raise UserError(f"train.py exited with {done.returncode}; nothing written")
     summary = read_json(out / "summary.json")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     per_epoch = [row["charts/peak_rss_mib"] for row in rows if "charts/peak_rss_mib" in row]

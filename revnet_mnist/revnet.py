@@ -41,8 +41,9 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- workspace
 
 
-def _refcounts(arrays: list) -> list[int]:
-    return [sys.getrefcount(a) for a in arrays]
+def _first_refcount(arrays: list) -> int:
+    array = arrays[0]  # the same references as in Workspace.take's loop: the list, `array`, the argument
+    return sys.getrefcount(array)
 
 
 class Workspace:
@@ -59,13 +60,18 @@ class Workspace:
     def __init__(self):
         self.arrays: dict[tuple, list[np.ndarray]] = {}
         self.allocations = 0  # arrays ever allocated: constant once every shape in use has been seen
-        self._free = _refcounts([np.empty(0)])[0]  # the count of an array only the workspace holds
+        self._free = _first_refcount([np.empty(0)])  # the count of an array only the workspace holds
 
     def take(self, shape: tuple, dtype) -> np.ndarray:
-        arrays = self.arrays.setdefault((shape, np.dtype(dtype).str), [])
-        counts = _refcounts(arrays)
-        if self._free in counts:
-            return arrays[counts.index(self._free)]
+        arrays = self.arrays.get((shape, dtype))
+        if arrays is None:
+            arrays = self.arrays[(shape, dtype)] = []
+        for i in range(len(arrays) - 1, -1, -1):  # the most recently used first: likely still in cache
+            array = arrays[i]
+            if sys.getrefcount(array) == self._free:
+                if i != len(arrays) - 1:
+                    arrays.append(arrays.pop(i))
+                return array
         array = np.empty(shape, dtype)
         arrays.append(array)
         self.allocations += 1

@@ -52,7 +52,7 @@ PRESETS = {
     "default": dict(depth=4, width=256, epochs=10, batch_size=128, lr=1e-3, warmup_epochs=0.5),
     # the README's memory table: large batches and a deep stack, so that stored activations
     # (8 x batch x width x depth bytes in float32) dominate the process, at >= 98% test accuracy
-    "memory": dict(depth=128, width=128, epochs=20, batch_size=4096, lr=1e-2, warmup_epochs=2.0),
+    "memory": dict(depth=64, width=128, epochs=40, batch_size=8192, lr=1e-3, warmup_epochs=3.0),
 }
 
 
