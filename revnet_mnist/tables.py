@@ -48,6 +48,8 @@ def memory_pairs() -> list[tuple[dict, dict]]:
 def memory_table() -> str:
     """Per seed: test accuracy of both models, whole-process peak RSS resnet -> revnet, the ratio."""
     rows, pairs = [], memory_pairs()
+    if not pairs:
+        return "(no seed has both a revnet and a resnet file in `results/memory/` yet)\n"
     for rev, res in pairs:
         rss_rev, rss_res = rev["whole_process_peak_rss_mib"], res["whole_process_peak_rss_mib"]
         rows.append(
@@ -90,6 +92,8 @@ def memory_table() -> str:
 def memory_inside_table() -> str:
     """What train.py itself reports for the same runs: peak RSS after epoch 1 and at the end, step memory."""
     rows = []
+    if not load("memory"):
+        return "(no result files in `results/memory/` yet)\n"
     for model in ("revnet", "resnet"):
         for r in _runs("memory", model):
             per_epoch = r["peak_rss_per_epoch_mib"]
@@ -122,12 +126,14 @@ def memory_inside_table() -> str:
 
 def memory_config() -> str:
     """One sentence: the memory preset's configuration and command, from the result files."""
-    rev = _runs("memory", "revnet")[0]
-    c = rev["config"]
+    runs = _runs("memory", "revnet") + _runs("memory", "resnet")
+    if not runs:
+        return "(no result files in `results/memory/` yet)\n"
+    c, run = runs[0]["config"], runs[0]
     return (
-        f"`{rev['command']}`: depth {c['depth']}, width {c['width']}, batch {c['batch_size']}, "
-        f"{c['epochs']} epochs, peak learning rate {c['lr']:g}, {c['dtype']}, "
-        f"{rev['params']:,} parameters, {rev['threads']} BLAS thread; machine: {rev['machine']}.\n"
+        f"`python revnet_mnist/train.py --preset memory`: depth {c['depth']}, width {c['width']}, "
+        f"batch {c['batch_size']}, {c['epochs']} epochs, peak learning rate {c['lr']:g}, {c['dtype']}, "
+        f"{run['params']:,} parameters, {run['threads']} BLAS thread; machine: {run['machine']}.\n"
     )
 
 
@@ -153,6 +159,8 @@ def clearml_table() -> str:
 
 def default_table() -> str:
     """The default run, per seed: test accuracy, whole-process peak RSS, training time, load."""
+    if not _runs("default", "revnet"):
+        return "(no result files in `results/default/` yet: run the loop above)\n"
     rows = []
     for r in _runs("default", "revnet"):
         rows.append(
@@ -254,8 +262,20 @@ def targets_table() -> str:
                 "yes" if max(growth + whole) <= FLAT_TARGET else "no",
             ]
         )
+    if not pairs:
+        rows.append(
+            [
+                f"`--preset memory`: both models >= {ACCURACY_TARGET}%, ratio <= {RATIO_TARGET}, flat peak",
+                "no complete revnet/resnet pair in `results/memory/`",
+                "not measured",
+            ]
+        )
     default = [100 * r["test_accuracy"] for r in _runs("default", "revnet")]
-    if default:
+    if not default:
+        rows.append(
+            ["default run >= 98.4% test accuracy (3 seeds)", "no files in `results/default/`", "not measured"]
+        )
+    else:
         rows.append(
             [
                 "default run >= 98.4% test accuracy (3 seeds)",
