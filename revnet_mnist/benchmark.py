@@ -76,7 +76,7 @@ class Args(DataArgs):
     width: int | None = None  # features after the input projection (default: 256; with --rss: 128)
     steps: int | None = None  # timed steps per model, median reported (default: 30; with --rss: 10)
     threads: int = 1  # BLAS and torch threads, the same for all models (1: steady timings on a busy machine)
-    memory_steps: int = 2  # traced steps per model and depth (max reported), after a warm-up step
+    memory_steps: int = 2  # traced steps per model and depth (max reported), each from an empty workspace
     rss: bool = False  # the whole-process memory study (fresh process per model and depth) instead
     rss_steps: int = 3  # --rss: training steps per process
     val_size: int = 5000  # --rss: training images held out for validation, as in train.py
@@ -208,10 +208,10 @@ def step_study_depth(args: Args, depth: int, batches: list) -> dict:
     )  # the resnet's starting weights
     memory = {}
     for model in MODELS:
-        steps[model](*batches[0])  # warm-up: one-time allocations are not a step's
-        memory[model] = max(
-            traced_peak(steps[model], *batches[i % 4]) for i in range(1, args.memory_steps + 1)
-        )
+        memory[model] = 0
+        for i in range(args.memory_steps):
+            nets[model].workspace.clear()  # the step allocates its whole working set again
+            memory[model] = max(memory[model], traced_peak(steps[model], *batches[i % 4]))
     seconds = time_steps(steps, batches, args.steps)
     return {
         "memory_mib": {m: memory[m] / MIB for m in MODELS},

@@ -98,16 +98,25 @@ def train(args: Args, data: dict, network: Network, optimizer: Adam) -> dict:
     """`--steps` training steps, one validation pass, the reversibility check; the footprint."""
     rng = np.random.default_rng([args.seed, 1])
     stored = []
+    pixels = data["train_images"].reshape(len(data["train_images"]), -1)  # (N, 784) view
+    batch_pixels = np.empty((args.batch_size, pixels.shape[1]), np.uint8)  # reused, as in train.py
+    x = np.empty(batch_pixels.shape, np.float32)
     for _ in range(args.steps):
-        index = rng.choice(len(data["train_images"]), args.batch_size, replace=False)
-        x, labels = normalise(data["train_images"][index], "float32"), data["train_labels"][index]
+        index = rng.choice(len(pixels), args.batch_size, replace=False)
+        np.take(pixels, index, axis=0, out=batch_pixels)
+        normalise(batch_pixels, "float32", out=x)
+        labels = data["train_labels"][index]
         train_step(
             network, optimizer, x, labels, LR, after_forward=lambda net: stored.append(held_bytes(net))
         )
     x_bytes, batch_bytes = x.nbytes, x.nbytes + labels.nbytes
-    del x, labels
     for i in range(0, len(data["val_images"]), 1000):
-        network.forward(normalise(data["val_images"][i : i + 1000], "float32"), train=False)
+        chunk = data["val_images"][i : i + 1000]
+        val_x = normalise(
+            chunk, "float32", out=network.workspace.take((len(chunk), pixels.shape[1]), np.float32)
+        )
+        network.forward(val_x, train=False)
+        del val_x
     if network.reversible:
         n = min(CHECK_BATCH, args.batch_size)
         reversibility_check(network, normalise(data["val_images"][:n], "float32"), data["val_labels"][:n])
@@ -116,15 +125,17 @@ def train(args: Args, data: dict, network: Network, optimizer: Adam) -> dict:
 
 
 def traced_steps(args: Args, data: dict, network: Network, optimizer: Adam) -> float:
-    """Peak bytes allocated by one step above what was held before it, max over the traced steps (MiB)."""
+    """Peak bytes allocated by one step above what was held before it, max over the traced steps (MiB).
+
+    Each traced step starts from an empty workspace, so it allocates its whole working set."""
     x, labels = (
         normalise(data["train_images"][: args.batch_size], "float32"),
         data["train_labels"][: args.batch_size],
     )
-    train_step(network, optimizer, x, labels, LR)  # warm-up: one-time allocations are not a step's
     peak = 0
     tracemalloc.start()
     for _ in range(args.step_memory):
+        network.workspace.clear()
         held = tracemalloc.get_traced_memory()[0]
         tracemalloc.reset_peak()
         train_step(network, optimizer, x, labels, LR)

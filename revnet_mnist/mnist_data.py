@@ -154,11 +154,17 @@ def load_mnist(data_dir: str | Path, val_size: int, allow_download: bool = True)
     }
 
 
-def normalise(images: np.ndarray, dtype) -> np.ndarray:
+def normalise(images: np.ndarray, dtype, out: np.ndarray | None = None) -> np.ndarray:
     """uint8 (n, 28, 28) -> (n, 784) in `dtype`, zero mean and unit variance over the training set.
 
-    Called per batch, so only the batch being used exists in floating point."""
-    x = images.reshape(len(images), -1).astype(dtype)  # (n, 784)
+    Called per batch, so only the batch being used exists in floating point; `out` (n, 784) reuses
+    one array for every batch."""
+    flat = images.reshape(len(images), -1)  # (n, 784)
+    if out is None:
+        x = flat.astype(dtype)
+    else:
+        x = out
+        np.copyto(x, flat)
     x *= 1 / (255 * STD)
     x -= MEAN / STD
     return x

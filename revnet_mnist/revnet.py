@@ -20,6 +20,7 @@ Models (`ModelConfig.model`):
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,53 @@ class ModelConfig:
     dtype: str = "float32"
 
 
+# ----------------------------------------------------------------------------- workspace
+
+
+def _first_refcount(arrays: list) -> int:
+    array = arrays[0]  # the same references as in Workspace.take's loop: the list, `array`, the argument
+    return sys.getrefcount(array)
+
+
+class Workspace:
+    """Arrays reused from step to step, one free list per (shape, dtype): a warm step allocates nothing.
+
+    `take` hands out an array that nothing outside the workspace refers to (no variable, no stored
+    activation, no view of it) and allocates a new one only when every array of that shape is in
+    use. Freeing is automatic: an array is free again once its last outside reference is dropped.
+    So the workspace holds, per shape, as many arrays as were ever live at once; numpy's allocator
+    never sees the variable-sized stream of temporaries that fragments the heap and lets a long
+    run's peak RSS creep up epoch after epoch.
+    """
+
+    def __init__(self):
+        self.arrays: dict[tuple, list[np.ndarray]] = {}
+        self.allocations = 0  # arrays ever allocated: constant once every shape in use has been seen
+        self._free = _first_refcount([np.empty(0)])  # the count of an array only the workspace holds
+
+    def take(self, shape: tuple, dtype) -> np.ndarray:
+        arrays = self.arrays.get((shape, dtype))
+        if arrays is None:
+            arrays = self.arrays[(shape, dtype)] = []
+        for i in range(len(arrays) - 1, -1, -1):  # the most recently used first: likely still in cache
+            array = arrays[i]
+            if sys.getrefcount(array) == self._free:
+                if i != len(arrays) - 1:
+                    arrays.append(arrays.pop(i))
+                return array
+        array = np.empty(shape, dtype)
+        arrays.append(array)
+        self.allocations += 1
+        return array
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for arrays in self.arrays.values() for a in arrays)
+
+    def clear(self) -> None:
+        """Drop every array (those still referred to elsewhere live on, outside the workspace)."""
+        self.arrays.clear()
+
+
 # ----------------------------------------------------------------------------- layers
 
 
@@ -51,6 +99,7 @@ class Linear:
         dtype,
         scale: float = 1.0,
         input_grad: bool = True,
+        workspace: Workspace | None = None,
     ):
         std = scale * math.sqrt(2.0 / fan_in)  # He et al. 2015, for ReLU inputs
         self.params = {
@@ -59,12 +108,16 @@ class Linear:
         }
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
         self.input_grad = input_grad  # the stem's input is the data: no dx needed
+        self.workspace = workspace or Workspace()
         self.x = None
 
     def forward(self, x: np.ndarray, store: bool = True) -> np.ndarray:
         if store:
             self.x = x
-        y = x @ self.params["W"]  # (B, fan_out)
+        W = self.params["W"]
+        y = np.matmul(
+            x, W, out=self.workspace.take((len(x), W.shape[1]), np.result_type(x, W))
+        )  # (B, fan_out)
         y += self.params["b"]
         return y
 
@@ -72,24 +125,29 @@ class Linear:
         np.matmul(self.x.T, dy, out=self.grads["W"])  # (fan_in, fan_out)
         np.sum(dy, axis=0, out=self.grads["b"])
         self.x = None
-        return dy @ self.params["W"].T if self.input_grad else None
+        if not self.input_grad:
+            return None
+        W = self.params["W"]
+        return np.matmul(dy, W.T, out=self.workspace.take((len(dy), W.shape[0]), np.result_type(dy, W)))
 
 
 class ReLU:
     params: dict = {}
     grads: dict = {}
 
-    def __init__(self):
+    def __init__(self, workspace: Workspace | None = None):
+        self.workspace = workspace or Workspace()
         self.y = None
 
     def forward(self, x: np.ndarray, store: bool = True) -> np.ndarray:
-        y = np.maximum(x, 0)
+        y = np.maximum(x, 0, out=self.workspace.take(x.shape, x.dtype))
         if store:
             self.y = y  # the output alone gives the mask: y > 0 exactly where x > 0
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        dx = dy * (self.y > 0)
+        mask = np.greater(self.y, 0, out=self.workspace.take(dy.shape, bool))
+        dx = np.multiply(dy, mask, out=self.workspace.take(dy.shape, dy.dtype))
         self.y = None
         return dx
 
@@ -109,49 +167,63 @@ class Sequential:
         return dy
 
 
-def branch(features: int, depth: int, rng: np.random.Generator, dtype) -> Sequential:
+def branch(features: int, depth: int, rng: np.random.Generator, dtype, workspace: Workspace) -> Sequential:
     """F or G of a reversible block: Linear -> ReLU -> Linear on one half of the features.
 
     The last layer starts small (1/sqrt(2 depth), two branches per block) so that the sum of
     2 depth residual branches keeps the activations' scale at any depth.
     """
     return Sequential(
-        Linear(features, features, rng, dtype),
-        ReLU(),
-        Linear(features, features, rng, dtype, scale=1.0 / math.sqrt(2 * depth)),
+        Linear(features, features, rng, dtype, workspace=workspace),
+        ReLU(workspace),
+        Linear(features, features, rng, dtype, scale=1.0 / math.sqrt(2 * depth), workspace=workspace),
     )
 
 
 class ReversibleBlock:
     """y1 = x1 + F(x2), y2 = x2 + G(y1); inverse x2 = y2 - G(y1), x1 = y1 - F(x2) (paper, eq. 5-6)."""
 
-    def __init__(self, half: int, depth: int, rng: np.random.Generator, dtype):
-        self.F = branch(half, depth, rng, dtype)
-        self.G = branch(half, depth, rng, dtype)
+    def __init__(
+        self, half: int, depth: int, rng: np.random.Generator, dtype, workspace: Workspace | None = None
+    ):
+        workspace = workspace or Workspace()
+        self.F = branch(half, depth, rng, dtype, workspace)
+        self.G = branch(half, depth, rng, dtype, workspace)
+
+    # F and G return a fresh workspace array that nothing else holds (their last Linear keeps its
+    # input, not its output), so each sum or difference below is written into it in place.
 
     def forward(self, x1, x2, store: bool = True):
-        y1 = x1 + self.F.forward(x2, store)
-        y2 = x2 + self.G.forward(y1, store)
+        y1 = self.F.forward(x2, store)
+        np.add(x1, y1, out=y1)  # y1 = x1 + F(x2)
+        y2 = self.G.forward(y1, store)
+        np.add(x2, y2, out=y2)  # y2 = x2 + G(y1)
         return y1, y2
 
     def inverse(self, y1, y2):
-        x2 = y2 - self.G.forward(y1, store=False)
-        x1 = y1 - self.F.forward(x2, store=False)
+        x2 = self.G.forward(y1, store=False)
+        np.subtract(y2, x2, out=x2)  # x2 = y2 - G(y1)
+        x1 = self.F.forward(x2, store=False)
+        np.subtract(y1, x1, out=x1)  # x1 = y1 - F(x2)
         return x1, x2
 
     def backward(self, dy1, dy2):
         """Gradients w.r.t. (x1, x2) from those w.r.t. (y1, y2), using what forward(store=True) kept."""
-        dy1 = dy1 + self.G.backward(dy2)  # total gradient reaching y1: directly and through G
-        dx2 = dy2 + self.F.backward(dy1)
-        return dy1, dx2  # dx1 = total dy1, since y1 = x1 + F(x2)
+        total = self.G.backward(dy2)
+        np.add(dy1, total, out=total)  # total gradient reaching y1: directly and through G
+        dx2 = self.F.backward(total)
+        np.add(dy2, dx2, out=dx2)
+        return total, dx2  # dx1 = total dy1, since y1 = x1 + F(x2)
 
     def backward_reversible(self, y1, y2, dy1, dy2):
         """Rebuild (x1, x2) from (y1, y2) while recording what backward needs, then backpropagate.
 
         Returns (x1, x2, dx1, dx2): the block below gets its output and its output's gradient.
         """
-        x2 = y2 - self.G.forward(y1, store=True)
-        x1 = y1 - self.F.forward(x2, store=True)
+        x2 = self.G.forward(y1, store=True)
+        np.subtract(y2, x2, out=x2)
+        x1 = self.F.forward(x2, store=True)
+        np.subtract(y1, x1, out=x1)
         dx1, dx2 = self.backward(dy1, dy2)
         return x1, x2, dx1, dx2
 
@@ -172,13 +244,19 @@ class Network:
         self.config = config
         dtype = np.dtype(config.dtype)
         width, self.half = config.width, config.width // 2
-        self.stem = Linear(config.in_features, width, rng, dtype, input_grad=False)
+        self.workspace = ws = Workspace()  # every layer's outputs and gradients, reused step after step
+        self.stem = Linear(config.in_features, width, rng, dtype, input_grad=False, workspace=ws)
         if config.model == "mlp":
-            self.blocks = [Sequential(ReLU(), Linear(width, width, rng, dtype)) for _ in range(config.depth)]
+            self.blocks = [
+                Sequential(ReLU(ws), Linear(width, width, rng, dtype, workspace=ws))
+                for _ in range(config.depth)
+            ]
         else:
-            self.blocks = [ReversibleBlock(self.half, config.depth, rng, dtype) for _ in range(config.depth)]
-        self.head_relu = ReLU()
-        self.head = Linear(width, config.classes, rng, dtype)
+            self.blocks = [
+                ReversibleBlock(self.half, config.depth, rng, dtype, ws) for _ in range(config.depth)
+            ]
+        self.head_relu = ReLU(ws)
+        self.head = Linear(width, config.classes, rng, dtype, workspace=ws)
         self.top = None  # revnet: the last block's output, the only activation kept for backward
         self.reversible_pass = False  # whether the last forward(train=True) kept only the top
 
@@ -230,7 +308,7 @@ class Network:
                 x1, x2 = block.forward(x1, x2, store=train and not self.reversible_pass)
             if self.reversible_pass:
                 self.top = (x1, x2)
-            h = np.concatenate([x1, x2], axis=1)  # (B, width)
+            h = self._join(x1, x2)  # (B, width)
         return self.head.forward(self.head_relu.forward(h, store=train), store=train)
 
     def backward(self, dlogits: np.ndarray) -> np.ndarray | None:
@@ -251,8 +329,12 @@ class Network:
             else:
                 for block in reversed(self.blocks):
                     d1, d2 = block.backward(d1, d2)
-            dh = np.concatenate([d1, d2], axis=1)
+            dh = self._join(d1, d2)
         return self.stem.backward(dh)
+
+    def _join(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(B, half) and (B, half) -> (B, width), in a workspace array."""
+        return np.concatenate([a, b], axis=1, out=self.workspace.take((len(a), self.config.width), a.dtype))
 
     def body_forward(self, x1, x2):
         """The reversible stack alone, keeping nothing: (x1, x2) -> (y1, y2)."""
@@ -270,16 +352,24 @@ class Network:
 # ----------------------------------------------------------------------------- loss
 
 
-def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean cross-entropy over the batch and its gradient w.r.t. the logits."""
-    shifted = logits - logits.max(axis=1, keepdims=True)  # stability: exp never overflows
-    log_z = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    log_probs = shifted - log_z  # (B, classes)
-    rows = np.arange(len(labels))
-    loss = -float(log_probs[rows, labels].mean())
-    dlogits = np.exp(log_probs)
-    dlogits[rows, labels] -= 1
-    dlogits /= len(labels)
+def softmax_cross_entropy(
+    logits: np.ndarray, labels: np.ndarray, workspace: Workspace | None = None
+) -> tuple[float, np.ndarray]:
+    """Mean cross-entropy over the batch and its gradient w.r.t. the logits (a `workspace` array)."""
+    take = (workspace or Workspace()).take
+    (n, classes), dtype = logits.shape, logits.dtype
+    column = np.max(logits, axis=1, keepdims=True, out=take((n, 1), dtype))  # (B, 1)
+    log_probs = np.subtract(logits, column, out=take((n, classes), dtype))  # stability: exp never overflows
+    dlogits = np.exp(log_probs, out=take((n, classes), dtype))
+    np.sum(dlogits, axis=1, keepdims=True, out=column)
+    np.log(column, out=column)  # log Z
+    log_probs -= column  # (B, classes)
+    picked = np.multiply(np.arange(n), classes, out=take((n,), np.int64))  # flat index of each label
+    picked += labels
+    loss = -float(np.take(log_probs.reshape(-1), picked, out=take((n,), dtype)).mean())
+    np.exp(log_probs, out=dlogits)
+    np.subtract.at(dlogits.reshape(-1), picked, 1)
+    dlogits /= n
     return loss, dlogits
 
 
@@ -467,7 +557,7 @@ def train_step(
     logits = network.forward(x, train=True)
     if after_forward is not None:
         after_forward(network)
-    loss, dlogits = softmax_cross_entropy(logits, labels)
+    loss, dlogits = softmax_cross_entropy(logits, labels, network.workspace)
     correct = int((logits.argmax(axis=1) == labels).sum())
     del logits
     network.backward(dlogits)

@@ -57,24 +57,33 @@ from common import (
 )
 
 MIB = 2**20
+PRESETS = {
+    # the default run: 98.5% test accuracy in 10 epochs; activations are a few MiB of the process
+    "default": dict(depth=4, width=256, epochs=10, batch_size=128, lr=1e-3, warmup_epochs=0.5),
+    # the README's memory table: large batches and a deep stack, so that stored activations
+    # (8 x batch x width x depth bytes in float32) dominate the process, at >= 98% test accuracy
+    "memory": dict(depth=64, width=128, epochs=40, batch_size=8192, lr=1e-3, warmup_epochs=3.0),
+}
 
 
 @dataclass
 class Args(DataArgs):
     model: Literal["revnet", "resnet", "mlp"] = "revnet"  # reversible, stored-activation backprop, plain MLP
-    depth: int = 4  # reversible blocks (revnet, resnet) or hidden layers (mlp)
-    width: int = 256  # features after the input projection; even, split in two halves per block
-    epochs: int = 10  # passes over the training set
-    batch_size: int = 128  # images per training step
-    lr: float = 1e-3  # peak learning rate (after warmup; cosine decay to 0)
+    # sizes and schedule; the flags below left unset take their value from the preset
+    preset: Literal["default", "memory"] = "default"
+    depth: int | None = None  # reversible blocks (revnet, resnet) or hidden layers (mlp) (default 4)
+    width: int | None = None  # features after the input projection; even, split in two halves (default 256)
+    epochs: int | None = None  # passes over the training set (default 10)
+    batch_size: int | None = None  # images per training step (default 128)
+    lr: float | None = None  # peak learning rate, after warmup; cosine decay to 0 (default 1e-3)
     optimizer: Literal["adam", "sgd"] = "adam"  # Adam, or SGD with momentum
     momentum: float = 0.9  # SGD momentum (ignored by Adam)
     weight_decay: float = 5e-5  # decoupled weight decay on weight matrices, per unit learning rate
-    warmup_epochs: float = 0.5  # linear learning-rate warmup, in epochs
+    warmup_epochs: float | None = None  # linear learning-rate warmup, in epochs (default 0.5)
     dtype: Literal["float32", "float64"] = "float32"  # precision of parameters and activations
     val_size: int = 5000  # the last N of the 60,000 training images, held out for validation
     limit_train: int | None = None  # train on the first N training images only (quick runs)
-    memory_steps: int = 3  # training steps whose peak memory is traced (tracemalloc), after a warm-up step
+    memory_steps: int = 3  # first training steps whose peak memory is traced (tracemalloc); the first is cold
     # warn when the reversible rebuild's relative error exceeds this (default: 1e4 x the dtype's epsilon)
     rebuild_tolerance: float | None = None
     threads: int = 1  # BLAS threads (1: the README's timings; more: faster on an idle machine)
@@ -86,6 +95,9 @@ class Args(DataArgs):
 
 
 def check_args(args: Args) -> None:
+    for name, value in PRESETS[args.preset].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.depth < 1:
         raise ValueError(f"--depth must be >= 1 (got {args.depth})")
     if args.width < 4 or args.width % 2:
@@ -117,10 +129,15 @@ def peak_rss_mib() -> float:
 
 
 def evaluate(network: Network, images: np.ndarray, labels: np.ndarray, dtype: str, batch: int = 1000):
-    """(accuracy, mean cross-entropy) over uint8 `images`, normalised a batch at a time."""
+    """(accuracy, mean cross-entropy) over uint8 `images`, normalised a batch at a time.
+
+    The float batches live in the network's workspace: every evaluation reuses the same arrays."""
     correct, loss_sum = 0, 0.0
     for i in range(0, len(images), batch):
-        logits = network.forward(normalise(images[i : i + batch], dtype), train=False)
+        chunk = images[i : i + batch]
+        x = normalise(chunk, dtype, out=network.workspace.take((len(chunk), chunk[0].size), dtype))
+        logits = network.forward(x, train=False)
+        del x
         y = labels[i : i + batch]
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -130,7 +147,10 @@ def evaluate(network: Network, images: np.ndarray, labels: np.ndarray, dtype: st
 
 
 def measured_step(network, optimizer, x, labels, lr):
-    """train_step under tracemalloc: (loss, correct, peak bytes allocated above what was held before)."""
+    """train_step under tracemalloc: (loss, correct, peak bytes allocated above what was held before).
+
+    The first step of a process fills the network's workspace: its peak is the step's working set
+    (activations, their gradients, temporaries). Later steps reuse it and allocate next to nothing."""
     tracemalloc.start()
     held_before = tracemalloc.get_traced_memory()[0]
     tracemalloc.reset_peak()
@@ -180,7 +200,7 @@ def plot_curves(history: list[dict]):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # imported here: the training process stays lean (see README)
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (ax_loss, ax_acc, ax_rss) = plt.subplots(1, 3, figsize=(15, 3.5))
     epochs = [h["epoch"] for h in history]
     ax_loss.plot(epochs[1:], [h["train_loss"] for h in history[1:]], marker="o", label="train")
     ax_loss.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
@@ -190,6 +210,10 @@ def plot_curves(history: list[dict]):
     ax_acc.plot(epochs, [100 * h["val_accuracy"] for h in history], marker="o", label="validation")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(80, 100), title="accuracy")
     ax_acc.legend()
+    rss = [(h["epoch"], h["peak_rss_mib"]) for h in history if "peak_rss_mib" in h]
+    ax_rss.plot(*zip(*rss), marker="o", color="C2")
+    ax_rss.set(xlabel="epoch", ylabel="MiB", title="process peak RSS so far (ru_maxrss)")
+    ax_rss.set_ylim(0, 1.1 * max(v for _, v in rss))
     fig.tight_layout()
     return fig
 
@@ -220,9 +244,15 @@ class Run:
         else:
             self.optimizer = SGD(params, momentum=args.momentum, weight_decay=args.weight_decay)
         self.order_rng = np.random.default_rng([args.seed, 1])  # data order, apart from the init stream
+        # one array each for the data order and the batch, uint8 and float, reused every step
+        self.positions = np.arange(len(data["train_images"]))
+        self.order = np.empty_like(self.positions)
+        self.batch_pixels = np.empty((args.batch_size, config.in_features), dtype=np.uint8)
+        self.batch_x = np.empty((args.batch_size, config.in_features), dtype=args.dtype)
+        self.batch_labels = np.empty(args.batch_size, dtype=np.int64)
         self.tolerance = args.rebuild_tolerance or 1e4 * float(np.finfo(args.dtype).eps)
         self.start_epoch, self.history = 0, []
-        self.peak_step_bytes, self.step_seconds, self.train_seconds = 0, [], 0.0
+        self.peak_step_bytes, self.warm_step_bytes, self.step_seconds, self.train_seconds = 0, 0, [], 0.0
 
     def describe(self) -> str:
         a, d = self.args, self.data
@@ -256,17 +286,25 @@ class Run:
     def train_epoch(self, epoch: int, log: RunLogger) -> dict:
         """One pass over the training images in a fresh order; returns the epoch's training metrics."""
         a, images, labels = self.args, self.data["train_images"], self.data["train_labels"]
-        order = self.order_rng.permutation(len(images))
+        order = self.order
+        np.copyto(order, self.positions)
+        self.order_rng.shuffle(order)  # what permutation(n) does, into the array kept for it
+        pixels = images.reshape(len(images), -1)  # (N, 784) view
         loss_sum, correct_sum, seen = 0.0, 0, 0
         started = time.perf_counter()
         for i in range(self.steps_per_epoch):
             step = epoch * self.steps_per_epoch + i
             batch = order[i * a.batch_size : (i + 1) * a.batch_size]
-            x, y = normalise(images[batch], a.dtype), labels[batch]  # only this batch is ever float
+            np.take(pixels, batch, axis=0, out=self.batch_pixels)
+            np.take(labels, batch, out=self.batch_labels)
+            x = normalise(self.batch_pixels, a.dtype, out=self.batch_x)  # only this batch is ever float
+            y = self.batch_labels
             lr = learning_rate(step, self.total_steps, a.lr, self.warmup_steps)
-            if epoch == self.start_epoch and 1 <= i <= a.memory_steps:  # after a warm-up step
+            if epoch == self.start_epoch and i < a.memory_steps:  # the first (cold) step and a few warm ones
                 loss, correct, peak = measured_step(self.network, self.optimizer, x, y, lr)
                 self.peak_step_bytes = max(self.peak_step_bytes, peak)
+                if i > 0:
+                    self.warm_step_bytes = max(self.warm_step_bytes, peak)
             else:
                 t0 = time.perf_counter()
                 loss, correct = train_step(self.network, self.optimizer, x, y, lr)
@@ -288,7 +326,7 @@ class Run:
         result = {"epoch": epoch, "val_accuracy": accuracy, "val_loss": loss}
         if self.network.reversible:
             n = min(CHECK_BATCH, len(self.data["train_images"]))
-            x = normalise(self.data["train_images"][:n], self.args.dtype)
+            x = normalise(self.data["train_images"][:n], self.args.dtype)  # small: a plain array
             result.update(reversibility_check(self.network, x, self.data["train_labels"][:n]))
             warning = rebuild_warning(result, self.tolerance, epoch)
             if warning:
@@ -309,6 +347,7 @@ def train_loop(run: Run, log: RunLogger) -> None:
         )
     for epoch in range(run.start_epoch, args.epochs):
         record = run.train_epoch(epoch, log) | run.validate(epoch + 1)
+        record["peak_rss_mib"] = peak_rss_mib()  # the process's peak so far, checkpoint not yet written
         run.history.append(record)
         metrics = {
             "train/epoch_loss": record["train_loss"],
@@ -316,10 +355,11 @@ def train_loop(run: Run, log: RunLogger) -> None:
             "eval/val_accuracy": record["val_accuracy"],
             "eval/val_loss": record["val_loss"],
             "charts/epoch_seconds": record["seconds"],
-            "charts/peak_rss_mib": peak_rss_mib(),
+            "charts/peak_rss_mib": record["peak_rss_mib"],
         }
         if run.peak_step_bytes:
             metrics["charts/peak_step_mib"] = run.peak_step_bytes / MIB
+            metrics["charts/warm_step_mib"] = run.warm_step_bytes / MIB
         for key in ("rebuild_error", "grad_error"):
             if key in record:
                 metrics[f"train/{key}"] = record[key]
@@ -336,12 +376,12 @@ def train_loop(run: Run, log: RunLogger) -> None:
 
 
 def report(run: Run, log: RunLogger) -> dict:
-    """Test accuracy, computed once, on the final weights; the summary."""
+    """Test accuracy, computed once, on the final weights; the summary; the curves."""
     args, history = run.args, run.history
-    peak_rss = peak_rss_mib()  # before plotting: matplotlib is not part of training
     test_accuracy, test_loss = evaluate(
         run.network, run.data["test_images"], run.data["test_labels"], args.dtype
     )
+    peak_rss = peak_rss_mib()  # training and testing; the plot below comes after
     log.log(run.total_steps, {"eval/test_accuracy": test_accuracy, "eval/test_loss": test_loss})
     best = max(history, key=lambda h: h["val_accuracy"])
     checks = [h for h in history if "rebuild_error" in h]
@@ -354,7 +394,10 @@ def report(run: Run, log: RunLogger) -> dict:
         "max_rebuild_error": max((h["rebuild_error"] for h in checks), default=None),
         "max_grad_error": max((h["grad_error"] for h in checks), default=None),
         "peak_step_memory_mib": run.peak_step_bytes / MIB if run.peak_step_bytes else None,
+        "warm_step_memory_mib": run.warm_step_bytes / MIB if run.peak_step_bytes else None,
+        "workspace_mib": run.network.workspace.nbytes() / MIB,
         "peak_rss_mib": peak_rss,
+        "peak_rss_epoch1_mib": history[1].get("peak_rss_mib") if len(history) > 1 else None,
         "train_seconds": run.train_seconds,
         "seconds_per_epoch": run.train_seconds / max(1, len(history) - 1),
         "step_seconds_median": float(np.median(run.step_seconds)) if run.step_seconds else None,
@@ -365,9 +408,13 @@ def report(run: Run, log: RunLogger) -> dict:
     } | {
         k: v
         for k, v in asdict(args).items()
-        if k in ("model", "depth", "width", "dtype", "epochs", "batch_size", "seed")
+        if k in ("model", "preset", "depth", "width", "dtype", "epochs", "batch_size", "lr", "seed")
     }
     log.write_summary(summary)
+    # The plot needs neither the dataset nor the workspace: give their memory back first, so that
+    # matplotlib (about 40 MiB with a figure) does not stack on top of what training held.
+    run.network.workspace.clear()
+    run.data = None
     log.save_figure("curves", plot_curves(history))
     return summary
 

@@ -307,29 +307,68 @@ def test_training_steps_reduce_the_loss():
 # ----------------------------------------------------------------------------- memory
 
 
-def traced_step_peak(model: str, depth: int) -> int:
+def traced_step_peaks(model: str, depth: int, steps: int = 3) -> list[int]:
+    """Peak bytes each of `steps` training steps allocates above what was held before it (tracemalloc)."""
     rng = np.random.default_rng(12)
-    net = Network(ModelConfig(model, depth=depth, width=64, in_features=32, classes=10), rng)
+    net = Network(ModelConfig(model, depth=depth, width=256, in_features=32, classes=10), rng)
     adam = Adam(net.parameters())
     x, labels = rng.standard_normal((256, 32)).astype(np.float32), rng.integers(0, 10, 256)
-    train_step(net, adam, x, labels, 1e-3)  # warm-up
+    peaks = []
     tracemalloc.start()
-    held = tracemalloc.get_traced_memory()[0]
-    tracemalloc.reset_peak()
-    train_step(net, adam, x, labels, 1e-3)
-    peak = tracemalloc.get_traced_memory()[1] - held
+    for _ in range(steps):
+        held = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        train_step(net, adam, x, labels, 1e-3)
+        peaks.append(tracemalloc.get_traced_memory()[1] - held)
     tracemalloc.stop()
-    return peak
+    return peaks
 
 
 def test_reversible_step_memory_is_flat_in_depth_while_stored_backprop_grows():
-    revnet = {d: traced_step_peak("revnet", d) for d in (2, 8)}
-    resnet = {d: traced_step_peak("resnet", d) for d in (2, 8)}
-    activation = 256 * 32 * 4  # one (batch, width/2) float32 array
-    assert abs(revnet[8] - revnet[2]) < 0.05 * revnet[2]
+    # the first step fills the network's workspace: its peak is the step's working set
+    revnet = {d: traced_step_peaks("revnet", d, 1)[0] for d in (2, 6)}
+    resnet = {d: traced_step_peaks("resnet", d, 1)[0] for d in (2, 6)}
+    activation = 256 * 128 * 4  # one (batch, width/2) float32 array
+    assert abs(revnet[6] - revnet[2]) < 0.05 * revnet[2]
     # stored backprop keeps ~4 such arrays per block (two ReLU outputs, y1, y2)
-    assert resnet[8] - resnet[2] > 6 * 3 * activation
-    assert revnet[8] < 0.5 * resnet[8]
+    assert resnet[6] - resnet[2] > 4 * 3 * activation
+    assert revnet[6] < 0.6 * resnet[6]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_warm_steps_and_evaluation_reuse_the_workspace(model):
+    """After the first step, training and evaluation allocate no activation-sized array: a long run's
+    memory cannot creep up through the allocator (the workspace's arrays are reused, one per shape)."""
+    activation = 256 * 128 * 4  # one (batch, width/2) float32 array
+    cold, *warm = traced_step_peaks(model, 3, steps=3)
+    assert cold > 8 * activation
+    assert max(warm) < activation / 2
+    rng = np.random.default_rng(16)
+    net = Network(ModelConfig(model, depth=3, width=16, in_features=7, classes=4), rng)
+    adam = Adam(net.parameters())
+    x, labels = rng.standard_normal((32, 7)).astype(np.float32), rng.integers(0, 4, 32)
+    train_step(net, adam, x, labels, 1e-3)
+    net.forward(x[:10], train=False)  # an evaluation batch of another size gets arrays of its own
+    allocated = net.workspace.allocations
+    for _ in range(3):
+        train_step(net, adam, x, labels, 1e-3)
+        net.forward(x[:10], train=False)
+    assert net.workspace.allocations == allocated
+
+
+def test_workspace_never_hands_out_an_array_still_in_use():
+    from revnet import Workspace
+
+    ws = Workspace()
+    a = ws.take((4, 3), np.float32)
+    view = ws.take((4, 3), np.float32)[:, 1:]  # only a view of the second array survives
+    third = ws.take((4, 3), np.float32)
+    in_use = third is a or np.shares_memory(third, view)
+    assert not in_use and ws.allocations == 3
+    del a, third
+    again = ws.take((4, 3), np.float32)  # a's or third's array: free again, nothing allocated
+    assert ws.allocations == 3 and not np.shares_memory(again, view)
+    assert ws.take((4, 3), np.float64).dtype == np.float64 and ws.allocations == 4
 
 
 # ----------------------------------------------------------------------------- reversibility under training
