@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -74,7 +75,16 @@ from study import (  # noqa: E402
     stability,
 )
 
-from common import DataArgs, RunLogger, parse_args, read_json, run_main, run_name, write_json  # noqa: E402
+from common import (  # noqa: E402
+    DataArgs,
+    RunLogger,
+    UserError,
+    parse_args,
+    read_json,
+    run_main,
+    run_name,
+    write_json,
+)
 
 
 @dataclass
@@ -96,6 +106,9 @@ class Args(DataArgs):
     crop: bool = False  # resize the shorter side to image_size*8/7 and centre crop, instead of resizing
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     download: bool = True  # fetch a missing bottle/transistor/metal_nut from MVTec (you accept its license)
+    from_runs: list[str] = field(
+        default_factory=list
+    )  # finished run folders: only their (cross-class) report
 
     # --resume reuses the finished folds; the split-half study and the report after them are always redone
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset(
@@ -669,8 +682,63 @@ def report_classes(log, per_class: dict, ks) -> dict:
     return report
 
 
+def write_report(log, per_class: dict, header: dict, ks) -> None:
+    """importance_summary.json, heldout_topk.png and (two or more classes) the cross-class report."""
+    summaries = {}
+    for name, result in per_class.items():
+        summaries[name] = class_summary(result["importance"], result["split_half"]) | {"run": result["run"]}
+        report_category(name, summaries[name])
+    log.save_figure("heldout_topk", heldout_figure({n: r["split_half"] for n, r in per_class.items()}))
+    report = report_classes(log, per_class, ks)
+    write_json(log.path("importance_summary.json"), {**header, "classes": summaries, "cross_class": report})
+    log.write_summary({**header, "classes": summaries, "cross_class": report})
+
+
+SHARED = ("weights", "seed", "n_features", "image_size", "crop")  # what runs must share to be compared
+
+
+def load_runs(folders: list[str]) -> tuple[dict, dict]:
+    """The classes of finished runs (their importance.json and split_half.json), checked to be comparable."""
+    per_class, header = {}, None
+    for folder in map(Path, folders):
+        if not (folder / "importance_summary.json").is_file():
+            raise UserError(
+                f"--from-runs {folder}: not a finished importance.py run (no importance_summary.json)"
+            )
+        found = read_json(folder / "importance_summary.json")
+        found = {k: found[k] for k in (*SHARED, "weights_source")}
+        if header is not None and any(header[k] != found[k] for k in SHARED):
+            differ = ", ".join(f"{k} {header[k]} vs {found[k]}" for k in SHARED if header[k] != found[k])
+            raise UserError(f"--from-runs: {folder} used other settings than the runs before it ({differ})")
+        header = found
+        config = read_json(folder / "config.json")
+        finished = datetime.fromtimestamp((folder / "importance_summary.json").stat().st_mtime)
+        minutes = (finished - datetime.fromisoformat(config["started"])).total_seconds() / 60
+        for path in sorted(folder.glob("*split_half.json")):
+            prefix = path.name[: -len("split_half.json")]
+            halves = read_json(path)
+            importance = read_json(folder / f"{prefix}importance.json")
+            run = {"folder": folder.name, "args": study_args(config["args"]), "minutes": minutes}
+            per_class[halves["category"]] = {"importance": importance, "split_half": halves, "run": run}
+    return per_class, header
+
+
+def study_args(args: dict) -> dict:
+    """The flags that set a study's size and what it measures (for the README's commands)."""
+    keys = ("weights", "n_features", "folds", "repeats", "n_repeats", "splits", "ks", "n_random", "seed")
+    return {k: args[k] for k in keys}
+
+
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
+    if args.from_runs:  # the report of finished single-class runs: no data, no backbone
+        per_class, header = load_runs(args.from_runs)
+        ks = sorted({int(k) for r in per_class.values() for k in r["split_half"]["topk"]})
+        with RunLogger(
+            "padim_anomaly", run_name(f"importance_{len(per_class)}classes", args.seed), args
+        ) as log:
+            write_report(log, per_class, {**header, "from_runs": args.from_runs}, ks)
+        return
     device, config, names, extractor, weights_source = setup(args)
     tag = names[0] if len(names) == 1 else f"{len(names)}classes"
     print(
@@ -678,21 +746,20 @@ def main() -> None:
         f"{args.repeats} x {args.folds} folds, {args.n_repeats} permutations | {args.splits} split halves | "
         f"k = {args.ks}, {args.n_random} random subsets each | classes: {', '.join(names)}"
     )
+    start = time.perf_counter()
     with RunLogger("padim_anomaly", run_name(f"importance_{tag}", args.seed), args) as log:
         study = Study(args, config, extractor, device, log)
-        per_class, summaries = {}, {}
-        for name in names:
-            per_class[name] = run_category(study, name, "" if len(names) == 1 else f"{name}_")
-            summaries[name] = class_summary(per_class[name]["importance"], per_class[name]["split_half"])
-            report_category(name, summaries[name])
-        log.save_figure("heldout_topk", heldout_figure({n: r["split_half"] for n, r in per_class.items()}))
-        report = report_classes(log, per_class, args.ks)
+        per_class = {name: run_category(study, name, "" if len(names) == 1 else f"{name}_") for name in names}
+        minutes = (time.perf_counter() - start) / 60
+        for result in per_class.values():
+            result["run"] = {
+                "folder": log.path("summary.json").parent.name,
+                "args": study_args(vars(args)),
+                "minutes": minutes,
+            }
         header = {"weights": args.weights, "weights_source": weights_source, "n_features": config.n_features}
-        header.update(seed=args.seed, image_size=args.image_size, crop=args.crop, n_random=args.n_random)
-        write_json(
-            log.path("importance_summary.json"), {**header, "classes": summaries, "cross_class": report}
-        )
-        log.write_summary({**header, "classes": summaries, "cross_class": report})
+        header.update(seed=args.seed, image_size=args.image_size, crop=args.crop)
+        write_report(log, per_class, header, args.ks)
 
 
 if __name__ == "__main__":

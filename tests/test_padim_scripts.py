@@ -187,6 +187,11 @@ def test_importance_over_all_classes_with_split_halves_heldout_topk_and_cross_cl
     assert set(report["pairs"]["bottle|widget"]["topk_overlap"]) == {"2", "4"}
     assert summary["cross_class"] == report and (out / "cross_class.png").is_file()
     assert (out / "heldout_topk.png").is_file()
+    # the report alone, from finished runs (classes run as separate processes are combined this way)
+    combined = tmp_path / "combined"
+    run_script("padim_anomaly/importance.py", "--from-runs", out, "--out", combined, "--clearml", "off")
+    again = json.loads((combined / "importance_summary.json").read_text())
+    assert again["classes"] == summary["classes"] and again["cross_class"] == summary["cross_class"]
     # --resume reuses every finished fold (the split-half study may change); a changed fold count is refused
     (out / "summary.json").unlink()
     again = run_script("padim_anomaly/importance.py", *args, "--ks", "2", "--resume")
