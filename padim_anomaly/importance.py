@@ -176,7 +176,14 @@ class Scorer:
     def __init__(self, masks: torch.Tensor, labels: torch.Tensor, config, rows_per_chunk: int = 4):
         self.masks, self.labels, self.config, self.chunk = masks, labels, config, rows_per_chunk
         self.pixels = masks.flatten()
-        self.weights = region_weights(masks.numpy())
+        self._weights = None
+
+    @property
+    def weights(self) -> np.ndarray:
+        """AUPRO's per-pixel region weights, computed when AUPRO is first asked for."""
+        if self._weights is None:
+            self._weights = region_weights(self.masks.numpy())
+        return self._weights
 
     def maps(self, squared: torch.Tensor) -> torch.Tensor:
         """(R, V, P) squared distances -> (R, V, S, S) anomaly maps."""
@@ -385,76 +392,77 @@ def half_importance(scorer, embeddings, mean, inv_covariance) -> dict:
     return {"base": base, **{f"drop_{m}": (base[m] - dropped[m]).tolist() for m in ("pixel", "image")}}
 
 
-def split_half_study(study, name, train_embeddings, test, splits) -> dict:
-    """Per split: a ranking on each half (drop-one pixel importance, one model fitted on all train/good),
-    their agreement, then top-k / bottom-k of each half scored on the other half beside random k-subsets."""
+def split_half_study(study, name, train_embeddings, test, splits, save) -> dict:
+    """Per split: a ranking on each half (drop-one pixel importance, one model fitted on all train/good)
+    and their agreement; then, k by k, top-k / bottom-k of each half scored on the other half beside
+    random k-subsets. `save(result)` runs after the rankings and after every k, so an interrupted run
+    keeps what it finished."""
     embeddings, masks, labels = test
-    args, config = study.args, study.config
+    config = study.config
     mean, covariance, inv_covariance = full_fit(train_embeddings, config.epsilon)
-    halves = [(s, h, torch.from_numpy(idx)) for s, pair in enumerate(splits) for h, idx in enumerate(pair)]
+    halves = [torch.from_numpy(idx) for pair in splits for idx in pair]  # half e belongs to split e // 2
+    scorers = [Scorer(masks[idx], labels[idx], config) for idx in halves]
     progress = Progress(f"{name} split halves", len(halves), "halves")
-    rankings, choices = [], {str(k): {"top": [], "bottom": []} for k in args.ks}
-    for pair in splits:
-        scorers = [Scorer(masks[idx], labels[idx], config) for idx in map(torch.from_numpy, pair)]
-        ranked = []
-        for h, idx in enumerate(map(torch.from_numpy, pair)):
-            ranked.append(half_importance(scorers[h], embeddings[idx], mean, inv_covariance))
-            progress.update(1)
-        for h in (0, 1):  # rank on half h, score on the other half
-            order = np.argsort(-np.asarray(ranked[h]["drop_pixel"]), kind="stable")
-            held = torch.from_numpy(pair[1 - h])
-            for k in args.ks:
-                for choice, subset in (("top", order[:k]), ("bottom", order[-k:])):
-                    squared = subset_squared(embeddings[held], mean, covariance, subset)
-                    scores = scorers[1 - h](squared.unsqueeze(0), with_aupro=True)
-                    choices[str(k)][choice].append({m: float(v[0]) for m, v in scores.items()})
-        rankings += ranked
-        del scorers
-    # random k-subsets: the same subsets on every half; distances once over all test images
-    scorers = [Scorer(masks[idx], labels[idx], config) for _, _, idx in halves]
-    n_channels = embeddings.shape[1]
-    randoms = {k: np.random.default_rng([args.seed, k]).random((args.n_random, n_channels)) for k in args.ks}
-    random_scores = {str(k): np.empty((args.n_random, len(halves), 2)) for k in args.ks}  # pixel, image
-    progress = Progress(f"{name} random subsets", len(args.ks) * args.n_random, "subsets")
-    for k in args.ks:
-        for j in range(args.n_random):
-            subset = np.argsort(randoms[k][j])[:k]
-            squared = subset_squared(embeddings, mean, covariance, subset)  # (N, P)
-            for e, (_, _, idx) in enumerate(halves):
-                scores = scorers[e](squared[idx].unsqueeze(0))
-                random_scores[str(k)][j, e] = scores["pixel"][0], scores["image"][0]
-            progress.update(1)
-    # evaluation e = (split s, ranked on half h) is scored on half 1 - h: random column 2 s + 1 - h
-    held_column = [2 * s + 1 - h for s in range(len(splits)) for h in (0, 1)]
-    topk = {}
-    for k, by_choice in choices.items():
-        randoms_held = random_scores[k][:, held_column]  # (n_random, E, 2)
-        entry = {}
-        for i, metric in enumerate(("pixel", "image")):
-            top = [r[metric] for r in by_choice["top"]]
-            bottom = [r[metric] for r in by_choice["bottom"]]
-            entry[metric] = heldout_summary(top, bottom, randoms_held[:, :, i])
-        for choice in ("top", "bottom"):
-            entry[f"{choice}_aupro"] = float(np.mean([r["aupro"] for r in by_choice[choice]]))
-        entry["all_channels_aupro"] = float(np.mean([rankings[c]["base"]["aupro"] for c in held_column]))
-        entry["all_channels_pixel"] = float(np.mean([rankings[c]["base"]["pixel"] for c in held_column]))
-        topk[k] = entry
+    rankings = []
+    for e, idx in enumerate(halves):
+        rankings.append(half_importance(scorers[e], embeddings[idx], mean, inv_covariance))
+        progress.update(1)
     drops = np.array([r["drop_pixel"] for r in rankings])  # (2 S, C)
     pairs = [[2 * s, 2 * s + 1] for s in range(len(splits))]
-    channels = study.extractor.channels.cpu().numpy()
-    return {
+    result = {
         "category": name,
         "model": "one Gaussian fitted on every train/good image; each half ranks the channels on its own",
         "n_splits": len(splits),
         "half_sizes": [[len(a), len(b)] for a, b in splits],
-        "channels": channels.tolist(),
+        "channels": study.extractor.channels.cpu().numpy().tolist(),
         "base": {m: [r["base"][m] for r in rankings] for m in ("image", "pixel", "aupro")},
         "drop_pixel": drops.tolist(),
         "drop_pixel_mean": drops.mean(axis=0).tolist(),
         "stability": stability(drops, pairs=pairs),
         "stability_image": stability(np.array([r["drop_image"] for r in rankings]), pairs=pairs),
-        "topk": topk,
+        "topk": {},
     }
+    save(result)
+    model = (embeddings, mean, covariance)
+    for k in study.args.ks:
+        result["topk"][str(k)] = heldout_topk(study, name, k, model, halves, scorers, rankings)
+        save(result)
+    return result
+
+
+def heldout_topk(study, name, k, model, halves, scorers, rankings) -> dict:
+    """Evaluation (split s, ranked on half h) is scored on the other half of split s: top-k and bottom-k
+    of half h's ranking, and random k-subsets (the same ones on every half; distances once over all test
+    images)."""
+    embeddings, mean, covariance = model
+    args = study.args
+    held = [e + 1 if e % 2 == 0 else e - 1 for e in range(len(halves))]  # the other half of the split
+    choices = {"top": [], "bottom": []}
+    for e, other in enumerate(held):
+        order = np.argsort(-np.asarray(rankings[e]["drop_pixel"]), kind="stable")
+        for choice, subset in (("top", order[:k]), ("bottom", order[-k:])):
+            squared = subset_squared(embeddings[halves[other]], mean, covariance, subset)
+            scores = scorers[other](squared.unsqueeze(0), with_aupro=True)
+            choices[choice].append({m: float(v[0]) for m, v in scores.items()})
+    draws = np.random.default_rng([args.seed, k]).random((args.n_random, embeddings.shape[1]))
+    random = np.empty((args.n_random, len(halves), 2))  # pixel, image AUROC on every half
+    progress = Progress(f"{name} random {k}-subsets", args.n_random, "subsets")
+    for j in range(args.n_random):
+        squared = subset_squared(embeddings, mean, covariance, np.argsort(draws[j])[:k])  # (N, P)
+        for e, idx in enumerate(halves):
+            scores = scorers[e](squared[idx].unsqueeze(0))
+            random[j, e] = scores["pixel"][0], scores["image"][0]
+        progress.update(1)
+    entry = {}
+    for i, metric in enumerate(("pixel", "image")):
+        top = [r[metric] for r in choices["top"]]
+        bottom = [r[metric] for r in choices["bottom"]]
+        entry[metric] = heldout_summary(top, bottom, random[:, held, i])
+    for choice in ("top", "bottom"):
+        entry[f"{choice}_aupro"] = float(np.mean([r["aupro"] for r in choices[choice]]))
+    entry["all_channels_aupro"] = float(np.mean([rankings[e]["base"]["aupro"] for e in held]))
+    entry["all_channels_pixel"] = float(np.mean([rankings[e]["base"]["pixel"] for e in held]))
+    return entry
 
 
 # ---------------------------------------------------------------- plots
@@ -573,8 +581,12 @@ def run_category(study: Study, name: str, prefix: str) -> dict:
     write_json(study.log.path(f"{prefix}importance.json"), importance)
     study.log.save_figure(f"{prefix}importance_ranking", ranking_figure(importance, name))
     splits = split_halves(category.test_types, args.splits, args.seed)
-    halves = split_half_study(study, name, train_embeddings, test, splits)
-    write_json(study.log.path(f"{prefix}split_half.json"), halves)
+
+    def save(result):
+        write_json(study.log.path(f"{prefix}split_half.json"), result)
+        study.log.keep()
+
+    halves = split_half_study(study, name, train_embeddings, test, splits, save)
     return {"importance": importance, "split_half": halves}
 
 
@@ -698,22 +710,24 @@ SHARED = ("weights", "seed", "n_features", "image_size", "crop")  # what runs mu
 
 
 def load_runs(folders: list[str]) -> tuple[dict, dict]:
-    """The classes of finished runs (their importance.json and split_half.json), checked to be comparable."""
+    """The classes of earlier runs (their importance.json and split_half.json), checked to be comparable.
+
+    An interrupted run counts with what it finished: split_half.json is rewritten after every k.
+    """
     per_class, header = {}, None
     for folder in map(Path, folders):
-        if not (folder / "importance_summary.json").is_file():
-            raise UserError(
-                f"--from-runs {folder}: not a finished importance.py run (no importance_summary.json)"
-            )
-        found = read_json(folder / "importance_summary.json")
-        found = {k: found[k] for k in (*SHARED, "weights_source")}
+        if not list(folder.glob("*split_half.json")) or not (folder / "config.json").is_file():
+            raise UserError(f"--from-runs {folder}: not an importance.py run folder (no split_half.json)")
+        config = read_json(folder / "config.json")
+        found = {k: config["args"][k] for k in SHARED}
         if header is not None and any(header[k] != found[k] for k in SHARED):
             differ = ", ".join(f"{k} {header[k]} vs {found[k]}" for k in SHARED if header[k] != found[k])
             raise UserError(f"--from-runs: {folder} used other settings than the runs before it ({differ})")
         header = found
-        config = read_json(folder / "config.json")
-        finished = datetime.fromtimestamp((folder / "importance_summary.json").stat().st_mtime)
-        minutes = (finished - datetime.fromisoformat(config["started"])).total_seconds() / 60
+        last = max(path.stat().st_mtime for path in folder.glob("*split_half.json"))
+        minutes = (
+            datetime.fromtimestamp(last) - datetime.fromisoformat(config["started"])
+        ).total_seconds() / 60
         for path in sorted(folder.glob("*split_half.json")):
             prefix = path.name[: -len("split_half.json")]
             halves = read_json(path)
