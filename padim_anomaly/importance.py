@@ -1,21 +1,24 @@
-"""Which ResNet18 embedding channels matter for PaDiM, measured so that the answer holds across folds.
+"""Which ResNet18 embedding channels matter for PaDiM, and does the answer hold on new images and classes?
 
-Folds: repeated k-fold (--repeats shuffles of --folds folds). Fold (r, k) fits PaDiM on the other
-train/good folds of shuffle r and validates on test fold k (stratified by defect type).
-Importance of a channel in a fold = drop in full-resolution pixel AUROC (image AUROC as a second view)
-1. when the channel is removed: the exact refit without it, d2 - w_c^2 / Lambda_cc (no randomness);
-2. when it is shuffled across the validation images (permutation importance, --n-repeats times).
-Channels are ranked by the mean drop-one pixel importance. Correlated channels share credit, so
-clusters (hierarchical, on the Spearman correlation of channel activations over train patches) and
-whole layers are dropped as sets too. Rank stability: Spearman and top-10 overlap of every fold pair,
-bootstrap intervals of each rank over folds. Then top-k, bottom-k and --n-random random k-subsets are
-fitted on the first shuffle's folds; fold k's top/bottom come from the other folds of that shuffle,
-so no validation image chooses its own channels; top-k's place among the random subsets is a percentile.
+Importance of a channel = drop in full-resolution pixel AUROC (image AUROC as a second view) when it is
+removed from the Gaussian: the exact refit without it, d2 - w_c^2 / Lambda_cc (no randomness); or when it
+is shuffled across the validation images (permutation importance, --n-repeats times).
+1. Split halves (the stability that counts): the test images are split --splits times into two disjoint
+   halves, stratified by defect type; one model is fitted on all train/good; each half ranks the
+   channels on its own; the two rankings are compared (Spearman, top-10 overlap).
+2. Held-out top-k: the top-k and bottom-k of each half's ranking are scored on the other half (both
+   directions, every split) beside --n-random random k-subsets scored on the same halves; a subset model
+   is the Gaussian's marginal on those channels (exactly a refit on them). Top-k's place is a percentile.
+3. Repeated CV (--repeats shuffles of --folds folds; fold k fits on the other train folds and validates
+   on test fold k): drop-one, permutation, cluster (correlated channels) and whole-layer importance,
+   agreement of disjoint folds of one shuffle, bootstrap rank intervals.
+4. With several classes: top-k overlap against chance (hypergeometric), rank correlation, layers.
 
 Research: python padim_anomaly/importance.py --category bottle transistor metal_nut
-Offline:  python padim_anomaly/importance.py --category bottle --weights none --data-dir PATH
+Offline:  python padim_anomaly/importance.py --category bottle mtile --weights none --data-dir PATH
+Report:   python padim_anomaly/importance.py --from-runs RUN_A RUN_B   (classes run as separate processes)
 Tiny:     python padim_anomaly/importance.py --weights none --n-features 16 --ks 2 4 --n-random 5 \\
-              --image-size 64 --clearml off --data-dir DIR
+              --splits 2 --repeats 2 --n-repeats 1 --image-size 64 --clearml off --data-dir DIR
 """
 
 from __future__ import annotations

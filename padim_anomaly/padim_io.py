@@ -345,7 +345,8 @@ def load_test_set(category: Category, config: ModelConfig) -> tuple[torch.Tensor
             hint = "their defects are thinner than the resize step; a larger --image-size keeps them"
         print(
             f"warning: {what} {len(lost)} of {n_defective} defective test images of {category.name} (e.g. "
-            f"{path}: {pixels} defect pixels in {width}x{height}); {consequence}; {hint}",
+            f"{path}: {pixels} defect pixel{'s' if pixels != 1 else ''} in {width}x{height}); "
+            f"{consequence}; {hint}",
             file=sys.stderr,
         )
     return images, masks
