@@ -510,14 +510,16 @@ def heldout_figure(split_halves: dict):
     return fig
 
 
-def cross_class_figure(report: dict, split_halves: dict, layers: dict):
+def cross_class_figure(report: dict, importances: dict, layers: dict):
     """Two classes at a glance: channel importances against each other, top-k overlap against chance,
     and the drop in pixel AUROC when a whole layer is removed."""
     a, b = report["classes"][:2]
     pair = report["pairs"][f"{a}|{b}"]
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 4))
-    channels = np.asarray(split_halves[a]["channels"])
-    x, y = (np.asarray(split_halves[n]["drop_pixel_mean"]) for n in (a, b))
+    channels = np.asarray([int(c) for c in importances[a]["channels"]])
+    x, y = (
+        np.asarray([importances[n]["channels"][str(c)]["drop_pixel_mean"] for c in channels]) for n in (a, b)
+    )
     starts = np.cumsum((0, *LAYER_CHANNELS))
     for i, layer in enumerate(LAYERS):
         inside = (channels >= starts[i]) & (channels < starts[i + 1])
@@ -597,11 +599,14 @@ def class_summary(importance: dict, halves: dict) -> dict:
     """One class in importance_summary.json (the README's tables read it)."""
     keep = ("spearman_mean", "spearman_min", "spearman_max", "spearman_std", "top10_overlap_mean",
             "top10_overlap_min")  # fmt: skip
-    split = {k: halves["stability"][k] for k in keep}
-    split.update(spearman=halves["stability"]["spearman"], top10_overlap=halves["stability"]["top10_overlap"])
-    split.update(n_splits=halves["n_splits"], half_sizes=halves["half_sizes"][0])
-    topk = {}
-    for k, entry in halves["topk"].items():
+    split, topk = None, {}
+    if halves is not None:
+        split = {k: halves["stability"][k] for k in keep}
+        split.update(
+            spearman=halves["stability"]["spearman"], top10_overlap=halves["stability"]["top10_overlap"]
+        )
+        split.update(n_splits=halves["n_splits"], half_sizes=halves["half_sizes"][0])
+    for k, entry in (halves or {"topk": {}})["topk"].items():
         pixel = {m: v for m, v in entry["pixel"].items() if not m.endswith("_values")}
         topk[k] = {**pixel, "image": {m: v for m, v in entry["image"].items() if not m.endswith("_values")}}
         topk[k].update(
@@ -609,7 +614,7 @@ def class_summary(importance: dict, halves: dict) -> dict:
         )
     return {
         "split_half": split,
-        "split_half_base": {m: float(np.mean(v)) for m, v in halves["base"].items()},
+        "split_half_base": halves and {m: float(np.mean(v)) for m, v in halves["base"].items()},
         "disjoint_folds": {k: importance["disjoint_folds"][k] for k in keep}
         | {"n_pairs": len(importance["disjoint_folds"]["pairs"])},
         "all_fold_pairs": {k: importance["stability"][k] for k in keep}
@@ -624,22 +629,23 @@ def class_summary(importance: dict, halves: dict) -> dict:
         "layers": importance["layers"],
         "top_clusters": importance["clusters"][:3],
         "n_clusters": len(importance["clusters"]),
-        "top10": [importance["channels"][str(c)]["name"] for c in halves_ranking(halves)[:10]],
+        "top10": [importance["channels"][str(c)]["name"] for c in importance["ranking"][:10]],
         "topk": topk,
     }
 
 
-def halves_ranking(halves: dict) -> list[int]:
-    """Channel indices by mean drop-one pixel importance over every half of every split."""
-    order = np.argsort(-np.asarray(halves["drop_pixel_mean"]), kind="stable")
-    return [halves["channels"][i] for i in order]
-
-
 def report_category(name: str, summary: dict) -> None:
     s, d = summary["split_half"], summary["disjoint_folds"]
+    halves = (
+        "split halves not run"
+        if s is None
+        else (
+            f"split halves ({s['n_splits']} splits): Spearman {s['spearman_mean']:.3f} "
+            f"(min {s['spearman_min']:.3f}), top-10 overlap {s['top10_overlap_mean']:.1f}/10"
+        )
+    )
     print(
-        f"{name}: split halves ({s['n_splits']} splits): Spearman {s['spearman_mean']:.3f} "
-        f"(min {s['spearman_min']:.3f}), top-10 overlap {s['top10_overlap_mean']:.1f}/10 | disjoint folds "
+        f"{name}: {halves} | disjoint folds "
         f"({d['n_pairs']} pairs): Spearman {d['spearman_mean']:.3f} (min {d['spearman_min']:.3f})"
     )
     for k, t in summary["topk"].items():
@@ -652,12 +658,12 @@ def report_category(name: str, summary: dict) -> None:
 
 
 def cross_class(per_class: dict, ks) -> dict:
-    """Cross-class agreement: held-out-half drop-one pixel importance, CV clusters and layers."""
+    """Cross-class agreement of the CV drop-one pixel importance, clusters and layers."""
     inputs = {}
     for name, result in per_class.items():
-        importance, halves = result["importance"], result["split_half"]
+        importance = result["importance"]
         inputs[name] = {
-            "importance": dict(zip(halves["channels"], halves["drop_pixel_mean"])),
+            "importance": {int(c): e["drop_pixel_mean"] for c, e in importance["channels"].items()},
             "clusters": [c["channels"] for c in importance["clusters"]],
             "layers": {k: v["pixel_drop_mean"] for k, v in importance["layers"].items()},
         }
@@ -691,9 +697,9 @@ def report_classes(log, per_class: dict, ks) -> dict:
         print(f"{pair}: Spearman {v['spearman']:.3f}; shared channels {overlaps}")
     for name, layers in report["layers_by_importance"].items():
         print(f"{name}: layers by pixel importance {', '.join(layers)}")
-    halves = {name: r["split_half"] for name, r in per_class.items()}
+    importances = {name: r["importance"] for name, r in per_class.items()}
     layers = {name: r["importance"]["layers"] for name, r in per_class.items()}
-    log.save_figure("cross_class", cross_class_figure(report, halves, layers))
+    log.save_figure("cross_class", cross_class_figure(report, importances, layers))
     return report
 
 
@@ -703,7 +709,9 @@ def write_report(log, per_class: dict, header: dict, ks) -> None:
     for name, result in per_class.items():
         summaries[name] = class_summary(result["importance"], result["split_half"]) | {"run": result["run"]}
         report_category(name, summaries[name])
-    log.save_figure("heldout_topk", heldout_figure({n: r["split_half"] for n, r in per_class.items()}))
+    done = {n: r["split_half"] for n, r in per_class.items() if r["split_half"] and r["split_half"]["topk"]}
+    if done:
+        log.save_figure("heldout_topk", heldout_figure(done))
     report = report_classes(log, per_class, ks)
     write_json(log.path("importance_summary.json"), {**header, "classes": summaries, "cross_class": report})
     log.write_summary({**header, "classes": summaries, "cross_class": report})
@@ -719,24 +727,27 @@ def load_runs(folders: list[str]) -> tuple[dict, dict]:
     """
     per_class, header = {}, None
     for folder in map(Path, folders):
-        if not list(folder.glob("*split_half.json")) or not (folder / "config.json").is_file():
-            raise UserError(f"--from-runs {folder}: not an importance.py run folder (no split_half.json)")
+        if not list(folder.glob("*importance.json")) or not (folder / "config.json").is_file():
+            raise UserError(f"--from-runs {folder}: not an importance.py run folder (no importance.json)")
         config = read_json(folder / "config.json")
         found = {k: config["args"][k] for k in SHARED}
         if header is not None and any(header[k] != found[k] for k in SHARED):
             differ = ", ".join(f"{k} {header[k]} vs {found[k]}" for k in SHARED if header[k] != found[k])
             raise UserError(f"--from-runs: {folder} used other settings than the runs before it ({differ})")
         header = found
-        last = max(path.stat().st_mtime for path in folder.glob("*split_half.json"))
+        last = max(path.stat().st_mtime for path in folder.glob("*.json"))
         minutes = (
             datetime.fromtimestamp(last) - datetime.fromisoformat(config["started"])
         ).total_seconds() / 60
-        for path in sorted(folder.glob("*split_half.json")):
-            prefix = path.name[: -len("split_half.json")]
-            halves = read_json(path)
-            importance = read_json(folder / f"{prefix}importance.json")
+        for path in sorted(folder.glob("*importance.json")):
+            if path.name.startswith("fold_") or "_fold_" in path.name:
+                continue
+            prefix = path.name[: -len("importance.json")]
+            importance = read_json(path)
+            halves_path = folder / f"{prefix}split_half.json"
+            halves = read_json(halves_path) if halves_path.is_file() else None  # stopped before the halves
             run = {"folder": folder.name, "args": study_args(config["args"]), "minutes": minutes}
-            per_class[halves["category"]] = {"importance": importance, "split_half": halves, "run": run}
+            per_class[importance["category"]] = {"importance": importance, "split_half": halves, "run": run}
     return per_class, header
 
 
@@ -750,7 +761,8 @@ def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
     if args.from_runs:  # the report of finished single-class runs: no data, no backbone
         per_class, header = load_runs(args.from_runs)
-        ks = sorted({int(k) for r in per_class.values() for k in r["split_half"]["topk"]})
+        ks = sorted({int(k) for r in per_class.values() for k in (r["split_half"] or {"topk": {}})["topk"]})
+        ks = ks or [10, 25, 50]
         with RunLogger(
             "padim_anomaly", run_name(f"importance_{len(per_class)}classes", args.seed), args
         ) as log:
