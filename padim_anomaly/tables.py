@@ -121,7 +121,7 @@ def cross_class_table(results: Path | None = None) -> str:
     """Shared top-k channels of the two classes against chance, and their rank correlation."""
     summary = _load("importance_summary.json", results)
     lines = []
-    for pair, v in summary["cross_class"]["pairs"].items():
+    for pair, v in summary["cross_class"].get("pairs", {}).items():
         a, b = pair.split("|")
         lines += [
             f"| {a} vs {b} ({RANDOM_INIT}, {v['shared_channels']} channels) | shared | chance: expected "
@@ -190,7 +190,7 @@ def settings_lines(results: Path | None = None) -> str:
         lines.append(
             f"- {name}: {halves}; CV {a['repeats']} x "
             f"{a['folds']} folds with {a['n_repeats']} permutations per channel and fold; "
-            f"{c['run']['minutes']:.0f} minutes on the loaded machine"
+            f"{c['run']['minutes']:.0f} minutes"
         )
     return "\n".join(lines) + "\n"
 
@@ -203,9 +203,7 @@ def targets(results: Path | None = None) -> str:
         s = c["split_half"]
         t = c["topk"].get("10")
         if s is None:
-            lines.append(
-                f"- **{name}**: the split-half study did not finish in time: both targets **not measured**."
-            )
+            lines.append(f"- **{name}**: the split-half study did not finish: both targets **not measured**.")
             continue
         met = "met" if s["spearman_mean"] >= 0.6 else "missed"
         line = (

@@ -13,14 +13,19 @@ def test_every_table_renders_from_the_committed_results():
     stability = tables.stability_table()
     topk = tables.topk_table()
     for name, c in summary["classes"].items():
-        assert f"**{c['split_half']['spearman_mean']:.3f} (" in stability
+        if c["split_half"] is None:
+            assert f"| {name} | **two halves of the test set** | not finished" in stability
+        else:
+            assert f"**{c['split_half']['spearman_mean']:.3f} (" in stability
+        assert f"| {c['disjoint_folds']['spearman_mean']:.3f} (" in stability
         for k, t in c["topk"].items():
             assert f"| {name} | {k} | **{t['top']:.4f}** |" in topk
     cross = tables.cross_class_table()
-    for v in summary["cross_class"]["pairs"].values():
+    for v in summary["cross_class"].get("pairs", {}).values():
         assert f"**{v['spearman']:.3f}**" in cross
-    assert tables.layer_table().count("| layer") == 3
-    assert "random-init" in tables.targets() and "--weights none" in tables.commands()
+    assert tables.layer_table().count("| layer") == 4  # the header and three layers
+    assert "not measured" in tables.targets() or "random-init" in tables.targets()
+    assert "--weights none" in tables.commands()
     assert tables.settings_lines().count("\n") == len(summary["classes"])
     train = json.loads((tables.RESULTS / "train_summary.json").read_text())
     rendered = tables.train_table()
