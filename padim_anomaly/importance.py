@@ -1,21 +1,24 @@
-"""Which ResNet18 embedding channels matter for PaDiM, measured so that the answer holds across folds.
+"""Which ResNet18 embedding channels matter for PaDiM, and does the answer hold on new images and classes?
 
-Folds: repeated k-fold (--repeats shuffles of --folds folds). Fold (r, k) fits PaDiM on the other
-train/good folds of shuffle r and validates on test fold k (stratified by defect type).
-Importance of a channel in a fold = drop in full-resolution pixel AUROC (image AUROC as a second view)
-1. when the channel is removed: the exact refit without it, d2 - w_c^2 / Lambda_cc (no randomness);
-2. when it is shuffled across the validation images (permutation importance, --n-repeats times).
-Channels are ranked by the mean drop-one pixel importance. Correlated channels share credit, so
-clusters (hierarchical, on the Spearman correlation of channel activations over train patches) and
-whole layers are dropped as sets too. Rank stability: Spearman and top-10 overlap of every fold pair,
-bootstrap intervals of each rank over folds. Then top-k, bottom-k and --n-random random k-subsets are
-fitted on the first shuffle's folds; fold k's top/bottom come from the other folds of that shuffle,
-so no validation image chooses its own channels; top-k's place among the random subsets is a percentile.
+Importance of a channel = drop in full-resolution pixel AUROC (image AUROC as a second view) when it is
+removed from the Gaussian: the exact refit without it, d2 - w_c^2 / Lambda_cc (no randomness); or when it
+is shuffled across the validation images (permutation importance, --n-repeats times).
+1. Split halves (the stability that counts): the test images are split --splits times into two disjoint
+   halves, stratified by defect type; one model is fitted on all train/good; each half ranks the
+   channels on its own; the two rankings are compared (Spearman, top-10 overlap).
+2. Held-out top-k: the top-k and bottom-k of each half's ranking are scored on the other half (both
+   directions, every split) beside --n-random random k-subsets scored on the same halves; a subset model
+   is the Gaussian's marginal on those channels (exactly a refit on them). Top-k's place is a percentile.
+3. Repeated CV (--repeats shuffles of --folds folds; fold k fits on the other train folds and validates
+   on test fold k): drop-one, permutation, cluster (correlated channels) and whole-layer importance,
+   agreement of disjoint folds of one shuffle, bootstrap rank intervals.
+4. With several classes: top-k overlap against chance (hypergeometric), rank correlation, layers.
 
 Research: python padim_anomaly/importance.py --category bottle transistor metal_nut
-Offline:  python padim_anomaly/importance.py --category bottle --weights none --data-dir PATH
+Offline:  python padim_anomaly/importance.py --category bottle mtile --weights none --data-dir PATH
+Report:   python padim_anomaly/importance.py --from-runs RUN_A RUN_B   (classes run as separate processes)
 Tiny:     python padim_anomaly/importance.py --weights none --n-features 16 --ks 2 4 --n-random 5 \\
-              --image-size 64 --clearml off --data-dir DIR
+              --splits 2 --repeats 2 --n-repeats 1 --image-size 64 --clearml off --data-dir DIR
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -66,13 +70,25 @@ from study import (  # noqa: E402
     bootstrap_rank_ci,
     cluster_channels,
     cross_class_report,
-    percentile_of,
+    heldout_summary,
     rank_of,
     repeated_folds,
+    same_shuffle_pairs,
+    split_halves,
     stability,
 )
 
-from common import DataArgs, RunLogger, check_fits, parse_args, read_json, run_main, run_name, write_json  # noqa: E402
+from common import (  # noqa: E402
+    DataArgs,
+    RunLogger,
+    UserError,
+    check_fits,
+    parse_args,
+    read_json,
+    run_main,
+    run_name,
+    write_json,
+)
 
 
 @dataclass
@@ -82,20 +98,26 @@ class Args(DataArgs):
     n_features: str = "100"  # channels ranked: a seeded random subset of this size, or 'all' (448)
     folds: int = 3  # cross-validation folds per shuffle
     repeats: int = 5  # shuffles of the folds (repeated k-fold)
-    n_repeats: int = 2  # permutations per channel and fold (scikit-learn's n_repeats; 0 = exact drop only)
+    n_repeats: int = 5  # permutations per channel and fold (scikit-learn's n_repeats; 0 = exact drop only)
     cluster_threshold: float = 0.5  # join channels whose average |Spearman rho| is at least 1 - this
     n_patches: int = 20000  # train patches sampled for the channel correlations
     n_boot: int = 1000  # bootstrap resamples of the folds for each channel's rank interval
     ks: list[int] = field(default_factory=lambda: [10, 25, 50])  # subset sizes (each below --n-features)
-    n_random: int = 50  # random k-subsets per k (the baseline top-k is placed in)
+    splits: int = 5  # random splits of the test set into two halves (rank on one, confirm on the other)
+    n_random: int = 100  # random k-subsets per k (the baseline top-k is placed in)
     batch_size: int = 16  # images per backbone forward pass
     image_size: int = 224  # model input in pixels (images are resized to it); multiple of 16
     crop: bool = False  # resize the shorter side to image_size*8/7 and centre crop, instead of resizing
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     download: bool = True  # fetch a missing bottle/transistor/metal_nut from MVTec (you accept its license)
+    from_runs: list[str] = field(
+        default_factory=list
+    )  # finished run folders: only their (cross-class) report
 
-    # --resume reuses the finished folds; the subset study and the report after them are always redone
-    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"device", "download", "ks", "n_random", "n_boot"})
+    # --resume reuses the finished folds; the split-half study and the report after them are always redone
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset(
+        {"device", "download", "ks", "n_random", "n_boot", "splits"}
+    )
     EXTENDS: ClassVar[frozenset[str]] = frozenset({"ks", "n_random"})  # more subsets continue a finished run
 
 
@@ -107,6 +129,7 @@ def check_args(args: Args) -> None:
         ("--folds", args.folds, 2),
         ("--repeats", args.repeats, 1),
         ("--n-random", args.n_random, 1),
+        ("--splits", args.splits, 1),
         ("--n-patches", args.n_patches, 10),
         ("--n-boot", args.n_boot, 1),
         ("--batch-size", args.batch_size, 1),
@@ -158,7 +181,14 @@ class Scorer:
     def __init__(self, masks: torch.Tensor, labels: torch.Tensor, config, rows_per_chunk: int = 4):
         self.masks, self.labels, self.config, self.chunk = masks, labels, config, rows_per_chunk
         self.pixels = masks.flatten()
-        self.weights = region_weights(masks.numpy())
+        self._weights = None
+
+    @property
+    def weights(self) -> np.ndarray:
+        """AUPRO's per-pixel region weights, computed when AUPRO is first asked for."""
+        if self._weights is None:
+            self._weights = region_weights(self.masks.numpy())
+        return self._weights
 
     def maps(self, squared: torch.Tensor) -> torch.Tensor:
         """(R, V, P) squared distances -> (R, V, S, S) anomaly maps."""
@@ -324,6 +354,7 @@ def summarise(study, name, results, labels, layer_names) -> dict:
         "base": {k: [r[k] for r in results] for k in ("image", "pixel", "aupro")},
         "ranking": [int(channels[i]) for i in order],
         "stability": stability(ranking_view),
+        "disjoint_folds": stability(ranking_view, pairs=same_shuffle_pairs(results)),
         "stability_by_view": {view: stability(values) for view, values in views.items()},
         "channels": per_channel,
         "clusters": clusters,
@@ -332,71 +363,111 @@ def summarise(study, name, results, labels, layer_names) -> dict:
     }
 
 
-# ---------------------------------------------------------------- subsets
+# ---------------------------------------------------------------- split halves
 
 
-def evaluate_subset(study, train_embeddings, test, fold, subset) -> dict:
-    """Fit on the fold's train images with the channels in `subset`; image/pixel AUROC and AUPRO."""
-    embeddings, masks, labels = test
+def full_fit(train_embeddings: torch.Tensor, epsilon: float, chunk: int = 32):
+    """The class's model on every train image -> mean (C, P), covariance (P, C, C), inverse covariance."""
+    stats = OnlineGaussian(
+        train_embeddings.shape[1], train_embeddings.shape[2], device=train_embeddings.device
+    )
+    for start in range(0, len(train_embeddings), chunk):
+        stats.update(train_embeddings[start : start + chunk])
+    mean, covariance = stats.finalize(epsilon)
+    return mean, covariance, invert_covariance_(covariance.clone())
+
+
+def subset_squared(embeddings, mean, covariance, subset) -> torch.Tensor:
+    """(V, P) squared distances of the model restricted to `subset`.
+
+    That model is the Gaussian's marginal, exactly a refit on those channels (the covariance block,
+    epsilon*I included), without another pass over the train images.
+    """
     index = torch.from_numpy(np.sort(subset))
-    mean, inv_covariance = fit(
-        train_embeddings[torch.from_numpy(fold["fit"])][:, index], study.config.epsilon
-    )
-    val = torch.from_numpy(fold["val"])
-    squared, _ = mahalanobis_terms(embeddings[val][:, index], mean, inv_covariance)
-    scores = fold["scorer"](squared.unsqueeze(0), with_aupro=True)
-    return {k: float(v[0]) for k, v in scores.items()}
+    inv_covariance = invert_covariance_(covariance[:, index][:, :, index].contiguous())  # (P, k, k)
+    squared, _ = mahalanobis_terms(embeddings[:, index], mean[index], inv_covariance)
+    return squared
 
 
-def subset_study(study, name, results, folds, train_embeddings, test) -> dict:
-    """Top-k, bottom-k and random-k models on the first shuffle's folds, top-k placed among the random."""
-    n_channels = train_embeddings.shape[1]
-    first = [i for i, f in enumerate(folds) if f["repeat"] == 0]
-    importance = per_fold([results[i] for i in first], "drop", "pixel")  # (folds, C)
-    _, masks, labels = test
-    for i in first:
-        folds[i]["scorer"] = Scorer(masks[folds[i]["val"]], labels[folds[i]["val"]], study.config)
-    progress = Progress(
-        f"{name} subsets", len(study.args.ks) * len(first) * (2 + study.args.n_random), "fits"
-    )
-    out = {}
-    for k in study.args.ks:
-        rng = np.random.default_rng([study.args.seed, k])
-        randoms = [rng.choice(n_channels, k, replace=False) for _ in range(study.args.n_random)]
-        scores = {"top": [], "bottom": [], "random": []}  # random: (folds, n_random) dicts
-        for j, i in enumerate(first):
-            ranking = np.argsort(-np.delete(importance, j, axis=0).mean(axis=0), kind="stable")
-            for choice, subset in (("top", ranking[:k]), ("bottom", ranking[-k:])):
-                scores[choice].append(evaluate_subset(study, train_embeddings, test, folds[i], subset))
-            scores["random"].append(
-                [evaluate_subset(study, train_embeddings, test, folds[i], s) for s in randoms]
-            )
-            progress.update(2 + len(randoms))
-        out[str(k)] = subset_summary(scores)
-    return out
+def half_importance(scorer, embeddings, mean, inv_covariance) -> dict:
+    """All-channel AUROCs/AUPRO on one half and every channel's drop-one importance there."""
+    squared, weighted = mahalanobis_terms(embeddings, mean, inv_covariance)  # (V, P), (V, C, P)
+    base = {k: float(v[0]) for k, v in scorer(squared.unsqueeze(0), with_aupro=True).items()}
+    dropped = scorer(dropped_channel_squared(squared, weighted, inv_covariance))
+    return {"base": base, **{f"drop_{m}": (base[m] - dropped[m]).tolist() for m in ("pixel", "image")}}
 
 
-def subset_summary(scores) -> dict:
-    """Per choice: mean and std over folds; random: the distribution of per-subset fold means."""
-    metrics = ("image", "pixel", "aupro")
-    random_means = {m: np.mean([[s[m] for s in row] for row in scores["random"]], axis=0) for m in metrics}
-    summary = {
-        "random": {
-            "n": len(random_means["pixel"]),
-            **{f"{m}_mean": float(random_means[m].mean()) for m in metrics},
-            **{f"{m}_std": float(random_means[m].std(ddof=1)) for m in metrics},
-            **{f"{m}_p95": float(np.percentile(random_means[m], 95)) for m in metrics},
-            "pixel_values": random_means["pixel"].tolist(),
-        }
+def split_half_study(study, name, train_embeddings, test, splits, save) -> dict:
+    """Per split: a ranking on each half (drop-one pixel importance, one model fitted on all train/good)
+    and their agreement; then, k by k, top-k / bottom-k of each half scored on the other half beside
+    random k-subsets. `save(result)` runs after the rankings and after every k, so an interrupted run
+    keeps what it finished."""
+    embeddings, masks, labels = test
+    config = study.config
+    mean, covariance, inv_covariance = full_fit(train_embeddings, config.epsilon)
+    halves = [torch.from_numpy(idx) for pair in splits for idx in pair]  # half e belongs to split e // 2
+    scorers = [Scorer(masks[idx], labels[idx], config) for idx in halves]
+    progress = Progress(f"{name} split halves", len(halves), "halves")
+    rankings = []
+    for e, idx in enumerate(halves):
+        rankings.append(half_importance(scorers[e], embeddings[idx], mean, inv_covariance))
+        progress.update(1)
+    drops = np.array([r["drop_pixel"] for r in rankings])  # (2 S, C)
+    pairs = [[2 * s, 2 * s + 1] for s in range(len(splits))]
+    result = {
+        "category": name,
+        "model": "one Gaussian fitted on every train/good image; each half ranks the channels on its own",
+        "n_splits": len(splits),
+        "half_sizes": [[len(a), len(b)] for a, b in splits],
+        "channels": study.extractor.channels.cpu().numpy().tolist(),
+        "base": {m: [r["base"][m] for r in rankings] for m in ("image", "pixel", "aupro")},
+        "drop_pixel": drops.tolist(),
+        "drop_pixel_mean": drops.mean(axis=0).tolist(),
+        "stability": stability(drops, pairs=pairs),
+        "stability_image": stability(np.array([r["drop_image"] for r in rankings]), pairs=pairs),
+        "topk": {},
     }
+    save(result)
+    model = (embeddings, mean, covariance)
+    for k in study.args.ks:
+        result["topk"][str(k)] = heldout_topk(study, name, k, model, halves, scorers, rankings)
+        save(result)
+    return result
+
+
+def heldout_topk(study, name, k, model, halves, scorers, rankings) -> dict:
+    """Evaluation (split s, ranked on half h) is scored on the other half of split s: top-k and bottom-k
+    of half h's ranking, and random k-subsets (the same ones on every half; distances once over all test
+    images)."""
+    embeddings, mean, covariance = model
+    args = study.args
+    held = [e + 1 if e % 2 == 0 else e - 1 for e in range(len(halves))]  # the other half of the split
+    choices = {"top": [], "bottom": []}
+    for e, other in enumerate(held):
+        order = np.argsort(-np.asarray(rankings[e]["drop_pixel"]), kind="stable")
+        for choice, subset in (("top", order[:k]), ("bottom", order[-k:])):
+            squared = subset_squared(embeddings[halves[other]], mean, covariance, subset)
+            scores = scorers[other](squared.unsqueeze(0), with_aupro=True)
+            choices[choice].append({m: float(v[0]) for m, v in scores.items()})
+    draws = np.random.default_rng([args.seed, k]).random((args.n_random, embeddings.shape[1]))
+    random = np.empty((args.n_random, len(halves), 2))  # pixel, image AUROC on every half
+    progress = Progress(f"{name} random {k}-subsets", args.n_random, "subsets")
+    for j in range(args.n_random):
+        squared = subset_squared(embeddings, mean, covariance, np.argsort(draws[j])[:k])  # (N, P)
+        for e, idx in enumerate(halves):
+            scores = scorers[e](squared[idx].unsqueeze(0))
+            random[j, e] = scores["pixel"][0], scores["image"][0]
+        progress.update(1)
+    entry = {}
+    for i, metric in enumerate(("pixel", "image")):
+        top = [r[metric] for r in choices["top"]]
+        bottom = [r[metric] for r in choices["bottom"]]
+        entry[metric] = heldout_summary(top, bottom, random[:, held, i])
     for choice in ("top", "bottom"):
-        entry = {"n_folds": len(scores[choice])}
-        for m in metrics:
-            values = np.array([s[m] for s in scores[choice]])
-            entry[f"{m}_mean"], entry[f"{m}_std"] = float(values.mean()), float(values.std())
-            entry[f"percentile_{m}"] = percentile_of(values.mean(), random_means[m])
-        summary[choice] = entry
-    return summary
+        entry[f"{choice}_aupro"] = float(np.mean([r["aupro"] for r in choices[choice]]))
+    entry["all_channels_aupro"] = float(np.mean([rankings[e]["base"]["aupro"] for e in held]))
+    entry["all_channels_pixel"] = float(np.mean([rankings[e]["base"]["pixel"] for e in held]))
+    return entry
 
 
 # ---------------------------------------------------------------- plots
@@ -418,25 +489,82 @@ def ranking_figure(importance, name):
     return fig
 
 
-def subsets_figure(subsets, name):
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ks = sorted(int(k) for k in subsets)
-    for k in ks:
+def heldout_figure(split_halves: dict):
+    """Per class: held-out pixel AUROC of top-k, bottom-k and every random k-subset, against k."""
+    fig, axes = plt.subplots(1, len(split_halves), figsize=(5 * len(split_halves), 3.8), squeeze=False)
+    for ax, (name, result) in zip(axes[0], split_halves.items()):
+        topk = result["topk"]
+        ks = sorted(int(k) for k in topk)
+        for k in ks:
+            values = topk[str(k)]["pixel"]["random_values"]
+            ax.plot([k] * len(values), values, ".", color="tab:blue", alpha=0.25, ms=4)
+        for choice, color in (("top", "tab:green"), ("bottom", "tab:red")):
+            ax.plot(ks, [topk[str(k)]["pixel"][choice] for k in ks], "o-", color=color, label=f"{choice}-k")
         ax.plot(
-            [k] * len(subsets[str(k)]["random"]["pixel_values"]),
-            subsets[str(k)]["random"]["pixel_values"],
-            ".",
-            color="tab:blue",
-            alpha=0.3,
-            ms=4,
+            ks, [topk[str(k)]["pixel"]["random_p95"] for k in ks], "_", color="k", ms=14, label="random p95"
         )
-    for choice, color in (("top", "tab:green"), ("bottom", "tab:red")):
-        ax.plot(
-            ks, [subsets[str(k)][choice]["pixel_mean"] for k in ks], "o-", color=color, label=f"{choice}-k"
+        ax.plot([], [], ".", color="tab:blue", label="random k-subsets")
+        n = result["n_splits"]
+        ax.set(xscale="log", xlabel="k (channels kept)", title=f"{name} (held-out halves, {n} splits x 2)")
+        ax.set_ylabel("pixel AUROC, mean over held-out halves")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def cross_class_figure(report: dict, importances: dict, layers: dict):
+    """Two classes at a glance: channel importances against each other, top-k overlap against chance,
+    and the drop in pixel AUROC when a whole layer is removed."""
+    a, b = report["classes"][:2]
+    pair = report["pairs"][f"{a}|{b}"]
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(14, 4))
+    channels = np.asarray([int(c) for c in importances[a]["channels"]])
+    x, y = (
+        np.asarray([importances[n]["channels"][str(c)]["drop_pixel_mean"] for c in channels]) for n in (a, b)
+    )
+    starts = np.cumsum((0, *LAYER_CHANNELS))
+    for i, layer in enumerate(LAYERS):
+        inside = (channels >= starts[i]) & (channels < starts[i + 1])
+        left.plot(x[inside], y[inside], ".", ms=6, label=layer)
+    left.axhline(0, color="k", lw=0.5)
+    left.axvline(0, color="k", lw=0.5)
+    left.set(xlabel=f"{a}: pixel AUROC drop", ylabel=f"{b}: pixel AUROC drop")
+    left.set_title(f"drop-one importance per channel (Spearman {pair['spearman']:.2f})", fontsize=10)
+    left.legend(fontsize=8)
+    overlap = pair["topk_overlap"]
+    ks = sorted(overlap, key=int)
+    positions = np.arange(len(ks))
+    low = [overlap[k]["range95"][0] for k in ks]
+    high = [overlap[k]["range95"][1] for k in ks]
+    middle.bar(positions, [overlap[k]["observed"] for k in ks], color="tab:purple", label="shared channels")
+    middle.errorbar(
+        positions,
+        [overlap[k]["expected"] for k in ks],
+        fmt="o",
+        color="k",
+        capsize=6,
+        label="chance (95% range)",
+        yerr=[
+            np.subtract([overlap[k]["expected"] for k in ks], low),
+            np.subtract(high, [overlap[k]["expected"] for k in ks]),
+        ],
+    )
+    middle.set_xticks(positions, [f"top-{k}" for k in ks])
+    middle.set_title(f"top-k of {a} and {b}: shared vs chance", fontsize=10)
+    middle.legend(fontsize=8)
+    width = 0.8 / len(layers)
+    for i, (name, by_layer) in enumerate(layers.items()):
+        names = [layer for layer in LAYERS if layer in by_layer]
+        right.bar(
+            np.arange(len(names)) + i * width,
+            [by_layer[n]["pixel_drop_mean"] for n in names],
+            width,
+            label=name,
         )
-    ax.plot([], [], ".", color="tab:blue", label="random-k subsets")
-    ax.set(xscale="log", xlabel="k (channels kept)", ylabel="pixel AUROC (mean over folds)", title=name)
-    ax.legend()
+    right.set_xticks(np.arange(len(names)) + width * (len(layers) - 1) / 2, names)
+    right.axhline(0, color="k", lw=0.5)
+    right.set_title("pixel AUROC drop when a whole layer is removed", fontsize=10)
+    right.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -451,60 +579,97 @@ def run_category(study: Study, name: str, prefix: str) -> dict:
     train_embeddings = embed_all(study.extractor, batches, len(category.train), study.device, f"{name} train")
     batches = images.split(args.batch_size)
     test_embeddings = embed_all(study.extractor, batches, len(images), study.device, f"{name} test")
+    del images, batches
     test = (test_embeddings, masks, torch.from_numpy(category.test_labels))
     groups, labels, layer_names = channel_groups(study, train_embeddings)
     folds = repeated_folds(len(category.train), category.test_types, args.folds, args.repeats, args.seed)
     results = run_folds(study, name, prefix, train_embeddings, test, folds, groups)
     importance = summarise(study, name, results, labels, layer_names)
-    subsets = subset_study(study, name, results, folds, train_embeddings, test)
     write_json(study.log.path(f"{prefix}importance.json"), importance)
-    write_json(study.log.path(f"{prefix}subsets.json"), subsets)
     study.log.save_figure(f"{prefix}importance_ranking", ranking_figure(importance, name))
-    study.log.save_figure(f"{prefix}subsets_auroc", subsets_figure(subsets, name))
-    return report_category(name, importance, subsets)
+    splits = split_halves(category.test_types, args.splits, args.seed)
+
+    def save(result):
+        write_json(study.log.path(f"{prefix}split_half.json"), result)
+        study.log.keep()
+
+    halves = split_half_study(study, name, train_embeddings, test, splits, save)
+    return {"importance": importance, "split_half": halves}
 
 
-def report_category(name, importance, subsets) -> dict:
-    s = importance["stability"]
-    base = {k: (float(np.mean(v)), float(np.std(v))) for k, v in importance["base"].items()}
-    print(
-        f"{name}: all channels image AUROC {base['image'][0]:.4f} +- {base['image'][1]:.4f}, pixel "
-        f"{base['pixel'][0]:.4f} +- {base['pixel'][1]:.4f}, AUPRO {base['aupro'][0]:.4f} (over folds)\n"
-        f"  ranking stability over {len(s['spearman'])} fold pairs: Spearman {s['spearman_mean']:.3f} "
-        f"(min {s['spearman_min']:.3f}), top-10 overlap {s['top10_overlap_mean']:.1f}/10"
-    )
-    for k, by_choice in subsets.items():
-        t, b, r = by_choice["top"], by_choice["bottom"], by_choice["random"]
-        print(
-            f"  k={k:>3}: pixel top {t['pixel_mean']:.4f} (percentile {t['percentile_pixel']:.0f}) "
-            f"bottom {b['pixel_mean']:.4f} random {r['pixel_mean']:.4f} +- {r['pixel_std']:.4f} "
-            f"(p95 {r['pixel_p95']:.4f}) | image top {t['image_mean']:.4f} random {r['image_mean']:.4f} | "
-            f"AUPRO top {t['aupro_mean']:.4f} random {r['aupro_mean']:.4f}"
+def class_summary(importance: dict, halves: dict) -> dict:
+    """One class in importance_summary.json (the README's tables read it)."""
+    keep = ("spearman_mean", "spearman_min", "spearman_max", "spearman_std", "top10_overlap_mean",
+            "top10_overlap_min")  # fmt: skip
+    split, topk = None, {}
+    if halves is not None:
+        split = {k: halves["stability"][k] for k in keep}
+        split.update(
+            spearman=halves["stability"]["spearman"], top10_overlap=halves["stability"]["top10_overlap"]
+        )
+        split.update(n_splits=halves["n_splits"], half_sizes=halves["half_sizes"][0])
+    for k, entry in (halves or {"topk": {}})["topk"].items():
+        pixel = {m: v for m, v in entry["pixel"].items() if not m.endswith("_values")}
+        topk[k] = {**pixel, "image": {m: v for m, v in entry["image"].items() if not m.endswith("_values")}}
+        topk[k].update(
+            {m: entry[m] for m in ("top_aupro", "bottom_aupro", "all_channels_aupro", "all_channels_pixel")}
         )
     return {
-        "base_mean_std": base,
-        "stability": {k: v for k, v in s.items() if k != "pairs"},
-        "top10": [importance["channels"][str(c)]["name"] for c in importance["ranking"][:10]],
-        "layers": importance["layers"],
-        "subsets": {
-            k: {c: {m: v for m, v in e.items() if m != "pixel_values"} for c, e in by.items()}
-            for k, by in subsets.items()
+        "split_half": split,
+        "split_half_base": halves and {m: float(np.mean(v)) for m, v in halves["base"].items()},
+        "disjoint_folds": {k: importance["disjoint_folds"][k] for k in keep}
+        | {"n_pairs": len(importance["disjoint_folds"]["pairs"])},
+        "all_fold_pairs": {k: importance["stability"][k] for k in keep}
+        | {"n_pairs": len(importance["stability"]["pairs"])},
+        "folds": {
+            "folds": importance["folds"],
+            "repeats": importance["repeats"],
+            "n_repeats": importance["n_repeats"],
         },
-        "_importance": importance,
+        "fold_base": {m: [float(np.mean(v)), float(np.std(v))] for m, v in importance["base"].items()},
+        "views": {v: {k: s[k] for k in keep} for v, s in importance["stability_by_view"].items()},
+        "layers": importance["layers"],
+        "top_clusters": importance["clusters"][:3],
+        "n_clusters": len(importance["clusters"]),
+        "top10": [importance["channels"][str(c)]["name"] for c in importance["ranking"][:10]],
+        "topk": topk,
     }
 
 
-def cross_class(per_class: dict) -> dict:
-    """Cross-class agreement from each class's importance.json (drop-one pixel importance)."""
+def report_category(name: str, summary: dict) -> None:
+    s, d = summary["split_half"], summary["disjoint_folds"]
+    halves = (
+        "split halves not run"
+        if s is None
+        else (
+            f"split halves ({s['n_splits']} splits): Spearman {s['spearman_mean']:.3f} "
+            f"(min {s['spearman_min']:.3f}), top-10 overlap {s['top10_overlap_mean']:.1f}/10"
+        )
+    )
+    print(
+        f"{name}: {halves} | disjoint folds "
+        f"({d['n_pairs']} pairs): Spearman {d['spearman_mean']:.3f} (min {d['spearman_min']:.3f})"
+    )
+    for k, t in summary["topk"].items():
+        print(
+            f"  k={k:>3} held out: pixel top {t['top']:.4f} (percentile {t['percentile']:.0f}, worst half "
+            f"{t['percentile_min']:.0f}, resolution {t['resolution']:.1f}) bottom {t['bottom']:.4f} random "
+            f"{t['random_mean']:.4f} (p95 {t['random_p95']:.4f}) | AUPRO top {t['top_aupro']:.4f} all "
+            f"{t['all_channels_aupro']:.4f}"
+        )
+
+
+def cross_class(per_class: dict, ks) -> dict:
+    """Cross-class agreement of the CV drop-one pixel importance, clusters and layers."""
     inputs = {}
-    for name, summary in per_class.items():
-        importance = summary.pop("_importance")
+    for name, result in per_class.items():
+        importance = result["importance"]
         inputs[name] = {
             "importance": {int(c): e["drop_pixel_mean"] for c, e in importance["channels"].items()},
             "clusters": [c["channels"] for c in importance["clusters"]],
             "layers": {k: v["pixel_drop_mean"] for k, v in importance["layers"].items()},
         }
-    return cross_class_report(inputs)
+    return cross_class_report(inputs, ks=tuple(ks))
 
 
 def setup(args: Args):
@@ -520,23 +685,91 @@ def setup(args: Args):
     return device, config, names, extractor, weights_source
 
 
-def report_classes(log, per_class: dict) -> dict:
-    """cross_class.json (with two or more classes) and its lines."""
-    report = cross_class(per_class)
-    if len(per_class) > 1:
-        write_json(log.path("cross_class.json"), report)
-        for pair, v in report["pairs"].items():
-            print(
-                f"{pair}: top-10 Jaccard {v['top10_jaccard']:.2f}, Spearman {v['spearman']:.3f}, "
-                f"top-3 clusters Jaccard {v['top3_clusters_jaccard']:.2f}"
-            )
-        for name, layers in report["layers_by_importance"].items():
-            print(f"{name}: layers by pixel importance {', '.join(layers)}")
+def report_classes(log, per_class: dict, ks) -> dict:
+    """cross_class.json and cross_class.png (with two or more classes) and their lines."""
+    if len(per_class) < 2:
+        return {}
+    report = cross_class(per_class, ks)
+    write_json(log.path("cross_class.json"), report)
+    for pair, v in report["pairs"].items():
+        overlaps = ", ".join(
+            f"top-{k} {o['observed']} (chance {o['expected']:.1f}, p {o['p_at_least']:.2g})"
+            for k, o in v["topk_overlap"].items()
+        )
+        print(f"{pair}: Spearman {v['spearman']:.3f}; shared channels {overlaps}")
+    for name, layers in report["layers_by_importance"].items():
+        print(f"{name}: layers by pixel importance {', '.join(layers)}")
+    importances = {name: r["importance"] for name, r in per_class.items()}
+    layers = {name: r["importance"]["layers"] for name, r in per_class.items()}
+    log.save_figure("cross_class", cross_class_figure(report, importances, layers))
     return report
+
+
+def write_report(log, per_class: dict, header: dict, ks) -> None:
+    """importance_summary.json, heldout_topk.png and (two or more classes) the cross-class report."""
+    summaries = {}
+    for name, result in per_class.items():
+        summaries[name] = class_summary(result["importance"], result["split_half"]) | {"run": result["run"]}
+        report_category(name, summaries[name])
+    done = {n: r["split_half"] for n, r in per_class.items() if r["split_half"] and r["split_half"]["topk"]}
+    if done:
+        log.save_figure("heldout_topk", heldout_figure(done))
+    report = report_classes(log, per_class, ks)
+    write_json(log.path("importance_summary.json"), {**header, "classes": summaries, "cross_class": report})
+    log.write_summary({**header, "classes": summaries, "cross_class": report})
+
+
+SHARED = ("weights", "seed", "n_features", "image_size", "crop")  # what runs must share to be compared
+
+
+def load_runs(folders: list[str]) -> tuple[dict, dict]:
+    """The classes of earlier runs (their importance.json and split_half.json), checked to be comparable.
+
+    An interrupted run counts with what it finished: split_half.json is rewritten after every k.
+    """
+    per_class, header = {}, None
+    for folder in map(Path, folders):
+        if not list(folder.glob("*importance.json")) or not (folder / "config.json").is_file():
+            raise UserError(f"--from-runs {folder}: not an importance.py run folder (no importance.json)")
+        config = read_json(folder / "config.json")
+        found = {k: config["args"][k] for k in SHARED}
+        if header is not None and any(header[k] != found[k] for k in SHARED):
+            differ = ", ".join(f"{k} {header[k]} vs {found[k]}" for k in SHARED if header[k] != found[k])
+            raise UserError(f"--from-runs: {folder} used other settings than the runs before it ({differ})")
+        header = found
+        last = max(path.stat().st_mtime for path in folder.glob("*.json"))
+        minutes = (
+            datetime.fromtimestamp(last) - datetime.fromisoformat(config["started"])
+        ).total_seconds() / 60
+        for path in sorted(folder.glob("*importance.json")):
+            if path.name.startswith("fold_") or "_fold_" in path.name:
+                continue
+            prefix = path.name[: -len("importance.json")]
+            importance = read_json(path)
+            halves_path = folder / f"{prefix}split_half.json"
+            halves = read_json(halves_path) if halves_path.is_file() else None  # stopped before the halves
+            run = {"folder": folder.name, "args": study_args(config["args"]), "minutes": minutes}
+            per_class[importance["category"]] = {"importance": importance, "split_half": halves, "run": run}
+    return per_class, header
+
+
+def study_args(args: dict) -> dict:
+    """The flags that set a study's size and what it measures (for the README's commands)."""
+    keys = ("weights", "n_features", "folds", "repeats", "n_repeats", "splits", "ks", "n_random", "seed")
+    return {k: args[k] for k in keys}
 
 
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
+    if args.from_runs:  # the report of finished single-class runs: no data, no backbone
+        per_class, header = load_runs(args.from_runs)
+        ks = sorted({int(k) for r in per_class.values() for k in (r["split_half"] or {"topk": {}})["topk"]})
+        ks = ks or [10, 25, 50]
+        with RunLogger(
+            "padim_anomaly", run_name(f"importance_{len(per_class)}classes", args.seed), args
+        ) as log:
+            write_report(log, per_class, {**header, "from_runs": args.from_runs}, ks)
+        return
     # per-position covariances and their inverses (float32), and a batch's backbone activations
     s, c = args.image_size, n_features_of(args.n_features, low=1)
     check_fits(8 * (s // 4) ** 2 * c * c + 200 * args.batch_size * s * s, f"--image-size {s}")
@@ -544,15 +777,23 @@ def main() -> None:
     tag = names[0] if len(names) == 1 else f"{len(names)}classes"
     print(
         f"weights: {weights_source} | device {device} | {config.n_features} channels | "
-        f"{args.repeats} x {args.folds} folds, {args.n_repeats} permutations | k = {args.ks}, "
-        f"{args.n_random} random subsets each | classes: {', '.join(names)}"
+        f"{args.repeats} x {args.folds} folds, {args.n_repeats} permutations | {args.splits} split halves | "
+        f"k = {args.ks}, {args.n_random} random subsets each | classes: {', '.join(names)}"
     )
+    start = time.perf_counter()
     with RunLogger("padim_anomaly", run_name(f"importance_{tag}", args.seed), args) as log:
         study = Study(args, config, extractor, device, log)
         per_class = {name: run_category(study, name, "" if len(names) == 1 else f"{name}_") for name in names}
-        report = report_classes(log, per_class)
-        summary = {"weights": args.weights, "weights_source": weights_source, "n_features": config.n_features}
-        log.write_summary({**summary, "classes": per_class, "cross_class": report})
+        minutes = (time.perf_counter() - start) / 60
+        for result in per_class.values():
+            result["run"] = {
+                "folder": log.path("summary.json").parent.name,
+                "args": study_args(vars(args)),
+                "minutes": minutes,
+            }
+        header = {"weights": args.weights, "weights_source": weights_source, "n_features": config.n_features}
+        header.update(seed=args.seed, image_size=args.image_size, crop=args.crop)
+        write_report(log, per_class, header, args.ks)
 
 
 if __name__ == "__main__":

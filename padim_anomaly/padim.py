@@ -284,28 +284,25 @@ def dropped_set_squared(
 def auroc(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Area under the ROC curve for each row: scores (..., n), labels (n,) of 0/1 -> (...) float64.
 
-    Mann-Whitney U with average ranks for ties, so it equals sklearn's roc_auc_score; one argsort per
-    row (numpy's is several times faster than torch's on CPU), which the permutation loops call often.
+    Mann-Whitney U with average ranks for ties, so it equals sklearn's roc_auc_score. Each row is sorted
+    once in its own dtype (numpy's SIMD sort, several times faster than an argsort); the positives' rank
+    runs are then found by binary search: first 1-based position `left + 1`, last `right`, average their
+    mean. The study calls this for every channel, subset and permutation.
     """
-    labels = labels.detach().cpu().numpy().astype(bool)
+    labels = labels.detach().cpu().numpy().astype(bool).ravel()
     n_pos = int(labels.sum())
     n_neg = labels.size - n_pos
-    rows = scores.detach().cpu().double().numpy().reshape(-1, labels.size)  # (R, n)
+    rows = scores.detach().cpu().numpy().reshape(-1, labels.size)  # (R, n)
     if n_pos == 0 or n_neg == 0:
         return torch.full(scores.shape[:-1], math.nan, dtype=torch.float64)
-    order = np.argsort(rows, axis=-1)
-    sorted_rows = np.take_along_axis(rows, order, axis=-1)
-    # average rank of each run of equal scores: (first + last position of the run) / 2, 1-based
-    position = np.broadcast_to(np.arange(labels.size), rows.shape)
-    starts = np.ones(rows.shape, dtype=bool)
-    starts[:, 1:] = sorted_rows[:, 1:] != sorted_rows[:, :-1]
-    ends = np.ones(rows.shape, dtype=bool)
-    ends[:, :-1] = starts[:, 1:]
-    first = np.maximum.accumulate(np.where(starts, position, 0), axis=-1)
-    last = np.minimum.accumulate(np.where(ends, position, labels.size)[:, ::-1], axis=-1)[:, ::-1]
-    rank_sum = ((first + last) / 2 + 1) * labels[order]
-    rank_sum = rank_sum.sum(axis=-1)  # (R,)
-    area = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    area = np.empty(len(rows))
+    for i, row in enumerate(rows):
+        ordered = np.sort(row)
+        positives = np.sort(row[labels])
+        left = np.searchsorted(ordered, positives, side="left")  # scores below (ties excluded)
+        right = np.searchsorted(ordered, positives, side="right")  # scores at or below
+        rank_sum = (left.sum(dtype=np.float64) + right.sum(dtype=np.float64) + n_pos) / 2
+        area[i] = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
     return torch.from_numpy(area).reshape(scores.shape[:-1])
 
 

@@ -220,11 +220,45 @@ def find_category(name: str, data_dir: str | Path, download: bool = True) -> Cat
 # ---------------------------------------------------------------- images
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # how PIL opens 16-bit grayscale PNGs
+
+
+def _decode(image: Image.Image, path: Path, mode: str) -> Image.Image:
+    """A decoded PIL image -> `mode`, refusing what has no faithful 8-bit reading.
+
+    PIL's own convert clips 16-bit grayscale to 255 (a 16-bit PNG would turn almost white), so 16-bit
+    values are scaled to 8 bits (value / 257, rounded: an 8-bit image stored as 16 bits reads back
+    exactly). Palette and CMYK images go through PIL's conversion; an alpha channel (or a transparent
+    palette entry) is dropped when every pixel is opaque and refused otherwise.
+    """
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise UserError(
+                f"the image {path} has {image.mode} values outside 0..65535; save it as 8- or 16-bit"
+            )
+        image = Image.fromarray(np.rint(values / 257).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        raise UserError(f"the image {path} holds 32-bit floats (PIL mode F); save it as 8- or 16-bit")
+    if "transparency" in image.info and image.mode in ("P", "L", "RGB"):
+        image = image.convert("RGBA" if image.mode != "L" else "LA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        low, _ = image.getchannel("A").getextrema()
+        if low < 255:
+            raise UserError(
+                f"the image {path} has transparent pixels (alpha {low} < 255); PaDiM reads opaque images: "
+                "flatten it onto a background first"
+            )
+    return image.convert(mode)
+
+
 def _open(path: Path, mode: str) -> Image.Image:
+    """Decode a whole file into `mode` ("RGB" for images, "L" for masks); one line naming it if it can't."""
     try:
         with Image.open(path) as image:
-            return image.convert(mode)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+            image.load()
+            return _decode(image, path, mode)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise UserError(
             f"cannot decode the image {path} ({e.__class__.__name__}: {e}); replace or remove the file"
         ) from None
@@ -261,11 +295,17 @@ def load_mask(path: Path | None, image_path: Path, config: ModelConfig) -> torch
         return torch.zeros(config.image_size, config.image_size, dtype=torch.bool)
     out = TF.to_tensor(_geometry(mask, config, TF.InterpolationMode.NEAREST))[0] > 0.5
     if not out.any():
-        warnings_emptied.append(path)
+        cause = "resize"  # nearest-neighbour downscaling skipped every defect pixel
+        if config.crop:
+            resized = TF.resize(mask, config.resize, interpolation=TF.InterpolationMode.NEAREST)
+            cause = "crop" if (np.asarray(resized) > 127).any() else "resize"
+        pixels = int((np.asarray(mask) > 127).sum())
+        warnings_emptied.append((path, cause, pixels, mask.size))
     return out
 
 
-warnings_emptied: list[Path] = []  # masks a centre crop emptied (load_test_set warns once per set)
+# (mask, "crop" or "resize", defect pixels, (width, height)) of each defect lost to the preprocessing
+warnings_emptied: list[tuple] = []
 
 
 def load_images(paths: list[Path], config: ModelConfig, desc: str) -> torch.Tensor:
@@ -282,11 +322,31 @@ def load_test_set(category: Category, config: ModelConfig) -> tuple[torch.Tensor
     images = load_images(category.test, config, f"{category.name} test images")
     warnings_emptied.clear()
     masks = torch.stack([load_mask(m, p, config) for p, m in zip(category.test, category.masks)])
-    if warnings_emptied:
+    n_defective = int(category.test_labels.sum())
+    consequence = (
+        "they still count as defective in image AUROC but add no defect pixel to pixel AUROC or AUPRO"
+    )
+    for cause in ("crop", "resize"):
+        lost = [entry for entry in warnings_emptied if entry[1] == cause]
+        if not lost:
+            continue
+        path, _, pixels, (width, height) = lost[0]
+        if cause == "crop":
+            what = (
+                f"the centre crop (--crop: shorter side resized to {config.resize}, centre "
+                f"{config.image_size}x{config.image_size} kept) cuts the whole defect out of"
+            )
+            hint = "without --crop the whole image is kept"
+        else:
+            what = (
+                f"resizing to {config.image_size}x{config.image_size} (nearest neighbour) leaves no defect "
+                "pixel in the mask of"
+            )
+            hint = "their defects are thinner than the resize step; a larger --image-size keeps them"
         print(
-            f"warning: the centre crop (--crop) removes the whole defect from {len(warnings_emptied)} of "
-            f"{int(category.test_labels.sum())} defective test images of {category.name} (e.g. "
-            f"{warnings_emptied[0]}); they still count as defective; without --crop the whole image is kept",
+            f"warning: {what} {len(lost)} of {n_defective} defective test images of {category.name} (e.g. "
+            f"{path}: {pixels} defect pixel{'s' if pixels != 1 else ''} in {width}x{height}); "
+            f"{consequence}; {hint}",
             file=sys.stderr,
         )
     return images, masks

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
-from scipy.stats import spearmanr
+from scipy.stats import hypergeom, spearmanr
 from sklearn.model_selection import KFold, StratifiedKFold
 
 from common import UserError
@@ -44,6 +44,27 @@ def repeated_folds(
     return folds
 
 
+def split_halves(test_types: list[str], n_splits: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """n_splits random splits of the test images into two disjoint halves, stratified by defect type.
+
+    Split s is scikit-learn's 2-fold StratifiedKFold shuffled with seed + 1000 s: every type is divided
+    as evenly as it can be, and the halves of one split share no image. Returns [(half_a, half_b)].
+    """
+    counts = {t: test_types.count(t) for t in set(test_types)}
+    if min(counts.values()) < 2:
+        raise UserError(
+            f"every test type needs at least 2 images to split the test set in halves (have {counts})"
+        )
+    splits = []
+    for s in range(n_splits):
+        halves = StratifiedKFold(2, shuffle=True, random_state=seed + 1000 * s).split(
+            np.zeros(len(test_types)), test_types
+        )
+        (_, a), (_, b) = halves
+        splits.append((a, b))
+    return splits
+
+
 def cluster_channels(activations: np.ndarray, threshold: float) -> np.ndarray:
     """Hierarchical clusters of correlated channels: activations (n_patches, C) -> labels (C,), 0-based.
 
@@ -73,13 +94,13 @@ def rank_of(importance: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def stability(per_fold: np.ndarray, top: int = 10) -> dict:
-    """Agreement of the rankings of every pair of folds: per_fold (F, C) importances.
+def stability(per_fold: np.ndarray, top: int = 10, pairs: list | None = None) -> dict:
+    """Agreement of the rankings of pairs of folds: per_fold (F, C) importances.
 
     spearman: rank correlation of the two importance vectors; top10_overlap: channels shared by the
-    two top-`top` sets (0..top). Listed per pair in itertools.combinations order.
+    two top-`top` sets (0..top). `pairs` defaults to every pair (itertools.combinations order).
     """
-    pairs = list(itertools.combinations(range(len(per_fold)), 2))
+    pairs = list(itertools.combinations(range(len(per_fold)), 2)) if pairs is None else pairs
     rhos, overlaps = [], []
     for a, b in pairs:
         with warnings.catch_warnings():  # a constant vector (no channel changed the AUROC) -> nan
@@ -94,8 +115,20 @@ def stability(per_fold: np.ndarray, top: int = 10) -> dict:
         f"top{top}_overlap": overlaps,
         "spearman_mean": _quiet(np.nanmean, rhos),
         "spearman_min": _quiet(np.nanmin, rhos),
+        "spearman_max": _quiet(np.nanmax, rhos),
+        "spearman_std": _quiet(np.nanstd, rhos),
         f"top{top}_overlap_mean": float(np.mean(overlaps)) if overlaps else float("nan"),
+        f"top{top}_overlap_min": int(np.min(overlaps)) if overlaps else None,
     }
+
+
+def same_shuffle_pairs(folds: list[dict]) -> list[list[int]]:
+    """Pairs of folds of one shuffle: their validation images are disjoint (and their fit sets differ)."""
+    return [
+        [a, b]
+        for a, b in itertools.combinations(range(len(folds)), 2)
+        if folds[a]["repeat"] == folds[b]["repeat"]
+    ]
 
 
 def _quiet(reduce, values) -> float:
@@ -125,18 +158,35 @@ def percentile_of(value: float, distribution) -> float:
     return float(100 * ((d < value).sum() + 0.5 * (d == value).sum()) / len(d))
 
 
+def chance_overlap(n: int, k: int, observed: int) -> dict:
+    """Two random k-subsets of n channels share k*k/n channels on average (hypergeometric).
+
+    Returns the expectation, the central 95% range and P(overlap >= observed) under independence.
+    """
+    law = hypergeom(n, k, k)  # population n, k marked (one class's top-k), k drawn (the other's)
+    return {
+        "observed": int(observed),
+        "expected": k * k / n,
+        "range95": [int(law.ppf(0.025)), int(law.ppf(0.975))],
+        "p_at_least": float(law.sf(observed - 1)),
+    }
+
+
 def jaccard(a, b) -> float:
     a, b = set(a), set(b)
     return len(a & b) / len(a | b) if a | b else float("nan")
 
 
-def cross_class_report(per_class: dict[str, dict], top: int = 10, top_clusters: int = 3) -> dict:
+def cross_class_report(
+    per_class: dict[str, dict], top: int = 10, top_clusters: int = 3, ks: tuple[int, ...] = (10, 25, 50)
+) -> dict:
     """How much classes agree on what matters.
 
     per_class[name] = {"importance": {channel index: score} over the same channels, "clusters": [[channel
     indices], ...] ordered most important first, "layers": {layer: score}}. Per class pair: Jaccard of the
     top-`top` channels, Spearman of the channel scores, Jaccard of the channels in the top-`top_clusters`
-    clusters; per class: the layers ordered by importance.
+    clusters, and for every k the top-k overlap against what two random k-sets would share
+    (`chance_overlap`); per class: the layers ordered by importance.
     """
     names = sorted(per_class)
     pairs = {}
@@ -150,7 +200,15 @@ def cross_class_report(per_class: dict[str, dict], top: int = 10, top_clusters: 
         rho = (
             spearmanr([ia[c] for c in shared], [ib[c] for c in shared]).statistic if len(shared) > 2 else None
         )
+        order_a = sorted(shared, key=lambda c: -ia[c])
+        order_b = sorted(shared, key=lambda c: -ib[c])
+        overlap = {
+            str(k): chance_overlap(len(shared), k, len(set(order_a[:k]) & set(order_b[:k])))
+            for k in ks
+            if k < len(shared)
+        }
         pairs[f"{a}|{b}"] = {
+            "topk_overlap": overlap,
             f"top{top}_jaccard": jaccard(top_a, top_b),
             "spearman": None if rho is None else float(rho),
             f"top{top_clusters}_clusters_jaccard": jaccard(clusters_a, clusters_b),
@@ -160,3 +218,34 @@ def cross_class_report(per_class: dict[str, dict], top: int = 10, top_clusters: 
         name: sorted(per_class[name]["layers"], key=lambda k: -per_class[name]["layers"][k]) for name in names
     }
     return {"classes": names, "pairs": pairs, "layers_by_importance": layers}
+
+
+def heldout_summary(top, bottom, random) -> dict:
+    """Top-k and bottom-k chosen on one half, scored on the other, placed among random k-subsets.
+
+    top, bottom: (E,) a metric on E held-out evaluations (splits x directions); random: (n_random, E),
+    the same random subsets scored on the same halves. `percentile` places top-k's mean over the
+    evaluations among the random subsets' means; per evaluation, top-k is placed among the random
+    subsets scored on that half. With n random subsets a percentile moves in steps of 100 / n, and
+    "above all of them" means p < 1 / (n + 1) at best.
+    """
+    top, bottom, random = (np.asarray(x, dtype=np.float64) for x in (top, bottom, random))
+    random_means = random.mean(axis=1)
+    per_evaluation = [percentile_of(top[e], random[:, e]) for e in range(len(top))]
+    p95 = np.percentile(random, 95, axis=0)  # (E,)
+    return {
+        "top": float(top.mean()),
+        "bottom": float(bottom.mean()),
+        "random_mean": float(random_means.mean()),
+        "random_std": float(random_means.std(ddof=1)) if len(random_means) > 1 else 0.0,
+        "random_p95": float(np.percentile(random_means, 95)),
+        "percentile": percentile_of(top.mean(), random_means),
+        "percentile_min": float(min(per_evaluation)),
+        "evaluations_above_p95": int((top > p95).sum()),
+        "n_evaluations": len(top),
+        "n_random": len(random_means),
+        "resolution": 100 / len(random_means),
+        "top_values": top.tolist(),
+        "bottom_values": bottom.tolist(),
+        "random_values": random_means.tolist(),
+    }

@@ -109,8 +109,8 @@ def test_auroc_matches_sklearn_with_and_without_ties():
     labels = rng.uniform(size=300) < 0.3
     continuous = rng.normal(size=(3, 300)) + labels
     tied = np.round(continuous * 2) / 2
-    for scores in (continuous, tied):
-        got = padim.auroc(torch.from_numpy(scores), torch.from_numpy(labels))
+    for scores in (continuous, tied, continuous.astype(np.float32), tied.astype(np.float32)):
+        got = padim.auroc(torch.from_numpy(scores), torch.from_numpy(labels))  # sorted in their own dtype
         expected = [roc_auc_score(labels, row) for row in scores]
         assert np.allclose(got.numpy(), expected, atol=1e-12)
     assert padim.auroc(torch.ones(5), torch.tensor([0, 1, 0, 1, 1])).item() == 0.5

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import REPO, one_line_error, run_script
 from PIL import Image
+from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(REPO / "padim_anomaly"))
@@ -144,11 +145,16 @@ def test_elongated_grayscale_jpegs_train_and_score_with_no_code_change(data_dir,
 
 
 @pytest.mark.slow
-def test_importance_over_all_classes_with_stability_subsets_and_cross_class_report(data_dir, tmp_path):
+def test_importance_over_all_classes_with_split_halves_heldout_topk_and_cross_class_report(
+    data_dir, tmp_path
+):
     out = tmp_path / "importance"
     args = ["--category", "all", "--data-dir", data_dir, "--out", out, "--n-features", "16", "--folds", "3",
-            "--repeats", "2", "--n-random", "6", "--n-boot", "50", *TINY]  # fmt: skip
+            "--repeats", "2", "--n-repeats", "2", "--n-random", "6", "--n-boot", "50", "--splits", "2",
+            *TINY]  # fmt: skip
     run_script("padim_anomaly/importance.py", *args, "--ks", "2", "4")
+    summary = json.loads((out / "importance_summary.json").read_text())
+    assert set(summary["classes"]) == {"bottle", "widget"} and summary["weights"] == "none"
     for name in ("bottle", "widget"):
         importance = json.loads((out / f"{name}_importance.json").read_text())
         assert len(importance["channels"]) == 16 and len(importance["ranking"]) == 16
@@ -157,26 +163,46 @@ def test_importance_over_all_classes_with_stability_subsets_and_cross_class_repo
         means = [channels[str(c)]["drop_pixel_mean"] for c in importance["ranking"]]
         assert means == sorted(means, reverse=True)
         assert all(e["rank_ci95"][0] <= e["rank"] + 0.5 and e["rank_ci95"][1] >= 1 for e in channels.values())
-        stability = importance["stability"]
-        assert len(stability["spearman"]) == len(stability["top10_overlap"]) == 15  # 6 folds, every pair
+        assert len(importance["stability"]["spearman"]) == 15  # 6 folds, every pair
+        assert len(importance["disjoint_folds"]["spearman"]) == 6  # 3 pairs within each of 2 shuffles
         assert sorted(c for cluster in importance["clusters"] for c in cluster["channels"]) == sorted(
             int(c) for c in channels
         )
-        assert set(importance["layers"]) <= {"layer1", "layer2", "layer3"}
-        subsets = json.loads((out / f"{name}_subsets.json").read_text())
-        assert set(subsets) == {"2", "4"}
-        for by_choice in subsets.values():
-            assert by_choice["random"]["n"] == 6
-            assert 0 <= by_choice["top"]["percentile_pixel"] <= 100
-            assert {"image_mean", "pixel_mean", "aupro_mean"} <= set(by_choice["top"])
-        assert subsets["4"]["top"]["pixel_mean"] > subsets["4"]["bottom"]["pixel_mean"]
+        halves = json.loads((out / f"{name}_split_half.json").read_text())
+        assert halves["n_splits"] == 2 and len(halves["drop_pixel"]) == 4  # 2 splits x 2 halves
+        assert sum(halves["half_sizes"][0]) == 18  # every test image in one half or the other
+        drops = np.array(halves["drop_pixel"])
+        assert halves["stability"]["spearman"][1] == pytest.approx(spearmanr(drops[2], drops[3]).statistic)
+        entry = summary["classes"][name]
+        assert set(entry["split_half"]) >= {"spearman_mean", "spearman_min", "top10_overlap_mean"}
+        assert set(entry["disjoint_folds"]) >= {"spearman_mean", "spearman_min"}
+        assert set(entry["topk"]) == {"2", "4"}
+        for topk in entry["topk"].values():
+            assert {"top", "bottom", "random_p95", "percentile"} <= set(topk)
+            assert topk["n_random"] == 6 and topk["n_evaluations"] == 4 and 0 <= topk["percentile"] <= 100
+            assert topk["resolution"] == pytest.approx(100 / 6)
+        assert entry["topk"]["4"]["top"] > entry["topk"]["4"]["bottom"]
     report = json.loads((out / "cross_class.json").read_text())
     assert report["classes"] == ["bottle", "widget"] and set(report["pairs"]) == {"bottle|widget"}
-    # --resume reuses every finished fold (the subset study may change); a changed fold count is refused
+    assert set(report["pairs"]["bottle|widget"]["topk_overlap"]) == {"2", "4"}
+    assert summary["cross_class"] == report and (out / "cross_class.png").is_file()
+    assert (out / "heldout_topk.png").is_file()
+    # the report alone, from finished runs (classes run as separate processes are combined this way)
+    combined = tmp_path / "combined"
+    run_script("padim_anomaly/importance.py", "--from-runs", out, "--out", combined, "--clearml", "off")
+    again = json.loads((combined / "importance_summary.json").read_text())
+    assert again["cross_class"] == summary["cross_class"]
+    for name, entry in summary["classes"].items():  # all but the run's minutes, which it measures its own way
+        assert {k: v for k, v in again["classes"][name].items() if k != "run"} == {
+            k: v for k, v in entry.items() if k != "run"
+        }
+    # --resume reuses every finished fold (the split-half study may change); a changed fold count is refused
     (out / "summary.json").unlink()
     again = run_script("padim_anomaly/importance.py", *args, "--ks", "2", "--resume")
     assert again.stdout.count("reusing") == 12
-    assert set(json.loads((out / "bottle_subsets.json").read_text())) == {"2"}
+    assert set(json.loads((out / "importance_summary.json").read_text())["classes"]["bottle"]["topk"]) == {
+        "2"
+    }
     refused = run_script("padim_anomaly/importance.py", *args, "--ks", "2", "--resume", "--folds", "2", rc=1)
     assert "--folds 3 -> 2" in one_line_error(refused)
 
@@ -270,12 +296,102 @@ def test_centre_crop_that_empties_a_mask_warns(data_dir, capsys):
     category = padim_io.find_category("widget", data_dir, download=False)
     _, masks = padim_io.load_test_set(category, ModelConfig(image_size=64, resize=73, crop=True))
     err = capsys.readouterr().err
-    assert "warning: the centre crop (--crop) removes the whole defect" in err and "widget" in err
+    assert "warning: the centre crop (--crop: shorter side resized to 73" in err and "widget" in err
+    lost = int(err.split("cuts the whole defect out of ")[1].split(" of 12")[0])
+    assert lost == int((~masks[torch.from_numpy(category.test_labels).bool()].flatten(1).any(dim=1)).sum())
+    assert lost >= 1 and "resizing" not in err
     _, whole = padim_io.load_test_set(category, ModelConfig(image_size=64, resize=64))
     assert "warning" not in capsys.readouterr().err
     defective = torch.from_numpy(category.test_labels).bool()
     assert whole[defective].flatten(1).any(dim=1).all()  # resizing the whole image keeps every defect
     assert not masks[defective].flatten(1).any(dim=1).all()
+
+
+def test_a_defect_lost_to_the_resize_is_blamed_on_the_resize_not_the_crop(data_dir, tmp_path, capsys):
+    def hairline(category):  # a 1-pixel column: halving the width (128 -> 64) keeps every other column
+        mask = np.zeros((48, 128), dtype=np.uint8)
+        mask[10:30, 40] = 255
+        Image.fromarray(mask).save(category / "ground_truth" / "line" / "001_mask.png")
+
+    category = padim_io.find_category("widget", broken_copy(data_dir, tmp_path, hairline), download=False)
+    _, masks = padim_io.load_test_set(category, ModelConfig(image_size=64, resize=64))
+    assert not masks[category.test.index(category.root / "test" / "line" / "001.jpg")].any()
+    err = capsys.readouterr().err
+    assert "warning: resizing to 64x64 (nearest neighbour) leaves no defect pixel" in err
+    assert "001_mask.png: 20 defect pixels in 128x48" in err and "--crop" not in err
+
+
+def grayscale_copies(data_dir: Path, root: Path) -> Path:
+    """widget's grayscale JPEGs as 8-bit PNGs (widget8) and as 16-bit PNGs of the same values x 257."""
+    source = data_dir / "mvtec_ad" / "widget"
+    for name, scale, dtype in (("widget8", 1, np.uint8), ("widget16", 257, np.uint16)):
+        for path in source.rglob("*.*"):
+            target = root / "mvtec_ad" / name / path.relative_to(source).with_suffix(".png")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            values = np.asarray(Image.open(path).convert("L"))
+            if "ground_truth" in path.parts:
+                Image.fromarray(values).save(target)
+            else:
+                Image.fromarray(values.astype(dtype) * scale).save(target)
+    return root
+
+
+def test_sixteen_bit_png_decodes_like_its_eight_bit_copy(data_dir, tmp_path):
+    root = grayscale_copies(data_dir, tmp_path / "data")
+    path16 = root / "mvtec_ad" / "widget16" / "test" / "line" / "000.png"
+    with Image.open(path16) as image:
+        assert image.mode == "I;16"  # what PIL makes of it; its own convert("RGB") clips it to white
+        assert np.asarray(image.convert("RGB")).mean() > 250
+    config = ModelConfig(image_size=64, resize=64)
+    eight = padim_io.load_image(root / "mvtec_ad" / "widget8" / "test" / "line" / "000.png", config)
+    assert torch.equal(padim_io.load_image(path16, config), eight)
+    assert 0.2 < eight.mean() < 0.8
+
+
+@pytest.mark.slow
+def test_a_sixteen_bit_png_class_scores_the_same_auroc_as_its_eight_bit_copy(data_dir, tmp_path):
+    root = grayscale_copies(data_dir, tmp_path / "data")
+    summaries = {}
+    for name in ("widget8", "widget16"):
+        out = tmp_path / name
+        run_script("padim_anomaly/train.py", "--category", name, "--data-dir", root, "--out", out,
+                   "--n-features", "10", *TINY)  # fmt: skip
+        summaries[name] = json.loads((out / "summary.json").read_text())
+    for metric in ("image_auroc", "pixel_auroc", "aupro"):
+        assert summaries["widget16"][metric] == summaries["widget8"][metric]
+    assert summaries["widget8"]["image_auroc"] > 0.9  # the painted defects are found: a real comparison
+
+
+def test_palette_alpha_and_cmyk_are_decoded_or_refused_by_name(tmp_path):
+    rng = np.random.default_rng(0)
+    colours = np.array([[200, 30, 30], [20, 180, 60], [40, 40, 220], [250, 250, 250]], dtype=np.uint8)
+    rgb = colours[
+        rng.integers(0, 4, size=(32, 48))
+    ]  # (32, 48, 3), four colours: a palette holds them exactly
+    config = ModelConfig(image_size=64, resize=64)
+    reference = padim_io.load_image(_saved(Image.fromarray(rgb), tmp_path / "rgb.png"), config)
+    palette = Image.fromarray(rgb).quantize(colors=4)
+    assert torch.equal(padim_io.load_image(_saved(palette, tmp_path / "p.png"), config), reference)
+    opaque = Image.fromarray(np.dstack([rgb, np.full((32, 48), 255, np.uint8)]))
+    assert torch.equal(padim_io.load_image(_saved(opaque, tmp_path / "rgba.png"), config), reference)
+    cmyk = padim_io.load_image(
+        _saved(Image.fromarray(rgb).convert("CMYK"), tmp_path / "c.jpg", quality=100), config
+    )
+    assert (cmyk - reference).abs().mean() < 0.02  # JPEG's loss only
+    alpha = np.full((32, 48), 255, np.uint8)
+    alpha[3, 4] = 0
+    see_through = Image.fromarray(np.dstack([rgb, alpha]))
+    with pytest.raises(UserError, match=r"the image .*hole\.png has transparent pixels"):
+        padim_io.load_image(_saved(see_through, tmp_path / "hole.png"), config)
+    keyed = palette.copy()
+    keyed.info["transparency"] = 0
+    with pytest.raises(UserError, match=r"keyed\.png has transparent pixels"):
+        padim_io.load_image(_saved(keyed, tmp_path / "keyed.png", transparency=0), config)
+
+
+def _saved(image: Image.Image, path: Path, **options) -> Path:
+    image.save(path, **options)
+    return path
 
 
 def test_every_class_folder_and_unknown_names(data_dir):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy.stats import spearmanr
+from scipy.stats import hypergeom, spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "padim_anomaly"))
 
@@ -100,8 +100,69 @@ def test_cross_class_report_on_made_up_classes():
     )
     assert report["pairs"]["gizmo|widget"]["spearman"] == pytest.approx(-1.0)
     assert report["pairs"]["gizmo|widget"]["top3_jaccard"] == 0.0
+    overlap = study.cross_class_report(per_class, ks=(3, 5))["pairs"]["gadget|widget"]["topk_overlap"]
+    assert overlap["3"]["observed"] == 2 and overlap["5"]["observed"] == 4  # {0,1,3,4,5} vs {0,1,2,3,4}
+    assert overlap["3"]["expected"] == pytest.approx(9 / 12)
     assert report["layers_by_importance"] == {
         "gadget": ["layer1", "layer3"],
         "gizmo": ["layer3", "layer1"],
         "widget": ["layer3", "layer1"],
     }
+
+
+def test_split_halves_are_disjoint_stratified_and_differ_between_splits():
+    types = ["good"] * 10 + ["crack"] * 7 + ["hole"] * 4
+    splits = study.split_halves(types, n_splits=4, seed=0)
+    assert len(splits) == 4
+    for a, b in splits:
+        assert not set(a) & set(b) and sorted([*a, *b]) == list(range(len(types)))
+        for t in ("good", "crack", "hole"):  # each type divided as evenly as it can be
+            n_a, n_b = (sum(types[i] == t for i in half) for half in (a, b))
+            assert abs(n_a - n_b) <= 1
+    assert len({tuple(sorted(a)) for a, _ in splits}) == 4
+    with pytest.raises(study.UserError, match="at least 2 images"):
+        study.split_halves(["good"] * 4 + ["crack"], n_splits=1, seed=0)
+
+
+def test_stability_on_chosen_pairs_and_same_shuffle_pairs():
+    folds = [{"repeat": r, "fold": k} for r in range(2) for k in range(3)]
+    pairs = study.same_shuffle_pairs(folds)
+    assert pairs == [[0, 1], [0, 2], [1, 2], [3, 4], [3, 5], [4, 5]]  # no pair across shuffles
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=(6, 15))
+    got = study.stability(values, pairs=pairs)
+    expected = [spearmanr(values[a], values[b]).statistic for a, b in pairs]
+    assert got["spearman"] == pytest.approx(expected)
+    assert got["spearman_min"] == pytest.approx(min(expected))
+    assert got["spearman_mean"] == pytest.approx(np.mean(expected))
+
+
+def test_chance_overlap_is_the_hypergeometric_law():
+    got = study.chance_overlap(100, 10, 3)
+    assert got["expected"] == pytest.approx(1.0)  # 10 * 10 / 100
+    brute = sum(hypergeom(100, 10, 10).pmf(x) for x in range(3, 11))
+    assert got["p_at_least"] == pytest.approx(brute)
+    assert got["range95"][0] <= 1 <= got["range95"][1]
+    # simulation as an independent oracle: two random 10-sets of 100 share >= 3 channels this often
+    rng = np.random.default_rng(3)
+    shared = [len(set(rng.choice(100, 10, replace=False)) & set(range(10))) for _ in range(20000)]
+    assert np.mean(np.array(shared) >= 3) == pytest.approx(got["p_at_least"], abs=0.01)
+    assert study.chance_overlap(100, 10, 0)["p_at_least"] == pytest.approx(1.0)
+
+
+def test_heldout_summary_places_top_among_random_subsets():
+    rng = np.random.default_rng(4)
+    random = rng.normal(0.9, 0.01, size=(100, 6))  # 100 random subsets on 6 held-out halves
+    top = random.max(axis=0) + 0.001  # above every random subset on every half
+    bottom = random.min(axis=0) - 0.001
+    got = study.heldout_summary(top, bottom, random)
+    assert got["percentile"] == 100.0 and got["percentile_min"] == 100.0
+    assert got["evaluations_above_p95"] == 6 and got["n_evaluations"] == 6
+    assert got["resolution"] == 1.0 and got["n_random"] == 100
+    assert got["random_p95"] == pytest.approx(np.percentile(random.mean(axis=1), 95))
+    assert got["top"] == pytest.approx(top.mean()) and got["bottom"] == pytest.approx(bottom.mean())
+    middling = study.heldout_summary(np.median(random, axis=0), bottom, random)
+    assert (
+        30 < middling["percentile_min"] <= middling["percentile"] + 20
+        and middling["evaluations_above_p95"] == 0
+    )

@@ -1,0 +1,51 @@
+"""padim_anomaly/tables.py renders the README's tables from the committed results, and from made-up ones."""
+
+import json
+
+import numpy as np
+from test_conventions import load
+
+tables = load("padim_anomaly/tables.py")
+
+
+def test_every_table_renders_from_the_committed_results():
+    summary = json.loads((tables.RESULTS / "importance_summary.json").read_text())
+    stability = tables.stability_table()
+    topk = tables.topk_table()
+    for name, c in summary["classes"].items():
+        if c["split_half"] is None:
+            assert f"| {name} | **two halves of the test set** | not finished" in stability
+        else:
+            assert f"**{c['split_half']['spearman_mean']:.3f} (" in stability
+        assert f"| {c['disjoint_folds']['spearman_mean']:.3f} (" in stability
+        for k, t in c["topk"].items():
+            assert f"| {name} | {k} | **{t['top']:.4f}** |" in topk
+    cross = tables.cross_class_table()
+    for v in summary["cross_class"].get("pairs", {}).values():
+        assert f"**{v['spearman']:.3f}**" in cross
+    assert tables.layer_table().count("| layer") == 4  # the header and three layers
+    assert "not measured" in tables.targets() or "random-init" in tables.targets()
+    assert "--weights none" in tables.commands()
+    assert tables.settings_lines().count("\n") == len(summary["classes"])
+    train = json.loads((tables.RESULTS / "train_summary.json").read_text())
+    rendered = tables.train_table()
+    for name, seeds in train.items():
+        assert rendered.count(f"| {name} | ") == len(seeds) + 0  # one row per seed
+        assert f"| **{name}** | **mean +- std** |" in rendered
+
+
+def test_train_table_mean_and_std_from_collected_runs(tmp_path):
+    runs = []
+    for seed, (image, pixel) in enumerate([(0.9, 0.8), (0.7, 0.6), (0.8, 0.7)]):
+        folder = tmp_path / f"run{seed}"
+        folder.mkdir()
+        summary = {"category": "widget", "seed": seed, "image_auroc": image, "pixel_auroc": pixel,
+                   "aupro": 0.5, "fit_peak_memory_mib": 100.0, "fit_seconds": 1.0, "n_train": 3, "n_test": 2,
+                   "weights": "none"}  # fmt: skip
+        (folder / "summary.json").write_text(json.dumps(summary))
+        runs.append(folder)
+    collected = tables.collect_train(runs, results=tmp_path)
+    assert sorted(collected["widget"]) == ["0", "1", "2"]
+    rendered = tables.train_table(results=tmp_path)
+    std = np.std([0.9, 0.7, 0.8], ddof=1)  # 0.1
+    assert f"**0.8000 +- {std:.4f}**" in rendered and "**0.7000 +- 0.1000**" in rendered
