@@ -174,9 +174,7 @@ def sliding_loss(logits_fn, data: torch.Tensor, block_size: int, stride: int, ba
         offsets = (starts[i : i + batch_size, None] + positions).to(data.device)  # (B, T)
         scored = (positions >= first[i : i + batch_size, None]).to(data.device)  # (B, T)
         logits = logits_fn(data[offsets]).float()  # (B, T, vocab)
-        losses = torch.nn.functional.cross_entropy(
-            logits[scored], data[offsets + 1][scored], reduction="sum"
-        )
+        losses = torch.nn.functional.cross_entropy(logits[scored], data[offsets + 1][scored], reduction="sum")
         total += losses.item()
     return total / (len(data) - 1)
 

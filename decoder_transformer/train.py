@@ -81,14 +81,16 @@ class Args(DataArgs):
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
     eval_interval: int = 250  # steps between validation estimates and checkpoints
     eval_batches: int = 20  # batches in each periodic estimate (the final val loss uses the whole split)
-    eval_stride: int = 1  # full-context val loss: windows step this many tokens (1: every token sees block_size)
+    eval_stride: int = 1  # full-context val loss: window step in tokens (1: every token sees block_size)
     log_interval: int = 10  # steps between train-loss log lines
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
     compile: bool = False  # torch.compile the training step
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
     # more steps, another device, compile or thread count change nothing already trained
-    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"max_iters", "device", "compile", "threads", "eval_stride"})
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset(
+        {"max_iters", "device", "compile", "threads", "eval_stride"}
+    )
 
 
 def check_args(args: Args) -> None:
@@ -99,7 +101,7 @@ def check_args(args: Args) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     if not 1 <= args.eval_stride <= args.block_size:
-        raise ValueError(f"--eval-stride must be in [1, block_size {args.block_size}] (got {args.eval_stride})")
+        raise ValueError(f"--eval-stride must be in [1, --block-size] (got {args.eval_stride})")
     if args.log_interval < 1 or (args.threads is not None and args.threads < 1):
         raise ValueError(
             f"--log-interval and --threads must be >= 1 (got {args.log_interval}, {args.threads})"
@@ -398,7 +400,11 @@ def in_units(nats: float, targets: torch.Tensor, vocab: Vocab) -> dict:
     so char and byte vocabularies compare."""
     chars, n_bytes = vocab.unit_counts(targets)
     total_bits = nats * targets.numel() / math.log(2)
-    return {"nats_per_token": nats, "bits_per_char": total_bits / chars, "bits_per_byte": total_bits / n_bytes}
+    return {
+        "nats_per_token": nats,
+        "bits_per_char": total_bits / chars,
+        "bits_per_byte": total_bits / n_bytes,
+    }
 
 
 def whole_split_loss(model, data: Data, context: int, batch_size: int, autocast) -> dict:

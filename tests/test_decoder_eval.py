@@ -19,7 +19,7 @@ def tiny_model(pos: str) -> DecoderLM:
 
 
 def brute_force(model, data: torch.Tensor, context_start) -> float:
-    """Mean nats over targets 1 .. len(data) - 1, target t scored by a forward over data[context_start(t):t]."""
+    """Mean nats over targets 1 .. len(data) - 1, target t scored by a forward over data[start(t) : t]."""
     total = 0.0
     with torch.no_grad():
         for t in range(1, len(data)):
@@ -50,7 +50,8 @@ def test_a_longer_stride_scores_each_token_once_with_at_least_block_size_minus_s
     assert all(T - stride + 1 <= c <= T for t, c in context.items() if t > T)
     model, data = tiny_model("rope"), torch.randint(7, (n,), generator=torch.Generator().manual_seed(2))
     expected = brute_force(model, data, lambda t: t - context[t])
-    assert sliding_loss(lambda x: model(x)[0], data, T, stride, batch_size=4) == pytest.approx(expected, rel=1e-5)
+    got = sliding_loss(lambda x: model(x)[0], data, T, stride, batch_size=4)
+    assert got == pytest.approx(expected, rel=1e-5)
 
 
 def test_stride_block_size_is_the_tiled_loss_plus_the_remainder():
