@@ -1,5 +1,7 @@
 """decoder_transformer's evaluation: the strided full-context loss against a per-token brute force."""
 
+import math
+import random
 import sys
 from pathlib import Path
 
@@ -8,6 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "decoder_transformer"))
 from model import POSITIONS, DecoderLM, ModelConfig  # noqa: E402
+from ngram import KneserNey  # noqa: E402
 from textdata import sliding_loss, sliding_windows  # noqa: E402
 
 T = 8
@@ -70,3 +73,34 @@ def test_sliding_windows_refuses_bad_strides():
         sliding_windows(T, T, 1)
     starts, first = sliding_windows(T + 1, T, 1)  # exactly one window: it scores everything
     assert starts.tolist() == [0] and first.tolist() == [0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the byte n-gram baselines
+
+
+def test_kneser_ney_probabilities_sum_to_one_over_the_256_bytes():
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\nnaïve ✓\n".encode() * 3
+    for order in range(1, 6):
+        model = KneserNey(text, order)
+        for history in (b"", b"F", b"hear ", b"\x00\xff\x01\x02", "ï".encode(), b"zzzz"):
+            assert sum(model.prob(history, byte) for byte in range(256)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_kneser_ney_by_hand():
+    """b"abab", order 2: bigram counts ab 2, ba 1 (discount 1 / (1 + 2 * 1)); continuation counts of
+    the unigrams a 1, b 1 (discount 2 / (2 + 0) = 1, so they give the uniform 1/256 unchanged)."""
+    model = KneserNey(b"abab", 2)
+    assert model.discount == {2: pytest.approx(1 / 3), 1: 1.0}
+    assert model.prob(b"a", ord("b")) == pytest.approx((2 - 1 / 3 + 1 / 3 * 1 / 256) / 2)
+    assert model.prob(b"a", ord("a")) == pytest.approx(1 / 3 * 1 / 256 / 2)
+    assert model.prob(b"c", ord("a")) == pytest.approx(1 / 256)  # unseen context: the order below
+    assert model.bits(b"ab") == pytest.approx(-math.log2(model.prob(b"a", ord("b"))))
+
+
+def test_longer_n_grams_predict_a_repetitive_text_better():
+    rng = random.Random(0)
+    words = [rng.choice(["the ", "king ", "and ", "queen ", "of ", "york "]) for _ in range(3000)]
+    data = "".join(words).encode()
+    bits = [KneserNey(data[:12000], order).bits(data[12000:]) for order in (1, 2, 3)]
+    assert bits[0] > bits[1] > bits[2]
