@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -33,7 +34,16 @@ import torch
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from model import DecoderLM, ModelConfig
-from textdata import Vocab, get_batch, load_model, load_text, pick_device, split_tokens, tiled_windows
+from textdata import (
+    Vocab,
+    get_batch,
+    load_model,
+    load_text,
+    pick_device,
+    sliding_loss,
+    split_tokens,
+    tiled_windows,
+)
 
 from common import DataArgs, RunLogger, UserError, load_torch, parse_args, run_main, run_name
 
@@ -52,6 +62,7 @@ class Args(DataArgs):
         None  # a nanoGPT checkout (needed by train and nanogpt-val, optional for generate)
     )
     nanogpt_ckpt: str | None = None  # nanogpt-val: a nanoGPT ckpt.pt to score on our whole validation split
+    eval_stride: int = 1  # nanogpt-val: full-context windows step this many tokens (as train.py's flag)
     iters: int = 150  # train: steps per round and system (the first 10 are dropped as warm-up)
     ckpt: str | None = None  # generate: checkpoint to time (default: a fresh model of --preset's size)
     preset: Literal["cpu", "gpu"] = "cpu"  # generate: model size when no --ckpt is given
@@ -74,6 +85,8 @@ def check_args(args: Args) -> None:
             f"--iters must be >= 20, --rounds and --new-tokens >= 1 "
             f"(got {args.iters}, {args.rounds}, {args.new_tokens})"
         )
+    if args.eval_stride < 1:
+        raise ValueError(f"--eval-stride must be >= 1 (got {args.eval_stride})")
     if not 0 < args.top_p <= 1 or (args.threads is not None and args.threads < 1):
         raise ValueError(f"--top-p must be in (0, 1] and --threads >= 1 (got {args.top_p}, {args.threads})")
 
@@ -210,7 +223,8 @@ def bench_steps_interleaved(args: Args) -> dict:
 
 
 def nanogpt_val_loss(args: Args) -> dict:
-    """nanoGPT's checkpoint scored with this experiment's metric: the whole validation split in windows."""
+    """nanoGPT's checkpoint scored with this experiment's metrics: the whole validation split in tiled
+    windows, and every target with its full context (train.py's `val_loss_full_context`)."""
     nanogpt = load_nanogpt(args.nanogpt_dir)
     ckpt = load_torch(args.nanogpt_ckpt)
     try:
@@ -221,14 +235,22 @@ def nanogpt_val_loss(args: Args) -> dict:
     model.eval()
     text, _ = load_text(None, args.data_dir)
     _, val = split_tokens(text, Vocab.from_text("char", text))  # nanoGPT's shakespeare_char vocabulary too
-    x, y = tiled_windows(val, ckpt["model_args"]["block_size"])
+    block_size = ckpt["model_args"]["block_size"]
+    if args.eval_stride > block_size:
+        raise UserError(f"--eval-stride {args.eval_stride} exceeds the checkpoint's block_size {block_size}")
+    x, y = tiled_windows(val, block_size)
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(x), 64):
             _, loss = model(x[i : i + 64], y[i : i + 64])
             total += loss.item() * len(x[i : i + 64])
+    # nanoGPT's forward returns every position's logits only when given targets (here a stand-in)
+    full = sliding_loss(lambda x: model(x, x)[0], val, block_size, args.eval_stride, batch_size=64)
     return {
         "nanogpt_val_loss_whole_split": total / len(x),
+        "nanogpt_val_loss_full_context": full,
+        "nanogpt_val_bits_per_char_full_context": full / math.log(2),  # one token per character
+        "full_context_stride": args.eval_stride,
         "nanogpt_iter": ckpt["iter_num"],
         "nanogpt_own_estimate": float(ckpt["best_val_loss"]),
     }
