@@ -205,6 +205,18 @@ def pick_device(choice: str) -> str:
 def load_checkpoint(path, device="cpu") -> dict:
     """A checkpoint written by train.py (weights_only load); UserError naming the file if it is missing,
     damaged, carries pickled objects, or holds a model config or vocabulary this code does not know."""
+    if Path(path).is_dir():  # a run folder: name the checkpoints in it
+        inside = [
+            str(Path(path) / name) for name in ("best.pt", "checkpoint.pt") if (Path(path) / name).is_file()
+        ]
+        raise UserError(
+            f"{path} is a folder, not a checkpoint file"
+            + (
+                f"; its checkpoints: {', '.join(inside)}"
+                if inside
+                else " (no best.pt or checkpoint.pt in it)"
+            )
+        )
     ckpt = load_torch(path, map_location=device)
     needed = {"model", "model_config", "vocab", "iter", "args"}
     if not isinstance(ckpt, dict) or not needed <= ckpt.keys():

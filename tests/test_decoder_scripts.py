@@ -397,3 +397,6 @@ def test_bad_sampling_input(trained, tmp_path):
         assert message in one_line_error(done) and not out.exists()
     done = run(SAMPLE, "--ckpt", tmp_path / "nothing.pt", "--clearml", "off", "--out", out, rc=1)
     assert "no such file" in one_line_error(done)
+    done = run(SAMPLE, "--ckpt", trained, "--clearml", "off", "--out", out, rc=1)  # the run folder itself
+    assert "is a folder, not a checkpoint file" in one_line_error(done)
+    assert str(trained / "checkpoint.pt") in one_line_error(done) and not out.exists()
