@@ -111,6 +111,25 @@ def test_train_writes_a_run_and_lowers_the_loss(trained):
 
 
 @pytest.mark.slow
+def test_full_context_loss_in_the_summary_and_rescored_at_another_stride(trained, tmp_path):
+    """train.py's summary holds the full-context loss (stride 1); `benchmark.py --task val` gives the same
+    number from the checkpoint, and at stride block_size about the tiled loss."""
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["full_context_stride"] == 1
+    assert summary["val_bits_per_char_full_context"] == pytest.approx(
+        summary["val_loss_full_context"] / math.log(2)
+    )
+    rescored = {}
+    for stride in (1, 16):
+        out = tmp_path / f"s{stride}"
+        flags = ["--ckpt", trained / "checkpoint.pt", "--eval-stride", stride, "--clearml", "off"]
+        run("decoder_transformer/benchmark.py", "--task", "val", *flags, "--out", out)
+        rescored[stride] = json.loads((out / "summary.json").read_text())["val_loss_full_context"]
+    assert rescored[1] == pytest.approx(summary["val_loss_full_context"], rel=1e-5)
+    assert rescored[16] == pytest.approx(summary["val_loss"], abs=0.05)  # stride T: tiled, plus the rest
+
+
+@pytest.mark.slow
 def test_resume_continues_the_same_run_exactly(text_file, tmp_path):
     """40 steps at once against 20 steps, then --resume to 40: identical metrics (dropout on)."""
     flags = [*tiny(dropout=0.1, lr_decay_iters=40), "--text", text_file]
