@@ -257,6 +257,7 @@ def nanogpt_val_loss(args: Args) -> dict:
         "nanogpt_val_loss_full_context": full,
         "nanogpt_val_bits_per_char_full_context": full / math.log(2),  # one token per character
         "full_context_stride": args.eval_stride,
+        "block_size": block_size,
         "nanogpt_iter": ckpt["iter_num"],
         "nanogpt_own_estimate": float(ckpt["best_val_loss"]),
     }

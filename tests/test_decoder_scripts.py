@@ -257,7 +257,7 @@ def test_compare_runs_tables_and_plots(trained, tmp_path):
     done = compare("cmp")
     summary = json.loads((trained / "summary.json").read_text())
     cells = " | ".join(
-        f"{summary[k]:.4f} ± 0.0000" for k in ("best_val_loss", "val_loss", "val_bits_per_char")
+        f"{summary[k]:.4f} ± 0.0000" for k in ("best_val_loss", "val_loss", "val_loss_full_context")
     )
     assert f"| rope | char | 0 | {cells} |" in done.stdout
     assert (tmp_path / "cmp" / "val_loss_curves.png").is_file() and (tmp_path / "cmp" / "table.md").is_file()
