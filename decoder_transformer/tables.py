@@ -193,10 +193,3 @@ def gpu_training_table() -> str:
     ]
     header = ["", "seeds", "best periodic val estimate", "val loss, tiled windows of T", "wall time"]
     return _table(header, rows)
-
-
-def training_times(file: str = "baby_runs.json") -> str:
-    """The range of training wall times (the loop, evaluation excluded) over the runs of a table."""
-    runs = _read(file)
-    seconds = [t for group in runs.values() for t in group.get("train_seconds", [])]
-    return f"{min(seconds) / 60:.0f}-{max(seconds) / 60:.0f} min"
