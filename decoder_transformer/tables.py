@@ -110,7 +110,7 @@ def byte_baselines_table(file: str = "baby_runs.json", ngram: str = "ngram.json"
         key = f"order_{order}_bits_per_byte"
         if key in result:
             name = "unigram" if order == 1 else f"{order}-gram"
-            rows.append([f"{name}, interpolated Kneser-Ney", "", f"{result[key]:.4f}"])
+            rows.append([f"{name}, interpolated Kneser-Ney", "n/a (no randomness)", f"{result[key]:.4f}"])
     runs = _read(file)
     for vocab in ("byte", "char"):
         group = runs.get(f"rope_{vocab}")
