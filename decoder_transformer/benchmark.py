@@ -10,6 +10,8 @@ nanoGPT is read from a checkout outside this repository (`--nanogpt-dir PATH`; f
   # 500-token generation: cached, uncached, and nanoGPT's sampler on a model of the same size
   python decoder_transformer/benchmark.py --task generate --ckpt <run folder>/checkpoint.pt --nanogpt-dir PATH
   python decoder_transformer/benchmark.py --task generate --preset gpu --rounds 1 --clearml off  # no nanoGPT
+  # a checkpoint's full-context val loss at another --eval-stride than its run used
+  python decoder_transformer/benchmark.py --task val --ckpt <run folder>/checkpoint.pt --eval-stride 8
   # a finished nanoGPT run scored on the whole validation split, as train.py scores its own runs
   python decoder_transformer/benchmark.py --task nanogpt-val --nanogpt-dir PATH --nanogpt-ckpt FILE \\
       --data-dir PATH
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -33,7 +36,16 @@ import torch
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from model import DecoderLM, ModelConfig
-from textdata import Vocab, get_batch, load_model, load_text, pick_device, split_tokens, tiled_windows
+from textdata import (
+    Vocab,
+    get_batch,
+    load_model,
+    load_text,
+    pick_device,
+    sliding_loss,
+    split_tokens,
+    tiled_windows,
+)
 
 from common import DataArgs, RunLogger, UserError, load_torch, parse_args, run_main, run_name
 
@@ -47,13 +59,16 @@ SIZES = {
 
 @dataclass
 class Args(DataArgs):
-    task: Literal["train", "generate", "nanogpt-val"] = "generate"  # what to measure (nanogpt-val: see above)
+    task: Literal["train", "generate", "nanogpt-val", "val"] = "generate"  # what to measure (see above)
     nanogpt_dir: str | None = (
         None  # a nanoGPT checkout (needed by train and nanogpt-val, optional for generate)
     )
     nanogpt_ckpt: str | None = None  # nanogpt-val: a nanoGPT ckpt.pt to score on our whole validation split
+    eval_stride: int = 1  # val, nanogpt-val: full-context windows step this many tokens (as train.py's flag)
     iters: int = 150  # train: steps per round and system (the first 10 are dropped as warm-up)
-    ckpt: str | None = None  # generate: checkpoint to time (default: a fresh model of --preset's size)
+    ckpt: str | None = (
+        None  # generate: checkpoint to time (default: a fresh model of --preset's size); val: to score
+    )
     preset: Literal["cpu", "gpu"] = "cpu"  # generate: model size when no --ckpt is given
     new_tokens: int = 500  # generate: tokens per generation
     top_p: float = 1.0  # generate: our nucleus (1.0: plain sampling, as nanoGPT's sampler)
@@ -67,6 +82,8 @@ def check_args(args: Args) -> None:
         raise ValueError(
             f"--task {args.task} needs --nanogpt-dir (a nanoGPT checkout, kept outside this repository)"
         )
+    if args.task == "val" and not args.ckpt:
+        raise ValueError("--task val needs --ckpt (a checkpoint written by train.py)")
     if args.task == "nanogpt-val" and not args.nanogpt_ckpt:
         raise ValueError("nanogpt-val needs --nanogpt-ckpt (the ckpt.pt of a finished nanoGPT run)")
     if args.iters < 20 or args.rounds < 1 or args.new_tokens < 1:
@@ -74,6 +91,8 @@ def check_args(args: Args) -> None:
             f"--iters must be >= 20, --rounds and --new-tokens >= 1 "
             f"(got {args.iters}, {args.rounds}, {args.new_tokens})"
         )
+    if args.eval_stride < 1:
+        raise ValueError(f"--eval-stride must be >= 1 (got {args.eval_stride})")
     if not 0 < args.top_p <= 1 or (args.threads is not None and args.threads < 1):
         raise ValueError(f"--top-p must be in (0, 1] and --threads >= 1 (got {args.top_p}, {args.threads})")
 
@@ -210,7 +229,8 @@ def bench_steps_interleaved(args: Args) -> dict:
 
 
 def nanogpt_val_loss(args: Args) -> dict:
-    """nanoGPT's checkpoint scored with this experiment's metric: the whole validation split in windows."""
+    """nanoGPT's checkpoint scored with this experiment's metrics: the whole validation split in tiled
+    windows, and every target with its full context (train.py's `val_loss_full_context`)."""
     nanogpt = load_nanogpt(args.nanogpt_dir)
     ckpt = load_torch(args.nanogpt_ckpt)
     try:
@@ -221,16 +241,46 @@ def nanogpt_val_loss(args: Args) -> dict:
     model.eval()
     text, _ = load_text(None, args.data_dir)
     _, val = split_tokens(text, Vocab.from_text("char", text))  # nanoGPT's shakespeare_char vocabulary too
-    x, y = tiled_windows(val, ckpt["model_args"]["block_size"])
+    block_size = ckpt["model_args"]["block_size"]
+    if args.eval_stride > block_size:
+        raise UserError(f"--eval-stride {args.eval_stride} exceeds the checkpoint's block_size {block_size}")
+    x, y = tiled_windows(val, block_size)
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(x), 64):
             _, loss = model(x[i : i + 64], y[i : i + 64])
             total += loss.item() * len(x[i : i + 64])
+    # nanoGPT's forward returns every position's logits only when given targets (here a stand-in)
+    full = sliding_loss(lambda x: model(x, x)[0], val, block_size, args.eval_stride, batch_size=64)
     return {
         "nanogpt_val_loss_whole_split": total / len(x),
+        "nanogpt_val_loss_full_context": full,
+        "nanogpt_val_bits_per_char_full_context": full / math.log(2),  # one token per character
+        "full_context_stride": args.eval_stride,
+        "block_size": block_size,
         "nanogpt_iter": ckpt["iter_num"],
         "nanogpt_own_estimate": float(ckpt["best_val_loss"]),
+    }
+
+
+def checkpoint_val_loss(args: Args) -> dict:
+    """Our checkpoint's full-context validation loss at --eval-stride (train.py's `val_loss_full_context`
+    for a run made with another stride), in nats per token, bits per character and bits per byte."""
+    model, vocab, ckpt = load_model(args.ckpt, "cpu")
+    text, _ = load_text(ckpt["args"].get("text"), args.data_dir)
+    _, val = split_tokens(text, vocab)
+    block_size = model.config.block_size
+    if args.eval_stride > block_size:
+        raise UserError(f"--eval-stride {args.eval_stride} exceeds the checkpoint's block_size {block_size}")
+    nats = sliding_loss(lambda x: model(x)[0], val, block_size, args.eval_stride, batch_size=64)
+    chars, n_bytes = vocab.unit_counts(val[1:])
+    bits = nats * (len(val) - 1) / math.log(2)
+    return {
+        "val_loss_full_context": nats,
+        "val_bits_per_char_full_context": bits / chars,
+        "val_bits_per_byte_full_context": bits / n_bytes,
+        "full_context_stride": args.eval_stride,
+        "ckpt_iter": ckpt["iter"],
     }
 
 
@@ -308,6 +358,8 @@ def main() -> None:
             result = bench_train(args, log)
         elif args.task == "nanogpt-val":
             result = nanogpt_val_loss(args)
+        elif args.task == "val":
+            result = checkpoint_val_loss(args)
         else:
             result = bench_generate(args, log, model, device)
         result["torch_threads"] = torch.get_num_threads()

@@ -29,9 +29,11 @@ from common import RunArgs, RunLogger, UserError, parse_args, read_json, run_mai
 
 COLUMNS = (  # summary.json key, table header
     ("best_val_loss", "best periodic val estimate, nats/token"),
-    ("val_loss", "val loss, nats/token (context T)"),
-    ("val_bits_per_char", "val bits/char (context T)"),
-    ("val_loss_2x_context", "val loss, nats/token (context 2T)"),
+    ("val_loss", "val loss, tiled windows of T, nats/token"),
+    ("val_loss_full_context", "val loss, full context T, nats/token"),
+    ("val_bits_per_char_full_context", "val bits/char, full context T"),
+    ("val_bits_per_byte_full_context", "val bits/byte, full context T"),
+    ("val_loss_2x_context", "val loss, tiled windows of 2T, nats/token"),
     ("train_loss", "train loss, nats/token"),
 )
 
@@ -64,7 +66,9 @@ def read_run(folder: Path) -> dict:
     try:
         rows = [json.loads(r) for r in metrics.read_text().splitlines() if r]
         curve = [(r["step"], r["eval/val_loss"]) for r in rows if "eval/val_loss" in r]
-        return {"summary": summary, "seed": config["args"]["seed"], "curve": curve, "pos": summary["pos"]}
+        args = config["args"]
+        return {"summary": summary, "seed": args["seed"], "block_size": args["block_size"], "curve": curve,
+                "pos": summary["pos"]}  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(
             f"{folder}: summary.json, config.json or metrics.jsonl is not a train.py run's ({e})"
@@ -94,9 +98,14 @@ def table(runs: dict) -> tuple[list[str], dict]:
         values = {
             k: [i["summary"].get(k) for i in items if i["summary"].get(k) is not None] for k, _ in COLUMNS
         }
-        result[f"{pos}_{vocab}"] = {"seeds": sorted(i["seed"] for i in items), **values}
+        result[f"{pos}_{vocab}"] = {"seeds": [i["seed"] for i in items], **values}
+        result[f"{pos}_{vocab}"]["full_context_stride"] = [
+            i["summary"].get("full_context_stride") for i in items
+        ]
+        result[f"{pos}_{vocab}"]["block_size"] = [i["block_size"] for i in items]
+        result[f"{pos}_{vocab}"]["train_seconds"] = [i["summary"].get("train_seconds") for i in items]
         cells = [mean_std(values[k]) if values[k] else "n/a" for k, _ in COLUMNS]
-        seeds = ", ".join(map(str, result[f"{pos}_{vocab}"]["seeds"]))
+        seeds = ", ".join(map(str, sorted(result[f"{pos}_{vocab}"]["seeds"])))
         lines.append(
             f"| {pos} | {vocab} | {seeds} | " + " | ".join(cells) + f" | {items[0]['summary']['params']:,} |"
         )

@@ -515,7 +515,8 @@ class CUDAGraphDecoder:
     address. Built lazily: the first call captures, after one eager warm-up of the very same step.
 
     With `sampling` (temperature, top_k, top_p) the graph also samples the next token from the logits
-    (`next_token`); only the exponential noise of the draw is made outside it, by the caller's
+    (`next_token`); only the random draws of the sampler (the exponential race, and with top_p the
+    uniform draws that order boundary ties) are made outside it, by the caller's
     generator, so the tokens are those of eager decoding with the same generator.
     """
 
@@ -533,8 +534,11 @@ class CUDAGraphDecoder:
         self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
         self.position = torch.zeros((), dtype=torch.long, device=device)
         self.noise = None  # Exp(1) draws of the sampler, (B, vocab) float64, refilled before each replay
+        self.tie_noise = None  # uniform draws that order the nucleus's boundary ties, refilled likewise
         if sampling is not None and sampling[0] > 0:
             self.noise = torch.empty(B, model.config.vocab_size, dtype=torch.float64, device=device)
+            if sampling[2] < 1:
+                self.tie_noise = torch.empty_like(self.noise)
         self.graph, self.logits, self.sampled = None, None, None
 
     def next_token(self, token: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -542,7 +546,9 @@ class CUDAGraphDecoder:
         if self.sampling is None:
             raise ValueError("next_token needs the sampling settings given when the decoder is built")
         if self.noise is not None:
-            self.noise.exponential_(1, generator=generator)  # what sample_next_token would draw
+            self.noise.exponential_(1, generator=generator)  # what sample_next_token would draw, in order
+        if self.tie_noise is not None:
+            self.tie_noise.uniform_(generator=generator)
         self(token)
         return self.sampled
 
@@ -568,7 +574,9 @@ class CUDAGraphDecoder:
         with torch.cuda.graph(self.graph):
             self.logits = self.model._decode(*step)
             if self.sampling is not None:
-                self.sampled = sample_next_token(self.logits, *self.sampling, noise=self.noise)
+                self.sampled = sample_next_token(
+                    self.logits, *self.sampling, noise=self.noise, tie_noise=self.tie_noise
+                )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,34 +586,54 @@ class CUDAGraphDecoder:
 def check_sampling(temperature: float, top_k: int | None, top_p: float) -> None:
     if not temperature >= 0 or math.isinf(temperature):
         raise ValueError(f"temperature must be a finite number >= 0 (got {temperature})")
-    if not top_p > 0:
-        raise ValueError(f"top_p must be > 0 (got {top_p})")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 (got {top_k})")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (got {top_p}); 1 keeps every token")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1 or None (got {top_k!r})")
 
 
-def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Bool, rows of probs (B, V): the smallest set of most likely tokens whose probability is >= top_p.
+def nucleus_mask(logits: torch.Tensor, top_p: float, tie_noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool, rows of logits (B, V): the smallest set of most likely tokens whose probability is >= top_p
+    (Holtzman et al. 2019 section 3.1), for the true softmax of the logits.
 
-    Tokens are ranked by probability, ties by token id (a stable sort), and kept while the probability of
-    the tokens ranked above them is < top_p; so the set is minimal (the one token that reaches p is the
-    last) and the same for the same input. The cumulative sum runs in float64, so the set is the exact
-    one unless p lies within float64 rounding (~V * 1e-16) of a partial sum.
+    The partial sums are of exp(logit - max) in float64, compared with top_p times their total: the
+    probabilities are never rounded on their own (exp(log_softmax) turns 0.1 into 0.09999999999999998,
+    and five of them fall short of 0.5), and a uniform row sums integers, so an exact hit is exact. A
+    partial sum within twice the float64 rounding bound of the row (V * 2^-52 of the total, at most
+    1.2e-11 for V = 50,257) counts as reaching top_p, since rounding cannot tell it apart; a token whose
+    mass is needed by more than that is kept. Tokens tied with the last one kept are ranked in a random
+    order, the argsort of `tie_noise` (B, V) (uniform draws), so which of them are kept favours no token
+    id; without it, ties go by token id.
     """
-    sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
-    n_keep = (sorted_probs.cumsum(dim=-1) < top_p).sum(dim=-1, keepdim=True) + 1  # (B, 1), >= 1
-    keep_sorted = torch.arange(probs.size(-1), device=probs.device) < n_keep  # (B, V)
+    z = logits.double()
+    weights = (z - z.max(dim=-1, keepdim=True).values).exp()  # (B, V), the largest exactly 1
+    if tie_noise is None:
+        order = weights.argsort(dim=-1, descending=True, stable=True)
+    else:  # a random order first; the stable sort by weight then keeps it among equal weights
+        shuffle = tie_noise.argsort(dim=-1)  # (B, V)
+        order = shuffle.gather(-1, weights.gather(-1, shuffle).argsort(dim=-1, descending=True, stable=True))
+    partial = weights.gather(-1, order).cumsum(dim=-1)  # (B, V), ascending
+    total = partial[..., -1:]  # (B, 1)
+    rounding = total * (z.size(-1) * 2.0**-52)  # twice the bound on the error of partial and top_p * total
+    n_keep = (partial < top_p * total - rounding).sum(dim=-1, keepdim=True) + 1  # (B, 1), >= 1
+    keep_sorted = torch.arange(z.size(-1), device=z.device) < n_keep  # (B, V)
     return torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
 
 
 def filter_logits(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    tie_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-probabilities (float64, rows of `logits` (B, V)) to sample from; removed tokens get -inf.
 
     temperature 0 keeps only the first maximum (what argmax returns); top_k keeps the k most likely
     tokens and every token tied with the k-th (as nanoGPT and Hugging Face do); top_p keeps the
-    nucleus of `nucleus_mask` (Holtzman et al. 2019 section 3.1), ties resolved by token id.
+    nucleus of `nucleus_mask`, tokens tied at its boundary chosen at random: by `tie_noise` (B, V) if
+    given, else by uniform draws from `generator`.
     """
     check_sampling(temperature, top_k, top_p)
     z = logits.double()
@@ -617,10 +645,11 @@ def filter_logits(
     if top_k is not None and top_k < z.size(-1):
         kth = z.topk(top_k, dim=-1).values[..., -1:]  # (B, 1)
         z = z.masked_fill(z < kth, -math.inf)
-    logp = z.log_softmax(dim=-1)
     if top_p < 1:
-        logp = logp.masked_fill(~nucleus_mask(logp.exp(), top_p), -math.inf).log_softmax(dim=-1)
-    return logp
+        if tie_noise is None:
+            tie_noise = torch.empty_like(z).uniform_(generator=generator)
+        z = z.masked_fill(~nucleus_mask(z, top_p, tie_noise), -math.inf)
+    return z.log_softmax(dim=-1)
 
 
 def sample_next_token(
@@ -630,20 +659,23 @@ def sample_next_token(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
+    tie_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token per row of logits (B, V) -> (B, 1); temperature 0 is greedy (first maximum).
 
     The draw is the exponential race: argmax of p / q with q ~ Exp(1) per token, so token k wins with
     probability p_k. torch.multinomial(p, 1) draws one sample this very way, so the same generator
-    gives the same tokens (tested). `noise` (B, V) float64 is q drawn beforehand, as a CUDA graph needs."""
+    gives the same tokens (tested). With top_p < 1 the uniform draws that order the nucleus's boundary
+    ties (`filter_logits`) come from the generator after q. `noise` (B, V) float64 is q drawn beforehand,
+    and `tie_noise` (B, V) float64 the uniform draws, as a CUDA graph needs."""
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
+    if noise is None:
+        noise = torch.empty_like(logits, dtype=torch.float64).exponential_(1, generator=generator)
     if top_k is None and top_p >= 1:  # plain sampling: the same probabilities in fewer operations
         z = logits.double()
         probs = ((z - z.max(dim=-1, keepdim=True).values) / temperature).softmax(dim=-1)
     else:
-        probs = filter_logits(logits, temperature, top_k, top_p).exp()
-    if noise is None:
-        noise = torch.empty_like(probs).exponential_(1, generator=generator)
+        probs = filter_logits(logits, temperature, top_k, top_p, generator, tie_noise).exp()
     return (probs / noise).argmax(dim=-1, keepdim=True)

@@ -139,6 +139,46 @@ def tiled_windows(data: torch.Tensor, block_size: int) -> tuple[torch.Tensor, to
     return x, y
 
 
+def sliding_windows(n_tokens: int, block_size: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows that score every target of an n_tokens sequence (tokens 1 .. n_tokens - 1) exactly once:
+    their starts (N,) and the first position each one scores (N,).
+
+    The first window scores all its block_size targets, with 1 .. block_size tokens of context (the first
+    tokens of a split have only what comes before them in the split). Each later window starts `stride`
+    tokens further and scores the targets the one before did not reach, its last `stride` or fewer, with
+    block_size - stride + 1 .. block_size tokens of context: stride 1 gives every target after the first
+    block_size the full block_size. The last window ends at the last token.
+    """
+    if not 1 <= stride <= block_size or n_tokens < block_size + 1:
+        raise ValueError(
+            f"need 1 <= stride <= block_size and more than block_size tokens "
+            f"(stride {stride}, block_size {block_size}, {n_tokens} tokens)"
+        )
+    last = n_tokens - 1 - block_size  # the start of the window that ends at the last token
+    starts = torch.arange(0, last + 1, stride)
+    if starts[-1] != last:
+        starts = torch.cat([starts, torch.tensor([last])])
+    # position p of a window at a scores target a + p + 1; the previous window reached a_prev + block_size
+    first = torch.cat([torch.zeros(1, dtype=torch.long), starts[:-1] + block_size - starts[1:]])
+    return starts, first
+
+
+@torch.no_grad()
+def sliding_loss(logits_fn, data: torch.Tensor, block_size: int, stride: int, batch_size: int) -> float:
+    """Mean cross-entropy in nats over every target of data (tokens 1 ..), scored by the windows of
+    `sliding_windows`; `logits_fn` maps inputs (B, block_size) to logits (B, block_size, vocab)."""
+    starts, first = sliding_windows(len(data), block_size, stride)
+    positions = torch.arange(block_size)
+    total = 0.0
+    for i in range(0, len(starts), batch_size):
+        offsets = (starts[i : i + batch_size, None] + positions).to(data.device)  # (B, T)
+        scored = (positions >= first[i : i + batch_size, None]).to(data.device)  # (B, T)
+        logits = logits_fn(data[offsets]).float()  # (B, T, vocab)
+        losses = torch.nn.functional.cross_entropy(logits[scored], data[offsets + 1][scored], reduction="sum")
+        total += losses.item()
+    return total / (len(data) - 1)
+
+
 def encode_prompt(vocab: Vocab, prompt: str, block_size: int) -> list[int]:
     """The prompt's token ids, or a UserError naming what is wrong with it."""
     try:
@@ -165,6 +205,18 @@ def pick_device(choice: str) -> str:
 def load_checkpoint(path, device="cpu") -> dict:
     """A checkpoint written by train.py (weights_only load); UserError naming the file if it is missing,
     damaged, carries pickled objects, or holds a model config or vocabulary this code does not know."""
+    if Path(path).is_dir():  # a run folder: name the checkpoints in it
+        inside = [
+            str(Path(path) / name) for name in ("best.pt", "checkpoint.pt") if (Path(path) / name).is_file()
+        ]
+        raise UserError(
+            f"{path} is a folder, not a checkpoint file"
+            + (
+                f"; its checkpoints: {', '.join(inside)}"
+                if inside
+                else " (no best.pt or checkpoint.pt in it)"
+            )
+        )
     ckpt = load_torch(path, map_location=device)
     needed = {"model", "model_config", "vocab", "iter", "args"}
     if not isinstance(ckpt, dict) or not needed <= ckpt.keys():

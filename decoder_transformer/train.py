@@ -37,7 +37,16 @@ import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 from model import DecoderLM, ModelConfig  # noqa: E402
-from textdata import Vocab, get_batch, load_checkpoint, load_text, pick_device, split_tokens, tiled_windows
+from textdata import (  # noqa: E402
+    Vocab,
+    get_batch,
+    load_checkpoint,
+    load_text,
+    pick_device,
+    sliding_loss,
+    split_tokens,
+    tiled_windows,
+)
 from tqdm import tqdm  # noqa: E402
 
 from common import (
@@ -82,13 +91,16 @@ class Args(DataArgs):
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: off)
     eval_interval: int = 250  # steps between validation estimates and checkpoints
     eval_batches: int = 20  # batches in each periodic estimate (the final val loss uses the whole split)
+    eval_stride: int = 1  # full-context val loss: window step in tokens (1: every token sees block_size)
     log_interval: int = 10  # steps between train-loss log lines
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
     compile: bool = False  # torch.compile the training step
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
     # more steps, another device, compile or thread count change nothing already trained
-    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"max_iters", "device", "compile", "threads"})
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset(
+        {"max_iters", "device", "compile", "threads", "eval_stride"}
+    )
     EXTENDS: ClassVar[frozenset[str]] = frozenset({"max_iters"})  # more steps continue a finished run
 
 
@@ -99,6 +111,8 @@ def check_args(args: Args) -> None:
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "eval_interval", "eval_batches"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if not 1 <= args.eval_stride <= args.block_size:
+        raise ValueError(f"--eval-stride must be in [1, --block-size] (got {args.eval_stride})")
     if args.log_interval < 1 or (args.threads is not None and args.threads < 1):
         raise ValueError(
             f"--log-interval and --threads must be >= 1 (got {args.log_interval}, {args.threads})"
@@ -392,13 +406,11 @@ class Trainer:
 # evaluation and report
 
 
-def whole_split_loss(model, data: Data, context: int, batch_size: int, autocast) -> dict:
-    """The whole validation split in non-overlapping windows of `context` tokens: nats per token, and
-    the same total in bits per character and per UTF-8 byte, so char and byte vocabularies compare."""
-    x, y = tiled_windows(data.val, context)
-    nats = mean_loss(model, x, y, batch_size, autocast)
-    chars, n_bytes = data.vocab.unit_counts(y)
-    total_bits = nats * y.numel() / math.log(2)
+def in_units(nats: float, targets: torch.Tensor, vocab: Vocab) -> dict:
+    """Mean nats per token over `targets`, and the same total in bits per character and per UTF-8 byte,
+    so char and byte vocabularies compare."""
+    chars, n_bytes = vocab.unit_counts(targets)
+    total_bits = nats * targets.numel() / math.log(2)
     return {
         "nats_per_token": nats,
         "bits_per_char": total_bits / chars,
@@ -406,9 +418,32 @@ def whole_split_loss(model, data: Data, context: int, batch_size: int, autocast)
     }
 
 
+def whole_split_loss(model, data: Data, context: int, batch_size: int, autocast) -> dict:
+    """The whole validation split in non-overlapping windows of `context` tokens (mean context
+    about context / 2)."""
+    x, y = tiled_windows(data.val, context)
+    return in_units(mean_loss(model, x, y, batch_size, autocast), y, data.vocab)
+
+
+def full_context_loss(model, data: Data, context: int, stride: int, autocast) -> dict:
+    """Every validation target scored with `context` tokens before it (stride 1), as generation sees
+    them; the split's first targets with the tokens of the split before them (`sliding_windows`)."""
+    was_training = model.training
+    model.eval()
+
+    def logits(x):
+        with autocast:
+            return model(x)[0]
+
+    nats = sliding_loss(logits, data.val, context, stride, batch_size=64)
+    model.train(was_training)
+    return in_units(nats, data.val[1:], data.vocab)
+
+
 def report(trainer: Trainer) -> dict:
     args, setup, data, log, model = trainer.args, trainer.setup, trainer.data, trainer.log, trainer.model
     val = whole_split_loss(model, data, args.block_size, args.batch_size, setup.autocast)
+    full = full_context_loss(model, data, args.block_size, args.eval_stride, setup.autocast)
     val_2x = None
     if args.pos != "learned":  # learned positions have no embedding past block_size
         val_2x = whole_split_loss(
@@ -420,6 +455,10 @@ def report(trainer: Trainer) -> dict:
         "val_loss": val["nats_per_token"],
         "val_bits_per_char": val["bits_per_char"],
         "val_bits_per_byte": val["bits_per_byte"],
+        "val_loss_full_context": full["nats_per_token"],
+        "val_bits_per_char_full_context": full["bits_per_char"],
+        "val_bits_per_byte_full_context": full["bits_per_byte"],
+        "full_context_stride": args.eval_stride,
         "val_loss_2x_context": val_2x and val_2x["nats_per_token"],
         "val_bits_per_char_2x_context": val_2x and val_2x["bits_per_char"],
         "train_loss": last["eval/train_loss"][0],
@@ -444,7 +483,8 @@ def report(trainer: Trainer) -> dict:
     log.save_figure("loss_curves", plot_curves(rows, args.pos))
     print(
         f"val loss {val['nats_per_token']:.4f} nats/token = {val['bits_per_char']:.4f} bits/char "
-        f"(whole split, context {args.block_size})"
+        f"(whole split, context {args.block_size}); full context {full['nats_per_token']:.4f} "
+        f"= {full['bits_per_char']:.4f} bits/char"
         + (f"; {val_2x['nats_per_token']:.4f} at context {2 * args.block_size}" if val_2x else "")
         + f"; {summary['tokens_per_second'] or 0:,.0f} train tokens/s"
     )

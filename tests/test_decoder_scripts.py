@@ -111,6 +111,25 @@ def test_train_writes_a_run_and_lowers_the_loss(trained):
 
 
 @pytest.mark.slow
+def test_full_context_loss_in_the_summary_and_rescored_at_another_stride(trained, tmp_path):
+    """train.py's summary holds the full-context loss (stride 1); `benchmark.py --task val` gives the same
+    number from the checkpoint, and at stride block_size about the tiled loss."""
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["full_context_stride"] == 1
+    assert summary["val_bits_per_char_full_context"] == pytest.approx(
+        summary["val_loss_full_context"] / math.log(2)
+    )
+    rescored = {}
+    for stride in (1, 16):
+        out = tmp_path / f"s{stride}"
+        flags = ["--ckpt", trained / "checkpoint.pt", "--eval-stride", stride, "--clearml", "off"]
+        run("decoder_transformer/benchmark.py", "--task", "val", *flags, "--out", out)
+        rescored[stride] = json.loads((out / "summary.json").read_text())["val_loss_full_context"]
+    assert rescored[1] == pytest.approx(summary["val_loss_full_context"], rel=1e-5)
+    assert rescored[16] == pytest.approx(summary["val_loss"], abs=0.05)  # stride T: tiled, plus the rest
+
+
+@pytest.mark.slow
 def test_resume_continues_the_same_run_exactly(text_file, tmp_path):
     """40 steps at once against 20 steps, then --resume to 40: identical metrics (dropout on)."""
     flags = [*tiny(dropout=0.1, lr_decay_iters=40), "--text", text_file]
@@ -238,7 +257,7 @@ def test_compare_runs_tables_and_plots(trained, tmp_path):
     done = compare("cmp")
     summary = json.loads((trained / "summary.json").read_text())
     cells = " | ".join(
-        f"{summary[k]:.4f} ± 0.0000" for k in ("best_val_loss", "val_loss", "val_bits_per_char")
+        f"{summary[k]:.4f} ± 0.0000" for k in ("best_val_loss", "val_loss", "val_loss_full_context")
     )
     assert f"| rope | char | 0 | {cells} |" in done.stdout
     assert (tmp_path / "cmp" / "val_loss_curves.png").is_file() and (tmp_path / "cmp" / "table.md").is_file()
@@ -397,3 +416,6 @@ def test_bad_sampling_input(trained, tmp_path):
         assert message in one_line_error(done) and not out.exists()
     done = run(SAMPLE, "--ckpt", tmp_path / "nothing.pt", "--clearml", "off", "--out", out, rc=1)
     assert "no such file" in one_line_error(done)
+    done = run(SAMPLE, "--ckpt", trained, "--clearml", "off", "--out", out, rc=1)  # the run folder itself
+    assert "is a folder, not a checkpoint file" in one_line_error(done)
+    assert str(trained / "checkpoint.pt") in one_line_error(done) and not out.exists()

@@ -1,0 +1,195 @@
+"""The README's tables, rendered from the committed files in results/ (cog blocks call these functions).
+
+results/baby_runs.json and results/ctx128_runs.json are `compare_runs.py` summaries (per-seed values);
+nanogpt_val_baby.json is `benchmark.py --task nanogpt-val`'s summary; ngram.json is `ngram.py`'s; the
+gpu_* folders hold the logs and summaries of the GPU runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+POSITIONS = ("rope", "learned", "sinusoidal", "none")
+
+
+def _read(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return f"{statistics.mean(values):.4f}" + (f" ± {std:.4f}" if std is not None else " (one run)")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _context_range(group: dict) -> str:
+    """The context full-context scoring gives each target past the first T, from the run's stride."""
+    (stride,), (block,) = set(group["full_context_stride"]), set(group["block_size"])
+    return f"{block}" if stride == 1 else f"{block - stride + 1}-{block}"
+
+
+def encodings_table(file: str = "baby_runs.json", nanogpt: str | None = "nanogpt_val_baby.json") -> str:
+    """The four position encodings (character vocabulary), mean ± sample std over seeds; nanoGPT's own
+    code (learned positions) scored the same way below them."""
+    runs = _read(file)
+    header = [
+        "code, positions",
+        "seeds",
+        "val loss, full context (tokens of context)",
+        "bits/char, full context",
+        "val loss, tiled windows of T",
+        "val loss, tiled windows of 2T",
+        "train loss",
+    ]
+    rows = []
+    for pos in POSITIONS:
+        group = runs.get(f"{pos}_char")
+        if group is None:
+            continue
+        rows.append(
+            [
+                f"ours, {pos}",
+                ", ".join(map(str, sorted(group["seeds"]))),
+                f"**{_mean_std(group['val_loss_full_context'])}** ({_context_range(group)})",
+                _mean_std(group["val_bits_per_char_full_context"]),
+                _mean_std(group["val_loss"]),
+                _mean_std(group["val_loss_2x_context"])
+                if group["val_loss_2x_context"]
+                else "n/a (no positions)",
+                _mean_std(group["train_loss"]),
+            ]
+        )
+    if nanogpt and (RESULTS / nanogpt).is_file():
+        result = _read(nanogpt)
+        stride, block = result["full_context_stride"], result["block_size"]
+        context = f"{block}" if stride == 1 else f"{block - stride + 1}-{block}"
+        rows.append(
+            [
+                "nanoGPT's model.py and train.py, learned",
+                "its seed 1337",
+                f"**{result['nanogpt_val_loss_full_context']:.4f}** ({context})",
+                f"{result['nanogpt_val_bits_per_char_full_context']:.4f}",
+                f"{result['nanogpt_val_loss_whole_split']:.4f}",
+                "n/a (no positions)",
+                "n/a",
+            ]
+        )
+    return _table(header, rows)
+
+
+def rope_vs_learned(file: str = "baby_runs.json") -> str:
+    """One sentence: RoPE's full-context loss against learned positions', per seed and in the mean."""
+    runs = _read(file)
+    rope, learned = runs["rope_char"], runs["learned_char"]
+    diff = statistics.mean(rope["val_loss_full_context"]) - statistics.mean(learned["val_loss_full_context"])
+    worst_rope, best_learned = max(rope["val_loss_full_context"]), min(learned["val_loss_full_context"])
+    return (
+        f"RoPE minus learned, full context: {diff:+.4f} nats/token in the mean over "
+        f"{len(rope['seeds'])} and {len(learned['seeds'])} seeds; RoPE's worst seed "
+        f"{worst_rope:.4f} against learned's best {best_learned:.4f}.\n"
+    )
+
+
+def byte_baselines_table(file: str = "baby_runs.json", ngram: str = "ngram.json") -> str:
+    """The byte model beside byte n-grams fit on the training split, in bits per byte of the same
+    validation bytes (1 ..)."""
+    result = _read(ngram)
+    rows = []
+    for order in range(1, 10):
+        key = f"order_{order}_bits_per_byte"
+        if key in result:
+            name = "unigram" if order == 1 else f"{order}-gram"
+            rows.append([f"{name}, interpolated Kneser-Ney", "n/a (no randomness)", f"{result[key]:.4f}"])
+    runs = _read(file)
+    for vocab in ("byte", "char"):
+        group = runs.get(f"rope_{vocab}")
+        if group:
+            rows.append(
+                [
+                    f"ours, RoPE, {vocab} vocabulary, full context ({_context_range(group)} tokens)",
+                    ", ".join(map(str, sorted(group["seeds"]))),
+                    f"**{_mean_std(group['val_bits_per_byte_full_context'])}**",
+                ]
+            )
+    return _table(["model", "seeds", "val bits/byte"], rows)
+
+
+def _key_values(path: Path) -> dict:
+    """`key: value` lines of a benchmark log (numbers with thousands separators)."""
+    found = {}
+    for key, value in re.findall(r"^(\w+): (.+)$", path.read_text(), re.MULTILINE):
+        try:
+            found[key] = float(value.replace(",", ""))
+        except ValueError:
+            found[key] = value
+    return found
+
+
+def gpu_generation_table() -> str:
+    """CUDA-graph decoding on one H200: tokens/s of each path and the ratios, one row per log."""
+    rows = []
+    for name in (
+        "generate_rope_run1",
+        "generate_rope_run2",
+        "generate_rope_run3",
+        "generate_rope_top_p0.9",
+        "generate_baby",
+    ):
+        r = _key_values(RESULTS / "gpu_h200" / f"{name}.log")
+        size = "4x4x128" if "baby" in name else "6x6x384"
+        rows.append(
+            [
+                f"`{name}.log`",
+                size,
+                f"{r['top_p']:g}",
+                f"{r['cached_tokens_per_second']:.1f}",
+                f"{r['cached_no_graph_tokens_per_second']:.1f}",
+                f"{r['uncached_tokens_per_second']:.1f}",
+                f"{r['nanogpt_tokens_per_second']:.1f}",
+                f"**{r['speedup_cached_vs_uncached']:.2f}**",
+                f"{r['speedup_cuda_graph']:.2f}",
+            ]
+        )
+    header = ["log (`results/gpu_h200/`)", "model", "top-p", "cached (graph)", "cached, no graph"]
+    header += ["uncached", "nanoGPT's sampler", "cached / uncached", "graph / no graph"]
+    return _table(header, rows)
+
+
+def gpu_training_table() -> str:
+    """`--preset gpu` on one H100: our three seeds beside nanoGPT's train.py (one run)."""
+    ours = [_read(f"gpu_h100/ours_s{seed}/summary.json") for seed in range(3)]
+    nanogpt = _read("gpu_h100/nanogpt_val.json")
+    estimates = re.findall(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)$",
+                           (RESULTS / "gpu_h100" / "nanogpt.log").read_text(), re.MULTILINE)  # fmt: skip
+    best_step, best = min(((int(s), float(v)) for s, v in estimates), key=lambda point: point[1])
+    walls_text = (RESULTS / "gpu_h100" / "walls.txt").read_text()
+    walls = dict(re.findall(r"^(ours seed 0|nanogpt) rc=0 wall_ms=(\d+)", walls_text, re.MULTILINE))
+    rows = [
+        [
+            "ours, RoPE",
+            "0, 1, 2",
+            _mean_std([s["best_val_loss"] for s in ours]),
+            _mean_std([s["val_loss"] for s in ours]) + " (final, step 5000)",
+            f"{int(walls['ours seed 0']) / 1000:.1f} s (seed 0)",
+        ],
+        [
+            "nanoGPT's train.py, learned",
+            "its seed 1337",
+            f"{best:.4f} (its estimate, step {best_step})",
+            f"{nanogpt['nanogpt_val_loss_whole_split']:.4f} (best, step {nanogpt['nanogpt_iter']})",
+            f"{int(walls['nanogpt']) / 1000:.1f} s",
+        ],
+    ]
+    header = ["", "seeds", "best periodic val estimate", "val loss, tiled windows of T", "wall time"]
+    return _table(header, rows)

@@ -1,0 +1,35 @@
+"""decoder_transformer/tables.py renders the README's tables from the committed results/ files."""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from common.readme import experiment_module  # noqa: E402
+
+tables = experiment_module("decoder_transformer/tables.py")
+RESULTS = REPO / "decoder_transformer" / "results"
+
+
+def test_encodings_table_shows_each_encodings_mean_over_its_seeds():
+    runs = json.loads((RESULTS / "baby_runs.json").read_text())
+    text = tables.encodings_table()
+    for pos in ("rope", "learned"):
+        values = runs[f"{pos}_char"]["val_loss_full_context"]
+        assert len(values) == len(runs[f"{pos}_char"]["seeds"]) >= 1
+        assert f"| ours, {pos} |" in text and f"**{statistics.mean(values):.4f}" in text
+    assert "RoPE minus learned" in tables.rope_vs_learned()
+
+
+def test_byte_table_lists_the_n_grams_and_the_byte_model():
+    ngram = json.loads((RESULTS / "ngram.json").read_text())
+    text = tables.byte_baselines_table()
+    assert f"{ngram['order_5_bits_per_byte']:.4f}" in text and "unigram" in text
+    assert "vocabulary, full context" in text  # a model's row beside them
+
+
+def test_gpu_tables_read_their_logs():
+    assert tables.gpu_generation_table().count("| `generate_") == 5
+    assert "nanoGPT's train.py" in tables.gpu_training_table()
