@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
 import peer  # noqa: E402
 import run as bbf_run  # noqa: E402
-from agent import Agent, AgentConfig, ModelConfig, ReplayBuffer, linear_epsilon  # noqa: E402
+from agent import Agent, AgentConfig, ModelConfig, ReplayBuffer, warmup_epsilon  # noqa: E402
 from job import ENV_ID, Job  # noqa: E402
 
 from common import parse_args, read_json, run_main  # noqa: E402
@@ -129,7 +129,7 @@ def epsilon_gap() -> float:
     return max(
         abs(
             schedule(1 - t / TOTAL_STEPS)
-            - linear_epsilon(t, spec_run["eps_start"], spec_run["eps_end"], spec_run["eps_decay_steps"])
+            - warmup_epsilon(t, spec_run["learning_starts"], spec_run["eps_decay_steps"], spec_run["eps_end"])
         )
         for t in range(TOTAL_STEPS + 1)
     )

@@ -60,6 +60,17 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def run_teeing_stderr(command: list[str]) -> tuple[int, str]:
+    """Run `command`, passing its stderr (progress bars, warnings) through as it comes: (exit code, the
+    last 4 KiB of that stderr)."""
+    proc, tail = subprocess.Popen(command, stderr=subprocess.PIPE), b""
+    while chunk := os.read(proc.stderr.fileno(), 4096):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        tail = (tail + chunk)[-4096:]
+    return proc.wait(), tail.decode(errors="replace")
+
+
 def main() -> None:
     args = parse_args(Args, description=__doc__)
     if not Path(TIME).is_file():
@@ -76,11 +87,13 @@ def main() -> None:
     with tempfile.NamedTemporaryFile("r", suffix=".time") as kib:
         load_before = os.getloadavg()
         started = time.time()
-        done = subprocess.run([TIME, "-f", "%M", "-o", kib.name, *command])
+        returncode, stderr = run_teeing_stderr([TIME, "-f", "%M", "-o", kib.name, *command])
         wall = time.time() - started
         load_after = os.getloadavg()
-        if done.returncode != 0:
-            raise UserError(f"train.py exited with {done.returncode}; nothing written")
+        if returncode != 0:
+            if "error:" in stderr:  # train.py has said why in its own line
+                sys.exit(returncode)
+            raise UserError(f"train.py exited with {returncode}; nothing written")
         peak_kib = int(kib.read().strip().splitlines()[-1])
     summary = read_json(out / "summary.json")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

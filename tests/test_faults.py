@@ -64,6 +64,8 @@ class Entry:
     make_checkpoint: Callable | None = None
     metrics_from_results: bool = False  # metrics.jsonl is rewritten from result files on --resume
     safe_values: dict = field(default_factory=dict)  # another valid value of a resume-safe text flag
+    # no run folder and no input of the kinds above: the test file that checks the rest of its behaviour
+    own_tests: str | None = None
 
     @property
     def id(self) -> str:
@@ -178,6 +180,7 @@ ENTRIES = [
         reads=("run",),
         needs=("decoder_transformer/train.py",),
     ),
+    Entry("decoder_transformer/ngram.py", lambda i: ["--text", i["text"], "--max-order", "3"]),
     Entry(
         "bbf_lunar/run.py",
         lambda i: [*BBF, "--seeds", "2"],
@@ -200,6 +203,20 @@ ENTRIES = [
         "bbf_lunar/benchmark.py",
         lambda i: ["--variant", "dqn", "--steps", "10", "--warmup", "40", "--rounds", "1", "--seeds", "2"],
         run_folder=False,
+    ),
+    Entry(  # reads the finished run's result files: test_export_and_confirm_name_a_damaged_result_file
+        "bbf_lunar/export.py",
+        lambda i: ["--run", i["bbf_lunar/run.py"], "--name", "tiny"],
+        run_folder=False,
+        needs=("bbf_lunar/run.py",),
+    ),
+    Entry("bbf_lunar/confirm.py", lambda i: [], run_folder=False, own_tests="tests/test_bbf_confirm.py"),
+    Entry("bbf_lunar/power.py", lambda i: [], run_folder=False, own_tests="tests/test_bbf_power.py"),
+    Entry(
+        "bbf_lunar/dqn_vs_sb3.py", lambda i: [], run_folder=False, own_tests="tests/test_bbf_dqn_vs_sb3.py"
+    ),
+    Entry(
+        "revnet_mnist/measure.py", lambda i: [], run_folder=False, own_tests="tests/test_revnet_scripts.py"
     ),
 ]
 BY_SCRIPT = {e.script: e for e in ENTRIES}
@@ -552,6 +569,40 @@ def test_sizes_that_cannot_fit_in_memory_are_one_line(entry, inputs, tmp_path):
     line = one_line_error(run(entry, *args, *extra, rc=1, timeout=120))
     assert "GiB is available" in line or "out of memory" in line
     assert not out.exists()
+
+
+def bad_input(script: str, tmp: Path, finished) -> tuple[list, str]:
+    """(flags, what the one-line error must name) of a damaged or missing input of a script that
+    writes no run folder."""
+    if script in ("bbf_lunar/export.py", "bbf_lunar/confirm.py"):  # a damaged result file of a run
+        run = shutil.copytree(finished(BY_SCRIPT["bbf_lunar/run.py"])[0], tmp / "run")
+        bad = sorted(run.glob("jobs/*/result.json"))[0]
+        bad.write_bytes(bad.read_bytes()[:50])
+        if script == "bbf_lunar/export.py":
+            return ["--run", run, "--name", "tiny", "--results", tmp / "results"], str(bad)
+        # confirm.py checks the protocol's seeds first: the tiny run is refused, naming its folder
+        return ["--run", run, "--protocol-commit", "abc", "--out", tmp / "results" / "c.json"], str(run)
+    if script == "bbf_lunar/power.py":
+        (tmp / "s.json").write_text('{"reference": "dqn", "items": {')
+        return ["--summary", tmp / "s.json", "--out", tmp / "results" / "p.json"], str(tmp / "s.json")
+    if script == "revnet_mnist/measure.py":
+        (tmp / "empty").mkdir()
+        flags = ["--data-dir", tmp / "empty", "--results", tmp / "results", "--runs", tmp / "runs"]
+        return [*flags, "--clearml", "off"], "train-images-idx3-ubyte.gz"
+    assert script == "bbf_lunar/dqn_vs_sb3.py"
+    return ["--steps", "0"], "--steps"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "entry", entries(lambda e: not e.run_folder and (e.own_tests or e.needs) and not e.reads)
+)
+def test_scripts_without_a_run_folder_refuse_bad_input_in_one_line(entry, finished, tmp_path):
+    flags, named = bad_input(entry.script, tmp_path, finished)
+    proc = run(entry, *flags, rc=None, timeout=120)
+    assert proc.returncode in (1, 2)
+    assert named in one_line_error(proc)
+    assert not (tmp_path / "results").exists()  # nothing written
 
 
 def test_every_entry_script_is_in_the_list():
