@@ -75,7 +75,8 @@ def main() -> None:
     args = parse_args(Args, description=__doc__)
     if not Path(TIME).is_file():
         raise UserError(f"{TIME} (GNU time) not found; install it (Debian/Ubuntu: apt-get install time)")
-    name = f"{args.model}_seed{args.seed}" + (f"_clearml-{args.clearml}" if args.clearml != "auto" else "")
+    name = f"{args.model}_seed{args.seed}" + (f"_{args.preset}" if args.preset != "memory" else "")
+    name += f"_clearml-{args.clearml}" if args.clearml != "auto" else ""  # one folder per measured command
     out = Path(args.runs) / name
     if out.exists():
         shutil.rmtree(out)  # a fresh run every time: the measurement is of a whole run
