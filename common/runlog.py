@@ -171,10 +171,11 @@ def start_clearml(mode: str, queue: str | None, project: str, task_name: str, co
     mode = _clearml_mode(mode, queue)
     if mode == "off":
         return None
-    try:
-        import IPython  # noqa: F401  clearml's repo-scan thread imports it lazily; a half-imported
-    except ImportError:  # IPython then breaks matplotlib's figure creation in the main thread
-        pass
+    # ClearML's repository-scan thread imports IPython (about 24 MiB) to ask whether it runs in a
+    # notebook, and a half-imported IPython breaks matplotlib's figures in the main thread. A script
+    # started with `python` is in no notebook: mark IPython absent (None in sys.modules is "not
+    # installed" to every import; matplotlib and tqdm read it so). Inside IPython it is already there.
+    sys.modules.setdefault("IPython", None)
     from clearml import Task
 
     # Requirements come from requirements.txt, not from ClearML scanning (and importing) every

@@ -468,3 +468,37 @@ def test_report_only_flags_stored_by_an_older_version_are_not_a_change(tmp_path)
     path.write_text(json.dumps(config))
     with RunLogger("demo", "r", ReportArgs(out=str(tmp_path / "run"), clearml="off", resume=True)) as log:
         assert log.resumed
+
+
+def test_clearml_loads_no_ipython_and_figures_still_draw(tmp_path):
+    """ClearML's repository scan would import IPython (about 24 MiB of every process) to look for a
+    notebook; a script is in none. With ClearML offline, IPython stays unloaded and matplotlib draws."""
+    script = tmp_path / "demo.py"
+    script.write_text(
+        textwrap.dedent("""
+        import sys
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from common import RunLogger
+
+        with RunLogger("demo", "r", {"lr": 0.5}, out=sys.argv[1], clearml="offline") as log:
+            assert log.task is not None and log.task.is_offline()
+            fig, ax = plt.subplots()
+            ax.plot([0, 1], [1, 0])
+            log.save_figure("curve", fig)
+            loaded = sorted(m for m in sys.modules if m == "IPython" or m.startswith("IPython."))
+            print("IPython modules:", [m for m in loaded if sys.modules[m] is not None])
+    """)
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "IPython modules: []" in done.stdout
+    assert (tmp_path / "run" / "curve.png").stat().st_size > 1000
