@@ -42,7 +42,7 @@ def headline_table(results: dict[str, Path] | None = None) -> str:
     """One markdown row per experiment, from `<experiment>/tables.py`'s `headline()` (a dict with
     measured, result, interval, command); `results` maps an experiment to another results folder."""
     lines = [
-        "| experiment | what is measured | result | interval | command |",
+        "| experiment | what is measured | result | interval or spread | command |",
         "|---|---|---|---|---|",
     ]
     for name in EXPERIMENTS:

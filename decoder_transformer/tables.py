@@ -150,7 +150,7 @@ def headline(results: Path = RESULTS) -> dict[str, str]:
     if len(found) == 2:
         diff = statistics.mean(found["rope"]["val_loss_full_context"])
         diff -= statistics.mean(found["learned"]["val_loss_full_context"])
-        parts.append(f"difference {diff:+.4f}")
+        parts.append(f"RoPE minus learned {diff:+.4f}")
     if "rope" in found and (Path(results) / "ngram.json").is_file():
         ngram = _read("ngram.json", results)
         orders = [int(k.split("_")[1]) for k in ngram if re.fullmatch(r"order_\d+_bits_per_byte", k)]

@@ -74,8 +74,8 @@ def test_decoder_headline_gives_per_seed_values_and_the_best_n_gram(tmp_path):
     write(tmp_path / "ngram.json", ngram | {"order_2_discounts": [0.5]})
     row = decoder.headline(tmp_path)
     assert row["result"] == (
-        "RoPE 1.7500; learned 1.9500; difference -0.2000; bits/byte: RoPE 2.550, the best byte n-gram "
-        "(2-gram) 3.000"
+        "RoPE 1.7500; learned 1.9500; RoPE minus learned -0.2000; "
+        "bits/byte: RoPE 2.550, the best byte n-gram (2-gram) 3.000"
     )
     assert (
         row["interval"] == "per seed: RoPE 1.7000, 1.8000 (seeds 0, 1); learned 1.9000, 2.0000 (seeds 0, 1)"
