@@ -94,6 +94,33 @@ def confirmation(results: Path = RESULTS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(results: Path = RESULTS) -> dict[str, str]:
+    """The top README's row: the confirmation's IQMs with bootstrap intervals, P(bbf > dqn) with its
+    Newcombe interval and the protocol's decision; "not yet run" while confirmation.json is absent."""
+    c = _read(results, "confirmation.json")
+    seeds = f"{len(c['seeds'])} seeds ({c['seeds'][0]}-{c['seeds'][-1]})" if c else "20 seeds (1000-1019)"
+    row = {
+        "measured": "LunarLander-v3 return after 100k steps (mean of the last 3 evaluations), `bbf` vs "
+        f"rl-baselines3-zoo's tuned `dqn`, {seeds} each; test and decision rule fixed in advance",
+        "result": "not yet run",
+        "interval": "not yet run",
+        "command": "`python bbf_lunar/run.py --seed 1000 --seeds 20 --variants bbf,dqn`, then "
+        "`bbf_lunar/confirm.py`",
+    }
+    if c is None:
+        return row
+    p, v = c["poi"], c["variants"]
+    confirmed = c.get("confirmed", p["newcombe_low"] > 0.5)
+    iqms = ", ".join(f"{name} {x['iqm']:.1f}" for name, x in v.items())
+    cis = "; ".join(f"{name} {_ci(x)}" for name, x in v.items())
+    return row | {
+        "result": f"IQM {iqms}; P(bbf > dqn) = {p['poi']:.2f}: "
+        f"**{'confirmed' if confirmed else 'not confirmed'}**",
+        "interval": f"IQM 95% bootstrap CI {cis}; P(bbf > dqn) Newcombe 95% "
+        f"[{p['newcombe_low']:.2f}, {p['newcombe_high']:.2f}]",
+    }
+
+
 def confirmation_time(results: Path = RESULTS) -> str:
     """How the confirmation ran: commit, versions, processes and their time (from its curves file)."""
     c = _read(results, "confirmation_curves.json")

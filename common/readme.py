@@ -10,6 +10,8 @@ packages, and never import each other) and prints what it returns:
     ]]] -->
     ...generated markdown...
     <!-- [[[end]]] -->
+
+The top README's results table is `headline_table()`: one row per experiment from its `headline()`.
 """
 
 from __future__ import annotations
@@ -31,3 +33,22 @@ def experiment_module(path: str):
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+EXPERIMENTS = ("revnet_mnist", "padim_anomaly", "decoder_transformer", "bbf_lunar")
+
+
+def headline_table(results: dict[str, Path] | None = None) -> str:
+    """One markdown row per experiment, from `<experiment>/tables.py`'s `headline()` (a dict with
+    measured, result, interval, command); `results` maps an experiment to another results folder."""
+    lines = [
+        "| experiment | what is measured | result | interval or spread | command |",
+        "|---|---|---|---|---|",
+    ]
+    for name in EXPERIMENTS:
+        tables = experiment_module(f"{name}/tables.py")
+        row = tables.headline(results[name]) if results and name in results else tables.headline()
+        cells = [f"[{name}]({name}/README.md)"]
+        cells += [row[key].replace("|", "\\|") for key in ("measured", "result", "interval", "command")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -16,8 +16,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 POSITIONS = ("rope", "learned", "sinusoidal", "none")
 
 
-def _read(name: str) -> dict:
-    return json.loads((RESULTS / name).read_text())
+def _read(name: str, results: Path = RESULTS) -> dict:
+    return json.loads((Path(results) / name).read_text())
 
 
 def _mean_std(values: list[float]) -> str:
@@ -123,6 +123,50 @@ def byte_baselines_table(file: str = "baby_runs.json", ngram: str = "ngram.json"
                 ]
             )
     return _table(["model", "seeds", "val bits/byte"], rows)
+
+
+def headline(results: Path = RESULTS) -> dict[str, str]:
+    """The top README's row: RoPE against learned positions in full-context validation loss at the baby
+    size (per-seed values), and the best byte n-gram beside RoPE in bits per byte."""
+    row = {
+        "measured": "validation loss at full context (nats/token; lower is better), RoPE vs learned "
+        "positions, nanoGPT's baby GPT size, Tiny Shakespeare characters",
+        "result": "not yet run",
+        "interval": "not measured",
+        "command": "`python decoder_transformer/train.py --pos rope --seed 0 --eval-stride 8` "
+        "(and `--pos learned`)",
+    }
+    if not (Path(results) / "baby_runs.json").is_file():
+        return row
+    runs = _read("baby_runs.json", results)
+    found = {pos: runs[f"{pos}_char"] for pos in ("rope", "learned") if f"{pos}_char" in runs}
+    if not found:
+        return row
+    parts = [
+        f"{'RoPE' if pos == 'rope' else pos} {statistics.mean(g['val_loss_full_context']):.4f}"
+        for pos, g in found.items()
+    ]
+    parts += [f"{pos}: not measured" for pos in ("rope", "learned") if pos not in found]
+    if len(found) == 2:
+        diff = statistics.mean(found["rope"]["val_loss_full_context"])
+        diff -= statistics.mean(found["learned"]["val_loss_full_context"])
+        parts.append(f"RoPE minus learned {diff:+.4f}")
+    if "rope" in found and (Path(results) / "ngram.json").is_file():
+        ngram = _read("ngram.json", results)
+        orders = [int(k.split("_")[1]) for k in ngram if re.fullmatch(r"order_\d+_bits_per_byte", k)]
+        best = min(orders, key=lambda n: ngram[f"order_{n}_bits_per_byte"])
+        rope_bits = statistics.mean(found["rope"]["val_bits_per_byte_full_context"])
+        parts.append(
+            f"bits/byte: RoPE {rope_bits:.3f}, the best byte n-gram ({best}-gram) "
+            f"{ngram[f'order_{best}_bits_per_byte']:.3f}"
+        )
+    per_seed = [
+        f"{'RoPE' if pos == 'rope' else pos} "
+        + ", ".join(f"{v:.4f}" for v in g["val_loss_full_context"])
+        + f" (seeds {', '.join(map(str, g['seeds']))})"
+        for pos, g in found.items()
+    ]
+    return row | {"result": "; ".join(parts), "interval": "per seed: " + "; ".join(per_seed)}
 
 
 def _key_values(path: Path) -> dict:

@@ -224,6 +224,38 @@ def targets(results: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(results: Path | None = None) -> dict[str, str]:
+    """The top README's row: image / pixel AUROC per class, mean and std over seeds, and the weights."""
+    row = {
+        "measured": "image / pixel AUROC",
+        "result": "not yet run",
+        "interval": "not measured",
+        "command": "`python padim_anomaly/train.py --category bottle --weights none --seed 0`",
+    }
+    if not ((results or RESULTS) / "train_summary.json").is_file():
+        return row
+    runs = _load("train_summary.json", results)
+    weights = sorted({s["weights"] for seeds in runs.values() for s in seeds.values()})
+    backbone = RANDOM_INIT if weights == ["none"] else f"ResNet18, `--weights {', '.join(weights)}`"
+    seeds = sorted({int(seed) for seeds in runs.values() for seed in seeds})
+    means, spreads = [], []
+    for name, by_seed in runs.items():
+        image, pixel = (np.array([s[m] for s in by_seed.values()]) for m in ("image_auroc", "pixel_auroc"))
+        means.append(f"{name} {image.mean():.3f} / {pixel.mean():.3f}")
+        if len(by_seed) > 1:
+            spreads.append(f"{name} ± {image.std(ddof=1):.3f} / ± {pixel.std(ddof=1):.3f}")
+        else:
+            spreads.append(f"{name}: one seed, no interval")
+    return row | {
+        "measured": f"image / pixel AUROC, MVTec-layout classes {', '.join(runs)}, {backbone}, "
+        f"seeds {', '.join(map(str, seeds))}",
+        "result": "; ".join(means),
+        "interval": "std over seeds: " + "; ".join(spreads),
+        "command": f"`python padim_anomaly/train.py --category {next(iter(runs))} --weights {weights[0]} "
+        "--seed 0`",
+    }
+
+
 def collect_train(folders: list[str], results: Path | None = None) -> dict:
     """results/train_summary.json from train.py run folders: {class: {seed: metrics}}."""
     keep = ("image_auroc", "pixel_auroc", "aupro", "fit_peak_memory_mib", "fit_seconds", "n_train", "n_test")

@@ -18,13 +18,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RATIO_TARGET, ACCURACY_TARGET, FLAT_TARGET = 0.35, 98.0, 0.02
 
 
-def load(folder: str) -> dict[str, dict]:
+def load(folder: str, results: Path = RESULTS) -> dict[str, dict]:
     """File stem -> contents, for every JSON file in results/<folder>/."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted((RESULTS / folder).glob("*.json"))}
+    return {p.stem: json.loads(p.read_text()) for p in sorted((Path(results) / folder).glob("*.json"))}
 
 
-def _runs(folder: str, model: str) -> list[dict]:
-    runs = [r for r in load(folder).values() if r["model"] == model and r["clearml"] == "auto"]
+def _runs(folder: str, model: str, results: Path = RESULTS) -> list[dict]:
+    runs = [r for r in load(folder, results).values() if r["model"] == model and r["clearml"] == "auto"]
     return sorted(runs, key=lambda r: r["seed"])
 
 
@@ -39,10 +39,10 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def memory_pairs() -> list[tuple[dict, dict]]:
+def memory_pairs(results: Path = RESULTS) -> list[tuple[dict, dict]]:
     """(revnet, resnet) results of the memory preset, seed by seed (seeds with both)."""
-    resnet = {r["seed"]: r for r in _runs("memory", "resnet")}
-    return [(r, resnet[r["seed"]]) for r in _runs("memory", "revnet") if r["seed"] in resnet]
+    resnet = {r["seed"]: r for r in _runs("memory", "resnet", results)}
+    return [(r, resnet[r["seed"]]) for r in _runs("memory", "revnet", results) if r["seed"] in resnet]
 
 
 def memory_table() -> str:
@@ -284,3 +284,46 @@ def targets_table() -> str:
             ]
         )
     return _table(["target", "result", "met?"], rows)
+
+
+def headline(results: Path = RESULTS) -> dict[str, str]:
+    """The top README's row: whole-process peak RSS of revnet against resnet under `--preset memory`,
+    with test accuracy; what exists, and "not measured" for what does not."""
+    runs = {m: _runs("memory", m, results) for m in ("revnet", "resnet")}
+    first = (runs["revnet"] + runs["resnet"] or [None])[0]
+    size = ""
+    if first:
+        c = first["config"]
+        size = f" (depth {c['depth']}, width {c['width']}, batch {c['batch_size']}, {c['epochs']} epochs)"
+    row = {
+        "measured": "whole-process peak RSS (`/usr/bin/time -f %M`) and test accuracy, "
+        f"`--preset memory`{size}",
+        "command": "`python revnet_mnist/measure.py --model revnet --seed 0` (and `--model resnet`)",
+    }
+    pairs = memory_pairs(results)
+    if not pairs:
+        found = [
+            f"{m}: {r['whole_process_peak_rss_mib']:.0f} MiB, test accuracy {100 * r['test_accuracy']:.2f}% "
+            f"(seed {r['seed']})"
+            for m, rs in runs.items()
+            for r in rs
+        ]
+        missing = [f"{m}: not measured" for m, rs in runs.items() if not rs]
+        return row | {
+            "result": "; ".join(found + missing) if found else "not yet run",
+            "interval": "not measured",
+        }
+    rss = [(a["whole_process_peak_rss_mib"], b["whole_process_peak_rss_mib"]) for a, b in pairs]
+    acc = [(100 * a["test_accuracy"], 100 * b["test_accuracy"]) for a, b in pairs]
+    ratios = [a / b for a, b in rss]
+    mean = [statistics.mean(column) for column in (*zip(*rss), *zip(*acc))]
+    seeds = ", ".join(str(a["seed"]) for a, _ in pairs)
+    row["result"] = (
+        f"revnet {mean[0]:.0f} MiB vs resnet {mean[1]:.0f} MiB: ratio **{statistics.mean(ratios):.3f}**; "
+        f"test accuracy {mean[2]:.2f}% vs {mean[3]:.2f}% (seeds {seeds})"
+    )
+    if len(pairs) > 1:
+        row["interval"] = f"ratio {min(ratios):.3f}-{max(ratios):.3f} (range over {len(pairs)} seeds)"
+    else:
+        row["interval"] = "one seed: no interval"
+    return row

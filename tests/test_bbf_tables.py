@@ -93,6 +93,19 @@ def test_a_made_up_confirmation_renders_its_numbers_and_verdict(tmp_path, shift,
     assert "`bbf` 20 seeds per process, 61.2 min per process (544 seed-steps/s)" in when
 
 
+def test_headline_row_is_not_yet_run_without_the_file_and_follows_a_made_up_one(tmp_path):
+    assert T.headline(tmp_path)["result"] == T.headline(tmp_path)["interval"] == "not yet run"
+    c = made_up(tmp_path, 60.0)
+    row = T.headline(tmp_path)
+    bbf, dqn, p = c["variants"]["bbf"], c["variants"]["dqn"], c["poi"]
+    assert row["result"].startswith(
+        f"IQM bbf {bbf['iqm']:.1f}, dqn {dqn['iqm']:.1f}; P(bbf > dqn) = {p['poi']:.2f}"
+    )
+    assert f"bbf [{bbf['ci_low']:.1f}, {bbf['ci_high']:.1f}]" in row["interval"]
+    assert row["interval"].endswith(f"Newcombe 95% [{p['newcombe_low']:.2f}, {p['newcombe_high']:.2f}]")
+    assert row["result"].endswith("**confirmed**") == (p["newcombe_low"] > 0.5)
+
+
 def test_figures_are_drawn_from_the_curves_file(tmp_path):
     made_up(tmp_path, 60.0)
     written = T.figures(tmp_path, reps=200)
