@@ -150,7 +150,7 @@ def our_trace(seed: int, steps: int, actions: np.ndarray, max_episode_steps: int
         done = [0]
         update, copy = agent.update, agent.hard_update_target
 
-        def counted_act(obs, epsilon, rngs):
+        def counted_act(obs, epsilon, rngs, target=False):
             trace["epsilon"].append(float(epsilon))
             trace["grad_steps"].append(done[0])
             return actions[len(trace["epsilon"]) - 1 : len(trace["epsilon"])]

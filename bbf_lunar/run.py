@@ -46,7 +46,7 @@ from job import (  # noqa: E402
 from progress import Console, Monitor  # noqa: E402
 from report import make_plots, print_table, summarize  # noqa: E402
 
-from common import RunArgs, RunLogger, UserError, parse_args, read_json, run_main, run_name  # noqa: E402
+from common import RunArgs, RunLogger, UserError, check_fits, parse_args, read_json, run_main, run_name  # noqa: E402
 
 
 @dataclass
@@ -97,7 +97,7 @@ class Args(RunArgs):
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset(
         {"workers", "bootstrap_reps", "seeds", "variants", "progress_every"}
     )
-    EXTENDS: ClassVar[frozenset[str]] = frozenset({"seeds"})  # more seeds continue a finished run
+    EXTENDS: ClassVar[frozenset[str]] = frozenset({"seeds", "variants"})  # more continue a finished run
 
 
 # Variants as overrides of the settings `settings()` builds from Args. `no_*_anneal` hold n / gamma
@@ -309,6 +309,21 @@ def plan(args: Args, log: RunLogger) -> tuple[list[dict], list[dict], list[str]]
     return results, [] if args.summarize_only else pending, damaged
 
 
+def n_weights(s: dict) -> int:
+    """Weights of one network of a variant's settings."""
+    return Layout(ModelConfig(**{f.name: s[f.name] for f in fields(ModelConfig) if f.name in s})).size
+
+
+def check_sizes(args: Args) -> None:
+    """One line before a run folder is made when a job's networks cannot fit: per seed, the online
+    and target networks, the gradients and AdamW's two moments (5 float32 copies), for the seeds
+    one job trains together."""
+    variants = variant_list(args.variants)
+    together = max(len(b) for b in seed_batches(args, variants))
+    largest = max(variants, key=lambda v: n_weights(settings(args, v)))
+    check_fits(20 * n_weights(settings(args, largest)) * together, f"one {largest} job (its networks)")
+
+
 def describe(args: Args, log: RunLogger, results: list[dict], pending: list[dict]) -> None:
     variants, last = variant_list(args.variants), args.seed + args.seeds - 1
     to_train = sum(len(s["seeds"]) for s in pending) * args.total_steps  # resumed jobs: at most this
@@ -320,8 +335,10 @@ def describe(args: Args, log: RunLogger, results: list[dict], pending: list[dict
     )
     for v in variants:
         s = settings(args, v)
-        size = Layout(ModelConfig(**{f.name: s[f.name] for f in fields(ModelConfig) if f.name in s})).size
-        print(f"{v:<16} {size:>7,} weights, replay ratio {s['replay_ratio']:g}, lr {s['lr']:g}", flush=True)
+        print(
+            f"{v:<16} {n_weights(s):>7,} weights, replay ratio {s['replay_ratio']:g}, lr {s['lr']:g}",
+            flush=True,
+        )
     batches = ", ".join(f"{s['variant']} {s['seeds'][0]}-{s['seeds'][-1]}" for s in pending)
     print(f"{len(results)} seed runs done; to train: {batches or 'nothing'} -> {log.run_dir}", flush=True)
 
@@ -397,6 +414,7 @@ def emit_results(log: RunLogger, results: list[dict]) -> None:
 
 def main() -> None:
     args = parse_args(Args, check=check_args, description=__doc__)
+    check_sizes(args)
     with open_run(args) as log, Console(log.path("log.txt")) as console:
         if log.resumed:
             log.rewind(-1)  # rebuilt below: finished runs from their results, pending jobs from progress

@@ -370,8 +370,9 @@ class RunLogger:
             old, new = stored.get(k), config.get(k)
             if old == new:
                 continue
-            if isinstance(old, list) and isinstance(new, list):
-                smaller, bigger = not set(old) <= set(new), set(new) > set(old)
+            if isinstance(old, (list, str)) and isinstance(new, (list, str)):  # str: --variants a,b
+                was, now = ({*v.split(",")} if isinstance(v, str) else {*v} for v in (old, new))
+                smaller, bigger = not was <= now, now > was
             elif isinstance(old, (int, float)) and isinstance(new, (int, float)):
                 smaller, bigger = new < old, new > old
             else:

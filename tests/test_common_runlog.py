@@ -326,6 +326,29 @@ def test_a_finished_run_is_not_rewritten(tmp_path):
         assert log.resumed and log.finished  # more epochs: the run is extended
 
 
+@dataclass
+class ListArgs(RunArgs):
+    variants: str = "a,b"  # comma-separated
+
+    RESUME_SAFE: ClassVar[frozenset[str]] = frozenset({"variants"})
+    EXTENDS: ClassVar[frozenset[str]] = frozenset({"variants"})
+
+
+def test_a_comma_separated_list_extends_a_finished_run_only_when_it_grows(tmp_path):
+    def args(**kw):
+        return ListArgs(**{"out": str(tmp_path / "run"), "clearml": "off", "resume": True, **kw})
+
+    with RunLogger("demo", "r", args(resume=False)) as log:
+        log.write_summary({"accuracy": 0.9})
+    for same in ("a,b", "b,a"):
+        with pytest.raises(UserError, match="nothing to resume"):
+            RunLogger("demo", "r", args(variants=same))
+    with pytest.raises(UserError, match="--variants a,b; a,c would drop work already done"):
+        RunLogger("demo", "r", args(variants="a,c"))
+    with RunLogger("demo", "r", args(variants="a,b,c")) as log:
+        assert log.resumed and log.finished
+
+
 def test_resume_needs_an_existing_run(tmp_path):
     with pytest.raises(UserError, match="holds no run"):
         RunLogger("demo", "r", train_args(tmp_path, resume=True))

@@ -188,10 +188,9 @@ ENTRIES = [
         unfinish=("jobs/*/result.json",),
         make_checkpoint=bbf_job_checkpoint,
         metrics_from_results=True,
-        safe_values={"--variants": "dqn,bbf"},
         extend=("--seeds", "3", "1"),
         extended=lambda s: s["seeds"] == [0, 1, 2],
-        oversize=["--width", "3000000", "--seeds", "1"],
+        oversize=["--width", "3000000", "--seeds", "1", "--variants", "bbf"],  # dqn fixes its width
     ),
     Entry(
         "bbf_lunar/compare.py",
