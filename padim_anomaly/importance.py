@@ -506,6 +506,8 @@ def heldout_figure(split_halves: dict):
         ax.plot([], [], ".", color="tab:blue", label="random k-subsets")
         n = result["n_splits"]
         ax.set(xscale="log", xlabel="k (channels kept)", title=f"{name} (held-out halves, {n} splits x 2)")
+        ax.set_xticks(ks, [str(k) for k in ks], minor=False)
+        ax.set_xticks([], minor=True)
         ax.set_ylabel("pixel AUROC, mean over held-out halves")
         ax.legend(fontsize=8)
     fig.tight_layout()
