@@ -76,6 +76,8 @@ def stability_table(results: Path | None = None) -> str:
                 False,
             ),
         ]
+        if c["all_fold_pairs"]["n_pairs"] == c["disjoint_folds"]["n_pairs"]:  # one shuffle: the same pairs
+            rows.pop()
         if split is not None:
             rows.insert(
                 0,
@@ -221,6 +223,44 @@ def targets(results: Path | None = None) -> str:
                 f"above their own p95): **{'met' if above else 'missed'}**"
             )
         lines.append(line + ".")
+    return "\n".join(lines) + "\n"
+
+
+def memory_table(name: str = "memory_mtile.json", results: Path | None = None) -> str:
+    """memory.py's batch-vs-online fit per training-set size N: live and RSS peak above the fit's start
+    (mean over fresh processes) and throughput."""
+    path = (results or RESULTS) / name
+    if not path.is_file():
+        return f"(no `results/{name}` yet: run memory.py)\n"
+    m = json.loads(path.read_text())
+    lines = [
+        f"| N ({m['n_train_images']} train images) | online live peak | batch live peak | online RSS peak "
+        "| batch RSS peak | online / batch (live) | images/s online / batch |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    online, batch = m["fit"]["online"], m["fit"].get("batch", {})
+    for n in sorted(online, key=int):
+        o, b = online[n], batch.get(n)
+        if b is None:
+            lines.append(
+                f"| {n} | {o['live_peak_mib']:.0f} | not run | {o['peak_mib']:.0f} | not run | | "
+                f"{o['images_per_second']:.1f} / - |"
+            )
+            continue
+        lines.append(
+            f"| {n} | {o['live_peak_mib']:.0f} | {b['live_peak_mib']:.0f} | {o['peak_mib']:.0f} | "
+            f"{b['peak_mib']:.0f} | {o['live_peak_mib'] / b['live_peak_mib']:.2f} | "
+            f"{o['images_per_second']:.1f} / {b['images_per_second']:.1f} |"
+        )
+    checks = m["checks"]
+    lines.append("")
+    lines.append(
+        f"MiB above the fit's start, mean of {m['repeats']} fresh processes per cell; {m['n_note']}. "
+        f"Online live peak at N = 2000 over N = 100: {checks['online_live_peak_mib_N2000_over_N100']:.3f}. "
+        f"Online and batch statistics on the same embeddings differ by at most "
+        f"{m['agreement']['covariance_max_relative_difference']:.1e} (covariance, relative); "
+        f"image AUROC {m['agreement']['online_image_auroc']:.4f} both."
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -49,3 +49,21 @@ def test_train_table_mean_and_std_from_collected_runs(tmp_path):
     rendered = tables.train_table(results=tmp_path)
     std = np.std([0.9, 0.7, 0.8], ddof=1)  # 0.1
     assert f"**0.8000 +- {std:.4f}**" in rendered and "**0.7000 +- 0.1000**" in rendered
+
+
+def test_memory_table_from_a_made_up_file(tmp_path):
+    cell = {"live_peak_mib": 100.0, "peak_mib": 150.0, "images_per_second": 20.0}
+    made_up = {
+        "n_train_images": 7, "repeats": 2, "n_note": "reused", "fit": {
+            "online": {"10": cell, "2000": {**cell, "live_peak_mib": 101.0}},
+            "batch": {"10": {**cell, "live_peak_mib": 400.0}},
+        },
+        "checks": {"online_live_peak_mib_N2000_over_N100": 1.01},
+        "agreement": {"covariance_max_relative_difference": 3e-7, "online_image_auroc": 0.7},
+    }  # fmt: skip
+    (tmp_path / "memory_x.json").write_text(json.dumps(made_up))
+    rendered = tables.memory_table("memory_x.json", tmp_path)
+    assert "| 10 | 100 | 400 | 150 | 150 | 0.25 | 20.0 / 20.0 |" in rendered
+    assert "| 2000 | 101 | not run |" in rendered
+    assert "not run" not in tables.memory_table("memory_mtile.json").split("| 1000 |")[1].split("\n")[0]
+    assert "no `results/absent.json`" in tables.memory_table("absent.json", tmp_path)
