@@ -8,6 +8,7 @@ Each function returns markdown for a cog block of README.md (`cog -I . -r bbf_lu
     ablation_s10_summary.json    final scores of the ingredient ablation, 6 variants x 10 seeds
     peer_sb3.json, peer_sb3/     stable-baselines3's zoo DQN beside ours, seeds 0-4
     benchmark_rr2.json, gpu_h200/benchmark_cuda_graph.json   seeds as a batch dimension: seed-steps/s
+    wall_time_seeds5.json        wall time of `python bbf_lunar/run.py --seeds 5` under /usr/bin/time
 """
 
 from __future__ import annotations
@@ -136,6 +137,21 @@ def confirmation_time(results: Path = RESULTS) -> str:
         f"- The confirmation: commit `{(c['git_commit'] or '?')[:7]}`, Python {c.get('python')}, torch "
         f"{v.get('torch')}, gymnasium {v.get('gymnasium')}; `--workers {a['workers']}`, one torch thread "
         f"per worker; {per}.\n"
+    )
+
+
+def wall_time(results: Path = RESULTS) -> str:
+    """The README's own command timed as a user times it (GNU time around the whole command)."""
+    w = _read(results, "wall_time_seeds5.json")
+    if w is None:
+        return "- The wall time of `python bbf_lunar/run.py --seeds 5`: not measured.\n"
+    minutes, target = w["wall_seconds"] / 60, w["target_minutes"]
+    verdict = "met" if minutes <= target else "**missed**"
+    return (
+        f"- `{w['command']}`: **{minutes:.1f} min** wall time on {w['machine']} (load average "
+        f"{w['load_before']} before; {w['other_load']}; commit `{w['git_commit'][:7]}`), target <= "
+        f"{target} min: {verdict}; final scores IQM {w['iqm']:.1f} over seeds "
+        f"{w['seeds'][0]}-{w['seeds'][-1]}.\n"
     )
 
 

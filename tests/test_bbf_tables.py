@@ -144,3 +144,17 @@ def test_the_readme_stays_within_250_lines_with_the_tables_it_renders():
     lines = (REPO / "bbf_lunar" / "README.md").read_text().splitlines()
     assert len(lines) <= 250
     assert any('experiment_module("bbf_lunar/tables.py")' in line for line in lines)
+
+
+def test_wall_time_line_says_whether_the_target_is_met(tmp_path):
+    assert "not measured" in T.wall_time(tmp_path)
+    made_up = {
+        "command": "python bbf_lunar/run.py --seeds 5", "wall_seconds": 1500.0, "target_minutes": 20,
+        "machine": "a test box", "load_before": "0.1", "other_load": "nothing else",
+        "git_commit": "abcdef0123", "iqm": 12.34, "seeds": [0, 1, 2, 3, 4],
+    }  # fmt: skip
+    (tmp_path / "wall_time_seeds5.json").write_text(json.dumps(made_up))
+    line = T.wall_time(tmp_path)
+    assert "**25.0 min**" in line and "**missed**" in line and "IQM 12.3 over seeds 0-4" in line
+    (tmp_path / "wall_time_seeds5.json").write_text(json.dumps({**made_up, "wall_seconds": 1100.0}))
+    assert "18.3 min" in T.wall_time(tmp_path) and ": met;" in T.wall_time(tmp_path)
