@@ -210,6 +210,28 @@ def gpu_generation_table() -> str:
     return _table(header, rows)
 
 
+def cpu_generation_table(results: Path = RESULTS) -> str:
+    """500-token generation on one CPU thread: median tokens/s over alternating rounds, the per-round
+    range, and the ratios (median of the per-round ratios, their range)."""
+    folder = results / "cpu"
+    rounds = [json.loads(x) for x in (folder / "generate_baby_rounds.jsonl").read_text().splitlines()]
+    rate = {
+        k: [r[f"charts/{k}_tokens_per_second"] for r in rounds] for k in ("cached", "uncached", "nanogpt")
+    }
+
+    def spread(values: list[float], fmt: str) -> str:
+        return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+    ratio = {k: [c / o for c, o in zip(rate["cached"], rate[k])] for k in ("uncached", "nanogpt")}
+    row = [
+        f"{len(rounds)}",
+        *(spread(rate[k], ".0f") for k in rate),
+        *(spread(ratio[k], ".2f") for k in ratio),
+    ]
+    header = ["rounds", "cached", "uncached", "nanoGPT's sampler", "cached / uncached", "cached / nanoGPT"]
+    return _table(header, [row])
+
+
 def gpu_training_table() -> str:
     """`--preset gpu` on one H100: our three seeds beside nanoGPT's train.py (one run)."""
     ours = [_read(f"gpu_h100/ours_s{seed}/summary.json") for seed in range(3)]

@@ -33,3 +33,25 @@ def test_byte_table_lists_the_n_grams_and_the_byte_model():
 def test_gpu_tables_read_their_logs():
     assert tables.gpu_generation_table().count("| `generate_") == 5
     assert "nanoGPT's train.py" in tables.gpu_training_table()
+
+
+def test_cpu_generation_table_takes_medians_and_ranges_over_rounds(tmp_path):
+    (tmp_path / "cpu").mkdir()
+    rows = [(1000.0, 100.0, 250.0), (1200.0, 100.0, 300.0), (900.0, 90.0, 200.0)]
+    lines = [
+        json.dumps(
+            {
+                "step": i,
+                **{f"charts/{k}_tokens_per_second": v for k, v in zip(("cached", "uncached", "nanogpt"), r)},
+            }
+        )
+        for i, r in enumerate(rows)
+    ]
+    (tmp_path / "cpu" / "generate_baby_rounds.jsonl").write_text("\n".join(lines) + "\n")
+    text = tables.cpu_generation_table(tmp_path)
+    # per-round ratios 10, 12, 10 and 4, 4, 4.5: medians 10 and 4
+    assert (
+        "| 3 | 1000 (900-1200) | 100 (90-100) | 250 (200-300) | 10.00 (10.00-12.00) | 4.00 (4.00-4.50) |"
+        in text
+    )
+    assert "| 5 |" in tables.cpu_generation_table()  # the committed run: 5 rounds
