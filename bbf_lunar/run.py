@@ -320,8 +320,9 @@ def check_sizes(args: Args) -> None:
     one job trains together."""
     variants = variant_list(args.variants)
     together = max(len(b) for b in seed_batches(args, variants))
-    largest = max(variants, key=lambda v: n_weights(settings(args, v)))
-    check_fits(20 * n_weights(settings(args, largest)) * together, f"one {largest} job (its networks)")
+    weights = {v: n_weights(settings(args, v)) for v in variants}
+    largest = max(weights, key=weights.get)
+    check_fits(20 * weights[largest] * together, f"one {largest} job (its networks)")
 
 
 def describe(args: Args, log: RunLogger, results: list[dict], pending: list[dict]) -> None:

@@ -241,17 +241,11 @@ def memory_table(name: str = "memory_mtile.json", results: Path | None = None) -
     online, batch = m["fit"]["online"], m["fit"].get("batch", {})
     for n in sorted(online, key=int):
         o, b = online[n], batch.get(n)
-        if b is None:
-            lines.append(
-                f"| {n} | {o['live_peak_mib']:.0f} | not run | {o['peak_mib']:.0f} | not run | | "
-                f"{o['images_per_second']:.1f} / - |"
-            )
-            continue
-        lines.append(
-            f"| {n} | {o['live_peak_mib']:.0f} | {b['live_peak_mib']:.0f} | {o['peak_mib']:.0f} | "
-            f"{b['peak_mib']:.0f} | {o['live_peak_mib'] / b['live_peak_mib']:.2f} | "
-            f"{o['images_per_second']:.1f} / {b['images_per_second']:.1f} |"
-        )
+        cells = [f"{o['live_peak_mib']:.0f}", f"{b['live_peak_mib']:.0f}" if b else "not run"]
+        cells += [f"{o['peak_mib']:.0f}", f"{b['peak_mib']:.0f}" if b else "not run"]
+        cells.append(f"{o['live_peak_mib'] / b['live_peak_mib']:.2f}" if b else "")
+        cells.append(f"{o['images_per_second']:.1f} / " + (f"{b['images_per_second']:.1f}" if b else "-"))
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     checks = m["checks"]
     lines.append("")
     lines.append(
