@@ -115,7 +115,9 @@ def main() -> None:
         "workspace_mib": summary["workspace_mib"],
         "max_rebuild_error": summary["max_rebuild_error"],
         "params": summary["params"],
-        "config": {k: summary[k] for k in ("depth", "width", "batch_size", "epochs", "lr", "dtype")},
+        "config": {
+            k: summary[k] for k in ("depth", "width", "batch_size", "epochs", "lr", "augment_shift", "dtype")
+        },
         "threads": args.threads,
         "train_seconds": summary["train_seconds"],
         "wall_seconds": wall,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import os
 import struct
 import urllib.error
@@ -168,3 +169,27 @@ def normalise(images: np.ndarray, dtype, out: np.ndarray | None = None) -> np.nd
     x *= 1 / (255 * STD)
     x -= MEAN / STD
     return x
+
+
+def shifts(max_shift: int) -> list[tuple[int, int]]:
+    """Every (dy, dx) translation with |dy|, |dx| <= max_shift, (0, 0) included."""
+    r = range(-max_shift, max_shift + 1)
+    return [(dy, dx) for dy in r for dx in r]
+
+
+def shift_images(src: np.ndarray, out: np.ndarray, counts) -> None:
+    """Translate images (n, 28, 28) into `out` (same shape): the first counts[0] by shifts(k)[0], the
+    next counts[1] by shifts(k)[1], ...; pixels moved in from outside are 0. Every copy is between
+    views, so nothing is allocated per call (random augmentation: `src` is a batch in random order)."""
+    table = shifts((math.isqrt(len(counts)) - 1) // 2)
+    if len(table) != len(counts) or sum(counts) != len(src):
+        raise ValueError(f"counts: one per shift, summing to the batch (got {len(counts)}, {sum(counts)})")
+    h, w = src.shape[1:]
+    start = 0
+    for (dy, dx), n in zip(table, counts):
+        chunk, part = slice(start, start + n), out[start : start + n]
+        part.fill(0)
+        part[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = src[
+            chunk, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+        ]
+        start += n

@@ -132,7 +132,13 @@ def memory_config() -> str:
     c, run = runs[0]["config"], runs[0]
     return (
         f"`python revnet_mnist/train.py --preset memory`: depth {c['depth']}, width {c['width']}, "
-        f"batch {c['batch_size']}, {c['epochs']} epochs, peak learning rate {c['lr']:g}, {c['dtype']}, "
+        f"batch {c['batch_size']}, {c['epochs']} epochs, peak learning rate {c['lr']:g}, "
+        + (
+            f"each training image moved by a random translation of up to {c['augment_shift']} pixels, "
+            if c.get("augment_shift")
+            else ""
+        )
+        + f"{c['dtype']}, "
         f"{run['params']:,} parameters, {run['threads']} BLAS thread; machine: {run['machine']}.\n"
     )
 

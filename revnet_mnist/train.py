@@ -31,7 +31,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's common, not an installed one
-from mnist_data import load_mnist, normalise
+from mnist_data import load_mnist, normalise, shift_images, shifts
 from revnet import (
     CHECK_BATCH,
     SGD,
@@ -59,10 +59,14 @@ from common import (
 MIB = 2**20
 PRESETS = {
     # the default run: 98.5% test accuracy in 10 epochs; activations are a few MiB of the process
-    "default": dict(depth=4, width=256, epochs=10, batch_size=128, lr=1e-3, warmup_epochs=0.5),
+    "default": dict(
+        depth=4, width=256, epochs=10, batch_size=128, lr=1e-3, warmup_epochs=0.5, augment_shift=0
+    ),
     # the README's memory table: large batches and a deep stack, so that stored activations
     # (8 x batch x width x depth bytes in float32) dominate the process, at >= 98% test accuracy
-    "memory": dict(depth=64, width=128, epochs=40, batch_size=8192, lr=1e-3, warmup_epochs=3.0),
+    "memory": dict(
+        depth=64, width=128, epochs=80, batch_size=8192, lr=1e-3, warmup_epochs=3.0, augment_shift=2
+    ),
 }
 
 
@@ -80,6 +84,8 @@ class Args(DataArgs):
     momentum: float = 0.9  # SGD momentum (ignored by Adam)
     weight_decay: float = 5e-5  # decoupled weight decay on weight matrices, per unit learning rate
     warmup_epochs: float | None = None  # linear learning-rate warmup, in epochs (default 0.5)
+    # translate each training image by a random (dy, dx), |dy|, |dx| <= N pixels (default 0: none)
+    augment_shift: int | None = None
     dtype: Literal["float32", "float64"] = "float32"  # precision of parameters and activations
     val_size: int = 5000  # the last N of the 60,000 training images, held out for validation
     limit_train: int | None = None  # train on the first N training images only (quick runs)
@@ -113,6 +119,8 @@ def check_args(args: Args) -> None:
             raise ValueError(f"{flag} must be > 0 (got {value})")
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1 (got {args.threads})")
+    if not 0 <= args.augment_shift <= 13:
+        raise ValueError(f"--augment-shift must be 0 to 13 pixels (got {args.augment_shift})")
     if args.limit_train is not None and args.limit_train < args.batch_size:
         raise ValueError(f"--limit-train must be >= --batch-size {args.batch_size} (got {args.limit_train})")
     if args.momentum >= 1:
@@ -249,6 +257,9 @@ class Run:
         self.order = np.empty_like(self.positions)
         self.batch_pixels = np.empty((args.batch_size, config.in_features), dtype=np.uint8)
         self.batch_x = np.empty((args.batch_size, config.in_features), dtype=args.dtype)
+        self.shift_rng = np.random.default_rng([args.seed, 2])  # translations (--augment-shift)
+        self.shift_probs = np.full(len(shifts(args.augment_shift)), 1 / len(shifts(args.augment_shift)))
+        self.batch_shifted = np.empty_like(self.batch_pixels) if args.augment_shift else None
         self.batch_labels = np.empty(args.batch_size, dtype=np.int64)
         self.tolerance = args.rebuild_tolerance or 1e4 * float(np.finfo(args.dtype).eps)
         self.start_epoch, self.history = 0, []
@@ -267,6 +278,8 @@ class Run:
         meta = load_checkpoint(path, self.network, self.optimizer)
         self.start_epoch, self.history = meta["epoch"], meta["history"]
         self.order_rng.bit_generator.state = meta["order_rng"]
+        if "shift_rng" in meta:
+            self.shift_rng.bit_generator.state = meta["shift_rng"]
         self.train_seconds = meta.get("train_seconds", 0.0)
         if self.start_epoch > self.args.epochs:
             raise UserError(
@@ -279,6 +292,7 @@ class Run:
             "epoch": len(self.history) - 1,
             "history": self.history,
             "order_rng": self.order_rng.bit_generator.state,
+            "shift_rng": self.shift_rng.bit_generator.state,
             "train_seconds": self.train_seconds,
         }
         save_checkpoint(path, self.network, self.optimizer, meta)
@@ -297,7 +311,13 @@ class Run:
             batch = order[i * a.batch_size : (i + 1) * a.batch_size]
             np.take(pixels, batch, axis=0, out=self.batch_pixels)
             np.take(labels, batch, out=self.batch_labels)
-            x = normalise(self.batch_pixels, a.dtype, out=self.batch_x)  # only this batch is ever float
+            source = self.batch_pixels
+            if a.augment_shift:  # the batch is in random order: consecutive chunks take each shift
+                counts = self.shift_rng.multinomial(a.batch_size, self.shift_probs)
+                side = images.shape[1:]
+                shift_images(source.reshape(-1, *side), self.batch_shifted.reshape(-1, *side), counts)
+                source = self.batch_shifted
+            x = normalise(source, a.dtype, out=self.batch_x)  # only this batch is ever float
             y = self.batch_labels
             lr = learning_rate(step, self.total_steps, a.lr, self.warmup_steps)
             if epoch == self.start_epoch and i < a.memory_steps:  # the first (cold) step and a few warm ones
@@ -408,7 +428,19 @@ def report(run: Run, log: RunLogger) -> dict:
     } | {
         k: v
         for k, v in asdict(args).items()
-        if k in ("model", "preset", "depth", "width", "dtype", "epochs", "batch_size", "lr", "seed")
+        if k
+        in (
+            "model",
+            "preset",
+            "depth",
+            "width",
+            "dtype",
+            "epochs",
+            "batch_size",
+            "lr",
+            "augment_shift",
+            "seed",
+        )
     }
     log.write_summary(summary)
     # The plot needs neither the dataset nor the workspace: give their memory back first, so that

@@ -184,6 +184,40 @@ def test_train_resumes_without_repeating_epochs_or_metrics_rows(data_dir, tmp_pa
     assert "nothing to resume" in one_line_error(finished)
 
 
+def test_shift_images_is_zero_padding_then_cropping():
+    rng = np.random.default_rng(0)
+    table = mnist_data.shifts(2)
+    counts = rng.multinomial(60, np.full(len(table), 1 / len(table)))
+    src = rng.integers(1, 256, size=(60, 28, 28), dtype=np.uint8)
+    out = np.full_like(src, 7)  # whatever was there before is overwritten
+    mnist_data.shift_images(src, out, counts)
+    padded = np.pad(src, ((0, 0), (2, 2), (2, 2)))  # an image moved by (dy, dx): pad, then crop
+    which = np.repeat(np.arange(len(table)), counts)
+    for i, (dy, dx) in enumerate(table[k] for k in which):
+        np.testing.assert_array_equal(out[i], padded[i, 2 - dy : 30 - dy, 2 - dx : 30 - dx])
+    assert table[which[0]] != table[which[-1]] and (out == 0).sum() > (src == 0).sum()
+    with pytest.raises(ValueError, match="one per shift"):
+        mnist_data.shift_images(src, out, counts[:-1])
+
+
+@pytest.mark.slow
+def test_the_checkpoint_carries_the_translation_stream_so_a_resume_continues_it(data_dir, tmp_path):
+    out, flags = tmp_path / "run", [*SMALL, "--augment-shift", "1", "--data-dir", data_dir]
+    run_script(TRAIN, "--epochs", "1", "--out", out, *flags)
+    meta = json.loads(str(np.load(out / "checkpoint.npz")["meta"]))
+    rng, probs = np.random.default_rng([0, 2]), np.full(9, 1 / 9)  # seed 0's stream, 9 shifts of <= 1 px
+    for _ in range((400 - 80) // 32):  # one draw per step: 320 training images, batch 32
+        rng.multinomial(32, probs)
+    assert meta["shift_rng"] == rng.bit_generator.state
+    (out / "summary.json").unlink()  # as if interrupted after the checkpoint
+    resumed = run_script(TRAIN, "--epochs", "2", "--resume", "--out", out, *flags)
+    assert "epoch 2/2" in resumed.stdout
+    changed = run_script(
+        TRAIN, "--epochs", "3", "--resume", "--out", out, *SMALL, "--data-dir", data_dir, rc=1
+    )
+    assert "--augment-shift" in one_line_error(changed)  # a training flag: refused when it changes
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("flag, value", [("--lr", "1e-2"), ("--batch-size", "16"), ("--val-size", "40")])
 def test_resume_with_a_changed_training_flag_exits_1_naming_it(data_dir, tmp_path, flag, value):
