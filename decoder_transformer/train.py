@@ -93,13 +93,14 @@ class Args(DataArgs):
     eval_batches: int = 20  # batches in each periodic estimate (the final val loss uses the whole split)
     eval_stride: int = 1  # full-context val loss: window step in tokens (1: every token sees block_size)
     log_interval: int = 10  # steps between train-loss log lines
+    progress_every: float = 30.0  # seconds between plain progress lines when stderr is no terminal
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
     compile: bool = False  # torch.compile the training step
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
     # more steps, another device, compile or thread count change nothing already trained
     RESUME_SAFE: ClassVar[frozenset[str]] = frozenset(
-        {"max_iters", "device", "compile", "threads", "eval_stride"}
+        {"max_iters", "device", "compile", "threads", "eval_stride", "progress_every"}
     )
     EXTENDS: ClassVar[frozenset[str]] = frozenset({"max_iters"})  # more steps continue a finished run
 
@@ -375,8 +376,10 @@ class Trainer:
         args, s, master = self.args, self.state, self.setup.master
         signal.signal(signal.SIGINT, self.request_stop)
         batch_gen = torch.Generator(device=self.data.train.device)
-        progress = tqdm(initial=s.it, total=args.max_iters, disable=not master, dynamic_ncols=True)
-        started = time.perf_counter()
+        bar = master and sys.stderr.isatty()  # a log file gets plain lines instead (progress_line)
+        progress = tqdm(initial=s.it, total=args.max_iters, disable=not bar, dynamic_ncols=True)
+        started = began = last_line = time.perf_counter()
+        first = s.it
         while s.it < args.max_iters and not self.stop:
             if master and s.it % args.eval_interval == 0 and not s.evaluated:
                 self.train_seconds += time.perf_counter() - started
@@ -386,6 +389,9 @@ class Trainer:
             progress.update()
             if master and s.it % args.log_interval == 0:
                 started = self.log_interval(started)
+            if master and not bar and time.perf_counter() - last_line >= args.progress_every:
+                last_line = time.perf_counter()
+                print(progress_line(s.it, first, args.max_iters, last_line - began), flush=True)
         progress.close()
         self.train_seconds += time.perf_counter() - started
         if torch.is_tensor(s.loss_sum):
@@ -400,6 +406,22 @@ class Trainer:
             raise KeyboardInterrupt
         if master and not s.evaluated:
             self.evaluate_and_save()
+
+
+def _clock(seconds: float) -> str:
+    minutes, sec = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}" if minutes >= 60 else f"{minutes}:{sec:02d}"
+
+
+def progress_line(step: int, first: int, total: int, seconds: float) -> str:
+    """'step 800/2,000 (40%), 1:23 elapsed, 4.8 steps/s, ETA 4:10': the steps since `first` (this
+    process's start) set the rate."""
+    rate = (step - first) / seconds if seconds > 0 else 0.0
+    eta = _clock((total - step) / rate) if rate > 0 else "unknown"
+    return (
+        f"step {step:,}/{total:,} ({100 * step / total:.0f}%), {_clock(seconds)} elapsed, "
+        f"{rate:.1f} steps/s, ETA {eta}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

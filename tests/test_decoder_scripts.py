@@ -16,6 +16,7 @@ from conftest import REPO, one_line_error, run_script
 
 sys.path.insert(0, str(REPO / "decoder_transformer"))
 from sample import char_boundary  # noqa: E402
+from train import progress_line  # noqa: E402
 from textdata import Vocab  # noqa: E402
 
 TRAIN, SAMPLE = "decoder_transformer/train.py", "decoder_transformer/sample.py"
@@ -70,6 +71,13 @@ def test_byte_sampling_stops_on_a_character_boundary_and_counts_replacements():
     assert char_boundary([0x61, 0xFF, 0x62], 2) == 2  # an invalid byte is replaced at once: a boundary
 
 
+def test_progress_line_counts_the_rate_from_this_process_start():
+    assert progress_line(800, 0, 2000, 160.0) == "step 800/2,000 (40%), 2:40 elapsed, 5.0 steps/s, ETA 4:00"
+    resumed = progress_line(1500, 1000, 2000, 4000.0)  # 500 steps here in 4000 s: 500 more take 4000 s
+    assert resumed == "step 1,500/2,000 (75%), 1:06:40 elapsed, 0.1 steps/s, ETA 1:06:40"
+    assert progress_line(10, 10, 20, 5.0).endswith("0.0 steps/s, ETA unknown")
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end
 
@@ -108,6 +116,16 @@ def test_train_writes_a_run_and_lowers_the_loss(trained):
     assert best["iter"] == best_step["step"]
     assert best["state"]["best_val"] == pytest.approx(best_step["eval/val_loss"])
     assert torch.load(trained / "checkpoint.pt", weights_only=True)["iter"] == 40
+
+
+@pytest.mark.slow
+def test_a_log_file_gets_plain_progress_lines_and_no_bar(text_file, tmp_path):
+    proc = run(
+        TRAIN, "--text", text_file, "--max-iters", "12", "--out", tmp_path / "r", *tiny(progress_every=0)
+    )
+    lines = [line for line in proc.stdout.splitlines() if " elapsed, " in line]
+    assert lines[0].startswith("step 1/12 (8%), 0:0") and lines[-1].startswith("step 12/12 (100%)")
+    assert all("steps/s, ETA " in line for line in lines) and "\r" not in proc.stderr + proc.stdout
 
 
 @pytest.mark.slow
