@@ -300,7 +300,10 @@ def headline(results: Path = RESULTS) -> dict[str, str]:
     size = ""
     if first:
         c = first["config"]
-        size = f" (depth {c['depth']}, width {c['width']}, batch {c['batch_size']}, {c['epochs']} epochs)"
+        shift = f", random shifts of up to {c['augment_shift']} px" if c.get("augment_shift") else ""
+        size = (
+            f" (depth {c['depth']}, width {c['width']}, batch {c['batch_size']}, {c['epochs']} epochs{shift})"
+        )
     row = {
         "measured": "whole-process peak RSS (`/usr/bin/time -f %M`) and test accuracy, "
         f"`--preset memory`{size}",
