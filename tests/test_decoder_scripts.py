@@ -16,8 +16,8 @@ from conftest import REPO, one_line_error, run_script
 
 sys.path.insert(0, str(REPO / "decoder_transformer"))
 from sample import char_boundary  # noqa: E402
-from train import progress_line  # noqa: E402
 from textdata import Vocab  # noqa: E402
+from train import progress_line  # noqa: E402
 
 TRAIN, SAMPLE = "decoder_transformer/train.py", "decoder_transformer/sample.py"
 TINY = {
