@@ -8,7 +8,7 @@ comparison these checks back is DQN_VS_SB3.md.
   step and the gradient steps done. The two traces must agree, and the two epsilon schedules must
   agree at every step of a 100k-step run.
 - scores: the committed final scores (results/peer_sb3.json: seeds 0-4 of each; our seeds 0-9 from
-  results/ablation_s10_summary.json), P(ours > sb3) with its Newcombe interval, and the exact
+  results/ablation_curves.json, dqn), P(ours > sb3) with its Newcombe interval, and the exact
   permutation p-value of that P if both lists came from one distribution of runs.
 - update: both start from the same weights (sb3's, copied into ours) and take --grad-steps gradient
   steps on the same batches of the same stored transitions, with terminations and time-limit
@@ -339,7 +339,7 @@ def score_statistics() -> list[dict]:
 
     peer_result = read_json(RESULTS / "peer_sb3.json")["peer"]
     sb3 = peer_result["sb3_dqn"]["scores"]
-    ours10 = read_json(RESULTS / "ablation_s10_summary.json")["items"]["dqn"]["scores"]
+    ours10 = read_json(RESULTS / "ablation_curves.json")["variants"]["dqn"]["scores"]
     rows = []
     for label, ours in (("ours 0-4", peer_result["our_dqn"]["scores"]), ("ours 0-9", ours10)):
         ci = stats.probability_of_improvement_with_ci(ours, sb3)

@@ -11,8 +11,11 @@ size. Draws are nested across seed counts (the first n of one long draw), so the
 smooth. The answer is the smallest listed n whose resolved fraction reaches --power; none when no
 listed n does. The observed scores are a small sample: the answer inherits their error.
 
-    python bbf_lunar/power.py --summary bbf_lunar/results/ablation_s10_summary.json \\
+    python bbf_lunar/power.py --summary bbf_lunar/results/ablation_curves.json \\
         --out bbf_lunar/results/ablation_seed_power.json --label "what made the scores"
+
+--summary is an export.py curves file (every variant against bbf) or a compare.py summary (every
+item against its reference).
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def seed_power(x_scores, y_scores, seed_counts=SEED_COUNTS, sims: int = 2000, po
 
 @dataclass
 class Args:
-    summary: str = "bbf_lunar/results/ablation_s10_summary.json"  # {"reference", "items": {v: {"scores"}}}
+    summary: str = "bbf_lunar/results/ablation_curves.json"  # export.py curves or compare.py summary
     out: str = "bbf_lunar/results/ablation_seed_power.json"  # the result file written
     sims: int = 2000  # simulated experiments per seed count
     power: float = 0.8  # the resolved fraction a seed count must reach
@@ -122,14 +125,27 @@ def source_commit(path: str) -> str | None:
     return proc.stdout.strip() or None
 
 
+def read_scores(path: str) -> tuple[str, dict[str, list[float]]]:
+    """(reference, {name: scores}) from an export.py curves file ({"variants": {v: {"scores"}}}, the
+    reference bbf) or a compare.py summary ({"reference", "items": {label: {"scores"}}})."""
+    data = read_json(path)
+    if isinstance(data, dict) and isinstance(data.get("variants"), dict):
+        reference, items = "bbf", data["variants"]
+    elif isinstance(data, dict) and isinstance(data.get("items"), dict):
+        reference, items = data.get("reference"), data["items"]
+    else:
+        raise UserError(f"{path}: neither an export.py curves file nor a compare.py summary")
+    if reference not in items:
+        raise UserError(f"{path}: no reference {reference!r} among {', '.join(items) or 'no items'}")
+    bad = [name for name, item in items.items() if not isinstance(item, dict) or "scores" not in item]
+    if bad:
+        raise UserError(f"{path}: no 'scores' for {', '.join(bad)}")
+    return reference, {name: item["scores"] for name, item in items.items()}
+
+
 def main() -> None:
     a = parse_args(Args, check=check_args, description=__doc__)
-    summary = read_json(a.summary)
-    try:
-        reference, items = summary["reference"], summary["items"]
-        ref_scores = items[reference]["scores"]
-    except (KeyError, TypeError):
-        raise UserError(f"{a.summary}: no 'reference' with scores under 'items'") from None
+    reference, scores = read_scores(a.summary)
     command = f"python bbf_lunar/power.py --summary {a.summary} --out {a.out}"
     command += f" --sims {a.sims} --power {a.power} --level {a.level} --seed {a.seed}"
     command += f" --label {shlex.quote(a.label)}" if a.label else ""
@@ -145,12 +161,10 @@ def main() -> None:
         "comparisons": {},
     }
     print(f"{'variant':<18} {'P(ref > v)':>10} {'Newcombe (observed)':>20}  seeds needed (power {a.power})")
-    for variant, item in items.items():
+    for variant, x in scores.items():
         if variant == reference:
             continue
-        if not isinstance(item, dict) or "scores" not in item:
-            raise UserError(f"{a.summary}: item {variant!r} has no 'scores'")
-        r = seed_power(ref_scores, item["scores"], sims=a.sims, power=a.power, level=a.level, seed=a.seed)
+        r = seed_power(scores[reference], x, sims=a.sims, power=a.power, level=a.level, seed=a.seed)
         result["comparisons"][variant] = r
         low, high = r["observed_newcombe"]
         needed = r["seeds_needed"] or f"> {SEED_COUNTS[-1]}"

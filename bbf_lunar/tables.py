@@ -5,7 +5,8 @@ Each function returns markdown for a cog block of README.md (`cog -I . -r bbf_lu
 
     confirmation.json            the confirmatory run's statistics (PROTOCOL.md), from confirm.py
     confirmation_curves.json     its per-seed evaluation curves and settings (export.py)
-    ablation_s10_summary.json    final scores of the ingredient ablation, 6 variants x 10 seeds
+    ablation_curves.json         the ingredient ablation's per-seed curves, 6 variants x seeds 0-9 (export.py)
+    ablation_seed_power.json     seeds per variant that would resolve each ablation effect (power.py)
     peer_sb3.json, peer_sb3/     stable-baselines3's zoo DQN beside ours, seeds 0-4
     benchmark_rr2.json, gpu_h200/benchmark_cuda_graph.json   seeds as a batch dimension: seed-steps/s
     wall_time_seeds5.json        wall time of `python bbf_lunar/run.py --seeds 5` under /usr/bin/time
@@ -22,8 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCORE_POINTS = 3  # a run's score: the mean of its last 3 evaluation points (job.py)
-# the commits whose agent made the results kept from before the agent followed the official BBF code
-PRE_OFFICIAL = {"ablation": "da240ef", "peer": "6f4c6f8", "benchmark": "7e423a3", "gpu": "8113555"}
 
 
 def _read(results: Path, name: str) -> dict | None:
@@ -177,17 +176,90 @@ def confirmation_figures(results: Path = RESULTS) -> str:
     return "\n" + " ".join(shown) + "\n\n" + note + "\n"
 
 
+ABLATION_REMOVES = {  # what each variant takes away from bbf (run.py VARIANTS)
+    "no_nstep_anneal": "n-step annealing (n = 3 throughout)",
+    "no_gamma_anneal": "discount annealing (gamma = 0.997 throughout)",
+    "no_resets": "the resets",
+    "small_net": "the bigger network (two hidden layers of 64, no LayerNorm)",
+    "dqn": "all of BBF: the zoo-tuned DQN",
+}
+
+
+def ablation_stats(curves: dict, reps: int = 50_000) -> dict:
+    """{variant: {"scores", "iqm", "ci_low", "ci_high", "exact"[, "vs_bbf"]}} from an ablation's curves
+    file; "vs_bbf" is P(variant > bbf) with its bootstrap and Newcombe intervals."""
+    import stats
+
+    scores = rederived_scores(curves)
+    out = {}
+    for name, s in sorted(scores.items(), key=lambda kv: kv[0] != "bbf"):  # bbf first
+        out[name] = {"scores": s, **stats.iqm_with_ci(s, reps)}
+        if name != "bbf":
+            out[name]["vs_bbf"] = stats.probability_of_improvement_with_ci(s, scores["bbf"], reps)
+    return out
+
+
+def verdict(name: str, p: dict, seeds_needed: int | None, largest: int) -> str:
+    """The ingredient's verdict from P(variant > bbf)'s Newcombe interval; when it spans 0.5, the seeds
+    per variant that would resolve an effect of the observed size (power.py)."""
+    if p["newcombe_high"] < 0.5:
+        return "`bbf` better"
+    if p["newcombe_low"] > 0.5:
+        return f"`{name}` better"
+    needed = f"about {seeds_needed}" if seeds_needed else f"more than {largest}"
+    return f"not resolved; {needed} seeds per variant would resolve an effect this size"
+
+
 def ablation(results: Path = RESULTS) -> str:
-    """Final scores of the six variants, seeds 0-9, made by the agent before it followed the official code."""
-    a = _read(results, "ablation_s10_summary.json")
-    lines = ["| variant | IQM | 95% CI | mean +- std | P(variant > bbf) |", "|---|---|---|---|---|"]
-    for name, v in a["items"].items():
-        p = v.get("vs_reference")
+    """The ingredient ablation on the agent described here: six variants, seeds 0-9, from the per-seed
+    curves (ablation_curves.json) and the seed-count simulation (ablation_seed_power.json)."""
+    curves = _read(results, "ablation_curves.json")
+    if curves is None:
+        return "**Not yet run** on the agent described here (`results/ablation_curves.json` is absent).\n"
+    power = _read(results, "ablation_seed_power.json") or {"comparisons": {}}
+    rows = ablation_stats(curves)
+    seeds = curves["variants"]["bbf"]["seeds"]
+    lines = [
+        f"| variant (seeds {seeds[0]}-{seeds[-1]}) | removes | IQM | 95% CI | mean +- std | "
+        "P(variant > bbf) | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, v in rows.items():
+        if name == "bbf":
+            lines.append(
+                f"| `bbf` | nothing | {v['iqm']:.1f} | {_ci(v)} | {_mean_std(v['scores'])} | reference | |"
+            )
+            continue
+        sim = power["comparisons"].get(name, {})
+        largest = max(sim.get("seed_counts", [0]))
         lines.append(
-            f"| `{name}` | {v['iqm']:.1f} | {_ci(v)} | {_mean_std(v['scores'])} | "
-            f"{_newcombe(p) if p else 'reference'} |"
+            f"| `{name}` | {ABLATION_REMOVES.get(name, '')} | {v['iqm']:.1f} | {_ci(v)} | "
+            f"{_mean_std(v['scores'])} | {_newcombe(v['vs_bbf'])} | "
+            f"{verdict(name, v['vs_bbf'], sim.get('seeds_needed'), largest)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def ablation_note(results: Path = RESULTS) -> str:
+    """How the ablation was run and how its verdicts are reached, from its curves file."""
+    curves = _read(results, "ablation_curves.json")
+    if curves is None:
+        return ""
+    v = curves["variants"]
+    minutes = ", ".join(
+        f"`{n}` {x['minutes_per_process']:.0f}" for n, x in v.items() if x.get("minutes_per_process")
+    )
+    power = _read(results, "ablation_seed_power.json") or {}
+    sims = f"{power['sims']:,} simulated experiments per seed count" if power else "no simulation file"
+    return (
+        f"\nAgent of commit `{(curves.get('git_commit') or 'unknown')[:7]}`, {len(v['bbf']['seeds'])} seeds "
+        "per variant in one process each, 100k steps, the protocol's score (mean of the last 3 evaluations); "
+        f"minutes per process on the 2-core VM, two at a time: {minutes}. P(variant > bbf) counts the "
+        "pairs of runs won, ties half. Verdict: a side is better when the Newcombe 95% interval excludes "
+        "0.5; otherwise, the seeds per variant at which 80% of experiments drawn from the observed scores "
+        f"would exclude it ({sims}, `power.py`). Seeds 0-9 also served the exploratory agent's choices, "
+        "so this table explores; it does not confirm.\n"
+    )
 
 
 def peer(results: Path = RESULTS) -> str:
@@ -199,6 +271,33 @@ def peer(results: Path = RESULTS) -> str:
         per_seed = ", ".join(f"{x:.1f}" for x in v["scores"])
         lines.append(f"| {label} | {v['iqm']:.1f} | {_ci(v)} | {per_seed} |")
     lines += ["", f"P(ours > sb3) = {_newcombe(p['poi_ours_vs_sb3'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def late_drops(results: Path = RESULTS, drop: float = 100.0) -> str:
+    """The two DQNs' late collapses, from the kept curves: runs whose score (the last 3 evaluations)
+    is more than `drop` below their best evaluation before that window (step 0 excluded). Ours: `dqn`
+    of the ablation (ablation_curves.json); sb3's: peer_sb3/ (seeds 0-4)."""
+    ours = _read(results, "ablation_curves.json")
+    files = sorted((Path(results) / "peer_sb3").glob("seed*_100000_10000_10.json"))
+    runs = {"stable-baselines3 DQN, zoo settings": []}
+    for path in files:
+        r = json.loads(path.read_text())
+        runs["stable-baselines3 DQN, zoo settings"].append((r["seed"], r["eval_points"]))
+    if ours is not None:
+        v = ours["variants"]["dqn"]
+        runs["our `dqn`"] = list(zip(v["seeds"], v["returns"]))
+    lines = [
+        f"| implementation | seeds | runs whose score fell more than {drop:g} below their best earlier "
+        "evaluation | per seed: best evaluation 10k-70k -> score |",
+        "|---|---|---|---|",
+    ]
+    for name, seeds in runs.items():
+        pairs = [(k, max(r[1:-SCORE_POINTS]), sum(r[-SCORE_POINTS:]) / SCORE_POINTS) for k, r in seeds]
+        fell = [k for k, best, score in pairs if best - score > drop]
+        detail = "; ".join(f"{k}: {best:.0f} -> {score:.0f}" for k, best, score in pairs)
+        seed_list = f"{seeds[0][0]}-{seeds[-1][0]}" if seeds else "none"
+        lines.append(f"| {name} | {seed_list} | {len(fell)} of {len(seeds)} | {detail} |")
     return "\n".join(lines) + "\n"
 
 
@@ -227,39 +326,78 @@ def batching(results: Path = RESULTS) -> str:
 # figures
 
 
+def _iqm_curves(curves: dict, reps: int) -> dict:
+    import numpy as np
+    import stats
+
+    return {
+        n: {"steps": v["eval_steps"], **stats.iqm_curve(np.array(v["returns"]), reps)}
+        for n, v in curves["variants"].items()
+    }
+
+
+def _resets(curves: dict) -> dict:
+    return {n: v.get("reset_steps") for n, v in curves["variants"].items()}
+
+
 def figures(results: Path = RESULTS, reps: int = 50_000) -> list[Path]:
-    """The headline's learning curves (resets marked) and its performance profiles beside P(bbf > dqn)
-    with Newcombe intervals, from confirmation_curves.json; nothing while that file is absent."""
+    """The README's figures from the curves files: the headline's learning curves (resets marked) and
+    its performance profiles beside P(bbf > dqn) with Newcombe intervals (confirmation_curves.json);
+    the ablation's learning curves and P(variant > bbf) (ablation_curves.json). A figure whose file
+    is absent is not drawn."""
     import numpy as np
     import plots
     import stats
 
+    written = []
     curves = _read(results, "confirmation_curves.json")
-    if curves is None:
-        return []
-    scores = rederived_scores(curves)
-    names = list(curves["variants"])
-    iqm = {
-        n: {"steps": v["eval_steps"], **stats.iqm_curve(np.array(v["returns"]), reps)}
-        for n, v in curves["variants"].items()
-    }
-    resets = {n: v.get("reset_steps") for n, v in curves["variants"].items()}
-    written = [Path(results) / "confirmation_curves.png", Path(results) / "confirmation_profile_poi.png"]
-    fig = plots.learning_curves(iqm, resets, "IQM learning curves, seeds 1000-1019 (95% CI)")
-    fig.savefig(written[0], dpi=110, bbox_inches="tight")
-
-    every = [x for s in scores.values() for x in s]
-    thresholds = np.linspace(min(every) - 20, max(every) + 20, 121).tolist()
-    profiles = {"thresholds": thresholds}
-    profiles |= {n: stats.performance_profile_with_ci(scores[n], thresholds, reps) for n in names}
-    pairs = {
-        f"bbf vs {n}": stats.probability_of_improvement_with_ci(scores["bbf"], scores[n], reps)
-        for n in names
-        if n != "bbf" and "bbf" in scores
-    }
-    fig = plots.profile_and_poi(profiles, names, pairs)
-    fig.savefig(written[1], dpi=110, bbox_inches="tight")
+    if curves is not None:
+        scores = rederived_scores(curves)
+        names = list(curves["variants"])
+        paths = [Path(results) / "confirmation_curves.png", Path(results) / "confirmation_profile_poi.png"]
+        title = "IQM learning curves, seeds 1000-1019 (95% CI)"
+        plots.learning_curves(_iqm_curves(curves, reps), _resets(curves), title).savefig(
+            paths[0], dpi=110, bbox_inches="tight"
+        )
+        every = [x for s in scores.values() for x in s]
+        thresholds = np.linspace(min(every) - 20, max(every) + 20, 121).tolist()
+        profiles = {"thresholds": thresholds}
+        profiles |= {n: stats.performance_profile_with_ci(scores[n], thresholds, reps) for n in names}
+        pairs = {
+            f"bbf vs {n}": stats.probability_of_improvement_with_ci(scores["bbf"], scores[n], reps)
+            for n in names
+            if n != "bbf" and "bbf" in scores
+        }
+        plots.profile_and_poi(profiles, names, pairs).savefig(paths[1], dpi=110, bbox_inches="tight")
+        written += paths
+    curves = _read(results, "ablation_curves.json")
+    if curves is not None:
+        seeds = curves["variants"]["bbf"]["seeds"]
+        paths = [Path(results) / "ablation_curves.png", Path(results) / "ablation_poi.png"]
+        title = f"The ablation: IQM learning curves, seeds {seeds[0]}-{seeds[-1]} (95% CI)"
+        plots.learning_curves(_iqm_curves(curves, reps), _resets(curves), title).savefig(
+            paths[0], dpi=110, bbox_inches="tight"
+        )
+        pairs = {f"{n} vs bbf": v["vs_bbf"] for n, v in ablation_stats(curves, reps).items() if n != "bbf"}
+        fig = plots.probability_of_improvement(
+            pairs, f"P(variant > bbf), seeds {seeds[0]}-{seeds[-1]}, Newcombe 95%"
+        )
+        fig.savefig(paths[1], dpi=110, bbox_inches="tight")
+        written += paths
     return written
+
+
+def ablation_figures(results: Path = RESULTS) -> str:
+    """The ablation's figures, once tables.py --figures has drawn them."""
+    shown = [
+        f"![{alt}](results/{name})"
+        for name, alt in (
+            ("ablation_curves.png", "the ablation's IQM learning curves, resets marked"),
+            ("ablation_poi.png", "P(variant > bbf) with Newcombe intervals"),
+        )
+        if (Path(results) / name).is_file()
+    ]
+    return "\n" + " ".join(shown) + "\n" if shown else ""
 
 
 def main() -> None:
@@ -274,7 +412,7 @@ def main() -> None:
         print(f"## {name}\n\n{globals()[name](results)}")
     if args.figures:
         written = figures(results)
-        print("\n".join(f"wrote {p}" for p in written) or "no confirmation_curves.json: no figures to draw")
+        print("\n".join(f"wrote {p}" for p in written) or "no *_curves.json: no figures to draw")
 
 
 if __name__ == "__main__":

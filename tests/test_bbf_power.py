@@ -13,7 +13,7 @@ sys.path.insert(0, str(REPO / "bbf_lunar"))
 import power  # noqa: E402
 import stats  # noqa: E402
 
-SUMMARY = REPO / "bbf_lunar/results/ablation_s10_summary.json"
+SUMMARY = REPO / "bbf_lunar/results/ablation_curves.json"
 POWER = REPO / "bbf_lunar/results/ablation_seed_power.json"
 # two made-up score sets with P(X > Y) = 0.68, no ties between them
 X = np.array([245.5, 209.5, 276.5, 224.5, 191.5, 262.5, 219.5, 236.5, 166.5, 254.5])
@@ -84,14 +84,35 @@ def test_bad_seed_counts_are_refused():
             power.resolved_fractions(X, Y, seed_counts=counts, sims=10)
 
 
-def test_committed_power_file_is_computed_from_the_committed_summary():
-    summary, result = json.loads(SUMMARY.read_text()), json.loads(POWER.read_text())
-    ref = summary["items"][summary["reference"]]["scores"]
-    assert result["source"] == "bbf_lunar/results/ablation_s10_summary.json"
-    assert set(result["comparisons"]) == set(summary["items"]) - {summary["reference"]}
+def test_committed_power_file_is_computed_from_the_committed_ablation():
+    curves, result = json.loads(SUMMARY.read_text()), json.loads(POWER.read_text())
+    ref = curves["variants"]["bbf"]["scores"]
+    assert result["source"] == "bbf_lunar/results/ablation_curves.json"
+    assert set(result["comparisons"]) == set(curves["variants"]) - {"bbf"}
     for variant, r in result["comparisons"].items():
-        assert r["observed_poi"] == stats.probability_of_improvement(ref, summary["items"][variant]["scores"])
+        assert r["observed_poi"] == stats.probability_of_improvement(
+            ref, curves["variants"][variant]["scores"]
+        )
         assert r["seeds_needed"] == power.seeds_needed(r, result["power"])
+
+
+def test_scores_are_read_from_a_curves_file_or_a_compare_summary_and_anything_else_is_one_line(tmp_path):
+    curves = {"variants": {"dqn": {"scores": [1.0]}, "bbf": {"scores": [2.0]}}}
+    summary = {"reference": "b", "items": {"a": {"scores": [1.0]}, "b": {"scores": [3.0]}}}
+    for name, data, expected in (
+        ("c.json", curves, ("bbf", {"dqn": [1.0], "bbf": [2.0]})),
+        ("s.json", summary, ("b", {"a": [1.0], "b": [3.0]})),
+    ):
+        (tmp_path / name).write_text(json.dumps(data))
+        assert power.read_scores(str(tmp_path / name)) == expected
+    for data, message in (
+        ([1, 2], "neither an export.py curves file"),
+        ({"variants": {"dqn": {"scores": [1.0]}}}, "no reference 'bbf' among dqn"),
+        ({"reference": "b", "items": {"b": {"scores": [1.0]}, "a": {}}}, "no 'scores' for a"),
+    ):
+        (tmp_path / "bad.json").write_text(json.dumps(data))
+        with pytest.raises(power.UserError, match=message):
+            power.read_scores(str(tmp_path / "bad.json"))
 
 
 @pytest.mark.slow

@@ -18,15 +18,20 @@ RESULTS = REPO / "bbf_lunar" / "results"
 
 
 def test_every_committed_table_renders_and_its_statistics_follow_from_its_scores():
-    ablation = json.loads((RESULTS / "ablation_s10_summary.json").read_text())
+    curves = json.loads((RESULTS / "ablation_curves.json").read_text())
+    rederived = T.rederived_scores(curves)
     text = T.ablation()
-    for name, v in ablation["items"].items():
-        assert stats.iqm(v["scores"]) == pytest.approx(v["iqm"])  # the file backs its own numbers
-        assert f"| `{name}` | {v['iqm']:.1f} | [{v['ci_low']:.1f}, {v['ci_high']:.1f}] |" in text
-        if "vs_reference" in v:
-            assert stats.probability_of_improvement(v["scores"], ablation["items"]["bbf"]["scores"]) == (
-                pytest.approx(v["vs_reference"]["poi"])
-            )
+    for name, v in curves["variants"].items():
+        assert rederived[name] == pytest.approx(v["scores"])  # each score is its curve's last 3 points
+        assert len(v["seeds"]) == 10 and v["eval_steps"][-1] == 100_000
+        assert f"| `{name}` |" in text and f"| {stats.iqm(v['scores']):.1f} |" in text
+        if name != "bbf":
+            p = stats.probability_of_improvement(v["scores"], curves["variants"]["bbf"]["scores"])
+            assert f"| {p:.2f} (" in text
+    assert curves["variants"]["bbf"]["reset_steps"] == [20_000, 40_000, 60_000, 80_000]
+    assert curves["variants"]["no_resets"]["reset_steps"] == []
+    peer_ours = json.loads((RESULTS / "peer_sb3.json").read_text())["peer"]["our_dqn"]["scores"]
+    assert curves["variants"]["dqn"]["scores"][:5] == peer_ours  # the same code, seeds 0-4: bit-exact
     peer = json.loads((RESULTS / "peer_sb3.json").read_text())["peer"]
     for key in ("sb3_dqn", "our_dqn"):
         assert stats.iqm(peer[key]["scores"]) == pytest.approx(peer[key]["iqm"])
@@ -41,6 +46,7 @@ def test_every_committed_table_renders_and_its_statistics_follow_from_its_scores
 
 
 def test_confirmation_absent_is_one_clear_line(tmp_path):
+    assert T.ablation(tmp_path).startswith("**Not yet run**") and T.ablation_figures(tmp_path) == ""
     text = T.confirmation(tmp_path)
     assert text.startswith("**Not yet run.**") and "PROTOCOL.md" in text
     assert T.confirmation_figures(tmp_path) == "" and T.figures(tmp_path) == []
@@ -106,10 +112,54 @@ def test_headline_row_is_not_yet_run_without_the_file_and_follows_a_made_up_one(
     assert row["result"].endswith("**confirmed**") == (p["newcombe_low"] > 0.5)
 
 
+ABLATION = ("bbf", "no_nstep_anneal", "no_gamma_anneal", "no_resets", "small_net", "dqn")
+
+
+def made_up_ablation(tmp_path, shifts: dict, power: dict | None = None) -> dict:
+    """A made-up ablation (10 seeds per variant) in tmp_path, as export.py and power.py write it."""
+    rng = np.random.default_rng(1)
+    steps = list(range(0, 100_001, 10_000))
+    curves = {"run": "made_up", "git_commit": "0" * 40, "args": {}, "variants": {}}
+    for name in ABLATION:
+        returns = rng.normal(200 + shifts.get(name, 0.0), 30, size=(10, len(steps)))
+        curves["variants"][name] = {
+            "seeds": list(range(10)),
+            "eval_steps": steps,
+            "returns": returns.tolist(),
+            "scores": returns[:, -3:].mean(axis=1).tolist(),
+            "reset_steps": [] if name in ("no_resets", "dqn") else [20_000, 40_000, 60_000, 80_000],
+        }
+    (tmp_path / "ablation_curves.json").write_text(json.dumps(curves))
+    if power is not None:
+        (tmp_path / "ablation_seed_power.json").write_text(json.dumps({"comparisons": power}))
+    return curves
+
+
+def test_a_made_up_ablation_gives_each_ingredient_the_verdict_its_interval_supports(tmp_path):
+    sim = {"seed_counts": [10, 20, 400], "seeds_needed": 150}
+    power = {"no_nstep_anneal": sim, "no_gamma_anneal": sim | {"seeds_needed": None}}
+    curves = made_up_ablation(tmp_path, {"small_net": -300.0, "dqn": 300.0}, power)
+    rows = {line.split(" | ")[0][2:]: line for line in T.ablation(tmp_path).splitlines()[2:]}
+    assert list(rows) == [f"`{n}`" for n in ABLATION]
+    assert rows["`small_net`"].endswith("| `bbf` better |") and rows["`dqn`"].endswith("| `dqn` better |")
+    high = stats.newcombe_interval(0.0, 10, 10)[1]  # every pair lost
+    assert f"0.00 (0/100), Newcombe [0.00, {high:.2f}]" in rows["`small_net`"]
+    assert "not resolved; about 150 seeds per variant would resolve" in rows["`no_nstep_anneal`"]
+    assert "not resolved; more than 400 seeds per variant" in rows["`no_gamma_anneal`"]
+    bbf = stats.iqm_with_ci(T.rederived_scores(curves)["bbf"])
+    assert rows["`bbf`"].startswith(
+        f"| `bbf` | nothing | {bbf['iqm']:.1f} | [{bbf['ci_low']:.1f}, {bbf['ci_high']:.1f}] |"
+    )
+
+
 def test_figures_are_drawn_from_the_curves_file(tmp_path):
     made_up(tmp_path, 60.0)
     written = T.figures(tmp_path, reps=200)
     assert [p.name for p in written] == ["confirmation_curves.png", "confirmation_profile_poi.png"]
+    made_up_ablation(tmp_path, {})
+    written = T.figures(tmp_path, reps=200)
+    assert [p.name for p in written][2:] == ["ablation_curves.png", "ablation_poi.png"]
+    assert T.ablation_figures(tmp_path).count("![") == 2
     assert all(p.stat().st_size > 20_000 for p in written)
     assert T.confirmation_figures(tmp_path).count("![") == 2 and "resets (dotted)" in T.confirmation_figures(
         tmp_path
@@ -158,3 +208,21 @@ def test_wall_time_line_says_whether_the_target_is_met(tmp_path):
     assert "**25.0 min**" in line and "**missed**" in line and "IQM 12.3 over seeds 0-4" in line
     (tmp_path / "wall_time_seeds5.json").write_text(json.dumps({**made_up, "wall_seconds": 1100.0}))
     assert "18.3 min" in T.wall_time(tmp_path) and ": met;" in T.wall_time(tmp_path)
+
+
+def test_late_drops_count_runs_whose_score_fell_below_their_best_earlier_evaluation(tmp_path):
+    curves = made_up_ablation(tmp_path, {})
+    rising = [0.0, 50, 100, 150, 200, 210, 220, 230, 240, 250, 260]
+    collapsed = [0.0, 50, 100, 150, 200, 210, 220, 230, 100, 110, 120]  # best 230 before 80k, score 110
+    at_start_only = [500.0, 50, 60, 70, 80, 90, 100, 110, 100, 100, 100]  # step 0 is not an earlier best
+    curves["variants"]["dqn"]["returns"] = [collapsed, rising, at_start_only] + [rising] * 7
+    (tmp_path / "ablation_curves.json").write_text(json.dumps(curves))
+    (tmp_path / "peer_sb3").mkdir()
+    for seed, points in enumerate([collapsed, rising]):
+        record = {"seed": seed, "eval_points": points, "score": sum(points[-3:]) / 3}
+        (tmp_path / "peer_sb3" / f"seed{seed}_100000_10000_10.json").write_text(json.dumps(record))
+    rows = T.late_drops(tmp_path).splitlines()[2:]
+    assert rows[0].startswith(
+        "| stable-baselines3 DQN, zoo settings | 0-1 | 1 of 2 | 0: 230 -> 110; 1: 230 -> 250"
+    )
+    assert rows[1].startswith("| our `dqn` | 0-9 | 1 of 10 | 0: 230 -> 110; 1: 230 -> 250; 2: 110 -> 100;")
