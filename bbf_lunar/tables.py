@@ -154,16 +154,20 @@ def wall_time(results: Path = RESULTS) -> str:
     )
 
 
+def _figure_links(results: Path, figures: tuple[tuple[str, str], ...]) -> list[str]:
+    """Markdown image links to the (file, alt text) figures tables.py --figures has drawn."""
+    return [f"![{alt}](results/{name})" for name, alt in figures if (Path(results) / name).is_file()]
+
+
 def confirmation_figures(results: Path = RESULTS) -> str:
     """The headline's figures, once tables.py --figures has drawn them."""
-    shown = [
-        f"![{alt}](results/{name})"
-        for name, alt in (
+    shown = _figure_links(
+        results,
+        (
             ("confirmation_curves.png", "IQM learning curves, seeds 1000-1019, resets marked"),
             ("confirmation_profile_poi.png", "performance profiles and P(bbf > dqn), seeds 1000-1019"),
-        )
-        if (Path(results) / name).is_file()
-    ]
+        ),
+    )
     if not shown:
         return ""
     note = (
@@ -389,14 +393,13 @@ def figures(results: Path = RESULTS, reps: int = 50_000) -> list[Path]:
 
 def ablation_figures(results: Path = RESULTS) -> str:
     """The ablation's figures, once tables.py --figures has drawn them."""
-    shown = [
-        f"![{alt}](results/{name})"
-        for name, alt in (
+    shown = _figure_links(
+        results,
+        (
             ("ablation_curves.png", "the ablation's IQM learning curves, resets marked"),
             ("ablation_poi.png", "P(variant > bbf) with Newcombe intervals"),
-        )
-        if (Path(results) / name).is_file()
-    ]
+        ),
+    )
     return "\n" + " ".join(shown) + "\n" if shown else ""
 
 

@@ -258,7 +258,8 @@ class Run:
         self.batch_pixels = np.empty((args.batch_size, config.in_features), dtype=np.uint8)
         self.batch_x = np.empty((args.batch_size, config.in_features), dtype=args.dtype)
         self.shift_rng = np.random.default_rng([args.seed, 2])  # translations (--augment-shift)
-        self.shift_probs = np.full(len(shifts(args.augment_shift)), 1 / len(shifts(args.augment_shift)))
+        n_shifts = len(shifts(args.augment_shift))
+        self.shift_probs = np.full(n_shifts, 1 / n_shifts)
         self.batch_shifted = np.empty_like(self.batch_pixels) if args.augment_shift else None
         self.batch_labels = np.empty(args.batch_size, dtype=np.int64)
         self.tolerance = args.rebuild_tolerance or 1e4 * float(np.finfo(args.dtype).eps)
