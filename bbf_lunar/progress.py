@@ -19,12 +19,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-
-def clock(seconds: float) -> str:
-    """h:mm:ss (or m:ss under an hour)."""
-    s = int(round(seconds))
-    h, m = divmod(s // 60, 60)
-    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+from common import clock
 
 
 class _Tee:

@@ -1,6 +1,6 @@
 """The one piece of code the experiments share: the command line, the run folder and its files."""
 
-from common.cli import DataArgs, RunArgs, UserError, check_fits, default_data_dir, parse_args, run_main
+from common.cli import DataArgs, RunArgs, UserError, check_fits, clock, default_data_dir, parse_args, run_main
 from common.files import (
     CHECKPOINT_NPZ,
     CHECKPOINT_PT,
@@ -22,6 +22,7 @@ __all__ = [
     "RunLogger",
     "UserError",
     "check_fits",
+    "clock",
     "default_data_dir",
     "existing_file",
     "load_npz",

@@ -30,6 +30,13 @@ from typing import ClassVar, Literal
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def clock(seconds: float) -> str:
+    """h:mm:ss (or m:ss under an hour), for elapsed times and ETAs in progress lines."""
+    s = int(round(seconds))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+
 class UserError(Exception):
     """Missing data, an unreadable file, a folder that can't be written: printed without a traceback."""
 

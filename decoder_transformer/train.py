@@ -55,6 +55,7 @@ from common import (
     RunLogger,
     UserError,
     check_fits,
+    clock,
     parse_args,
     run_main,
     run_name,
@@ -408,18 +409,13 @@ class Trainer:
             self.evaluate_and_save()
 
 
-def _clock(seconds: float) -> str:
-    minutes, sec = divmod(int(seconds), 60)
-    return f"{minutes // 60}:{minutes % 60:02d}:{sec:02d}" if minutes >= 60 else f"{minutes}:{sec:02d}"
-
-
 def progress_line(step: int, first: int, total: int, seconds: float) -> str:
     """'step 800/2,000 (40%), 1:23 elapsed, 4.8 steps/s, ETA 4:10': the steps since `first` (this
     process's start) set the rate."""
     rate = (step - first) / seconds if seconds > 0 else 0.0
-    eta = _clock((total - step) / rate) if rate > 0 else "unknown"
+    eta = clock((total - step) / rate) if rate > 0 else "unknown"
     return (
-        f"step {step:,}/{total:,} ({100 * step / total:.0f}%), {_clock(seconds)} elapsed, "
+        f"step {step:,}/{total:,} ({100 * step / total:.0f}%), {clock(seconds)} elapsed, "
         f"{rate:.1f} steps/s, ETA {eta}"
     )
 

@@ -83,6 +83,7 @@ from common import (  # noqa: E402
     RunLogger,
     UserError,
     check_fits,
+    clock,
     parse_args,
     read_json,
     run_main,
@@ -246,7 +247,7 @@ def fold_importance(study, train_embeddings, test, fold, groups, rng) -> dict:
 
 def run_folds(study, name, prefix, train_embeddings, test, folds, groups) -> list[dict]:
     """Every fold in turn; each fold's result is saved so --resume skips it."""
-    results = []
+    results, computed, loop_start = [], 0, time.perf_counter()
     for i, fold in enumerate(folds):
         r, k = fold["repeat"], fold["fold"]
         path = study.log.path(f"{prefix}fold_r{r}k{k}_importance.json")
@@ -262,12 +263,16 @@ def run_folds(study, name, prefix, train_embeddings, test, folds, groups) -> lis
         write_json(path, result)
         study.log.keep()  # a finished fold is worth keeping: --resume continues from it
         results.append(result)
+        computed += 1
         study.log.log(
             i, {f"eval/{name}/image_auroc": result["image"], f"eval/{name}/pixel_auroc": result["pixel"]}
         )
+        # the folds computed here set the rate (reused ones cost nothing)
+        left = (len(folds) - i - 1) * (time.perf_counter() - loop_start) / computed
         print(
             f"{name} shuffle {r} fold {k} ({i + 1}/{len(folds)}): image AUROC {result['image']:.4f}, "
-            f"pixel AUROC {result['pixel']:.4f}, AUPRO {result['aupro']:.4f}; {result['seconds']:.0f} s",
+            f"pixel AUROC {result['pixel']:.4f}, AUPRO {result['aupro']:.4f}; {result['seconds']:.0f} s, "
+            f"ETA {clock(left)} for the folds left",
             flush=True,
         )
     return results

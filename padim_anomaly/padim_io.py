@@ -33,7 +33,7 @@ from padim import (
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from common import UserError, load_torch, save_torch
+from common import UserError, clock, load_torch, save_torch
 
 MVTEC_PAGE = "https://www.mvtec.com/company/research/datasets/mvtec-ad"
 _ARCHIVES = "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"
@@ -56,7 +56,7 @@ def model_config(args) -> ModelConfig:
 
 
 class Progress:
-    """A tqdm bar on a terminal; otherwise a line every ~10% with the rate (a logged run is never silent)."""
+    """A tqdm bar on a terminal; otherwise a line every ~10% with rate and ETA (a log is never silent)."""
 
     def __init__(self, desc: str, total: int | None, unit: str = "img"):
         self.desc, self.total, self.unit, self.done = desc, total, unit, 0
@@ -74,9 +74,16 @@ class Progress:
         if not self.total or self.done * 10 < self.next_mark * self.total:
             return
         self.next_mark = self.done * 10 // self.total + 1
-        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-        percent = 100 * self.done // self.total
-        print(f"{self.desc}: {self.done}/{self.total} ({percent}%), {rate:.1f} {self.unit}/s", flush=True)
+        text = progress_text(self.done, self.total, time.perf_counter() - self.start, self.unit)
+        print(f"{self.desc}: {text}", flush=True)
+
+
+def progress_text(done: int, total: int, seconds: float, unit: str) -> str:
+    """'40/100 (40%), 0:12 elapsed, 3.3 img/s, ETA 0:18': the rate of the `done` items so far sets the ETA."""
+    rate = done / seconds if seconds > 0 else 0.0
+    eta = clock((total - done) / rate) if rate > 0 else "unknown"
+    share = f"{done}/{total} ({100 * done // total}%)"
+    return f"{share}, {clock(seconds)} elapsed, {rate:.1f} {unit}/s, ETA {eta}"
 
 
 def n_features_of(text: str, low: int = 1) -> int:

@@ -28,6 +28,14 @@ from common import UserError, parse_args  # noqa: E402
 
 train = load("padim_anomaly/train.py")  # by path: other experiments have a train.py too
 
+
+def test_progress_text_sets_the_eta_from_the_rate_so_far():
+    assert padim_io.progress_text(40, 100, 12.0, "img") == "40/100 (40%), 0:12 elapsed, 3.3 img/s, ETA 0:18"
+    done = padim_io.progress_text(100, 100, 3725.0, "halves")
+    assert done.endswith("1:02:05 elapsed, 0.0 halves/s, ETA 0:00")
+    assert padim_io.progress_text(0, 5, 0.0, "subsets").endswith("ETA unknown")
+
+
 TINY = ["--weights", "none", "--image-size", "64", "--clearml", "off", "--no-download"]
 
 
@@ -107,7 +115,7 @@ def test_train_online_and_batch_agree_and_detect_painted_defects(data_dir, tmp_p
         assert (out / "anomaly_maps.png").stat().st_size > 1000
         model = torch.load(out / "model.pt", weights_only=True)
         assert model["channels"].shape == (20,) and model["inv_covariance"].shape == (16 * 16, 20, 20)
-        assert "bottle train (" in proc.stdout and "img/s" in proc.stdout  # progress lines off a terminal
+        assert "bottle train (" in proc.stdout and "img/s, ETA " in proc.stdout  # lines off a terminal
     online, batch = summaries["online"], summaries["batch"]
     assert online["n_train"] == 12 and online["n_features"] == 20 and online["stats"] == "online"
     assert online["image_auroc"] > 0.8 and online["pixel_auroc"] > 0.8 and online["aupro"] > 0.5
@@ -152,7 +160,10 @@ def test_importance_over_all_classes_with_split_halves_heldout_topk_and_cross_cl
     args = ["--category", "all", "--data-dir", data_dir, "--out", out, "--n-features", "16", "--folds", "3",
             "--repeats", "2", "--n-repeats", "2", "--n-random", "6", "--n-boot", "50", "--splits", "2",
             *TINY]  # fmt: skip
-    run_script("padim_anomaly/importance.py", *args, "--ks", "2", "4")
+    proc = run_script("padim_anomaly/importance.py", *args, "--ks", "2", "4")
+    fold_lines = [line for line in proc.stdout.splitlines() if " fold " in line and "AUROC" in line]
+    assert len(fold_lines) == 12 and all("for the folds left" in line for line in fold_lines)
+    assert fold_lines[5].endswith("ETA 0:00 for the folds left")  # the last of bottle's 6 folds
     summary = json.loads((out / "importance_summary.json").read_text())
     assert set(summary["classes"]) == {"bottle", "widget"} and summary["weights"] == "none"
     for name in ("bottle", "widget"):
