@@ -39,12 +39,15 @@ def _context_range(group: dict) -> str:
     return f"{block}" if stride == 1 else f"{block - stride + 1}-{block}"
 
 
-def encodings_table(file: str = "baby_runs.json", nanogpt: str | None = "nanogpt_val_baby.json") -> str:
-    """The four position encodings (character vocabulary), mean ± sample std over seeds; nanoGPT's own
-    code (learned positions) scored the same way below them."""
-    runs = _read(file)
+RUN_FILES = ("baby_runs.json", "ctx128_runs.json")  # compare_runs.py's summaries, T = 64 and T = 128
+
+
+def encodings_table(files: tuple[str, ...] = RUN_FILES, nanogpt: str | None = "nanogpt_val_baby.json") -> str:
+    """The four position encodings (character vocabulary) at each training context T (one results file
+    per T), mean ± sample std over seeds; nanoGPT's own code (learned positions) scored the same way
+    below its T's rows. A file not yet made is left out."""
     header = [
-        "code, positions",
+        "code, positions, training context",
         "seeds",
         "val loss, full context (tokens of context)",
         "bits/char, full context",
@@ -53,57 +56,73 @@ def encodings_table(file: str = "baby_runs.json", nanogpt: str | None = "nanogpt
         "train loss",
     ]
     rows = []
-    for pos in POSITIONS:
-        group = runs.get(f"{pos}_char")
-        if group is None:
+    for file in files:
+        if not (RESULTS / file).is_file():
             continue
-        rows.append(
-            [
-                f"ours, {pos}",
-                ", ".join(map(str, sorted(group["seeds"]))),
-                f"**{_mean_std(group['val_loss_full_context'])}** ({_context_range(group)})",
-                _mean_std(group["val_bits_per_char_full_context"]),
-                _mean_std(group["val_loss"]),
-                _mean_std(group["val_loss_2x_context"])
-                if group["val_loss_2x_context"]
-                else "n/a (no positions)",
-                _mean_std(group["train_loss"]),
-            ]
-        )
-    if nanogpt and (RESULTS / nanogpt).is_file():
-        result = _read(nanogpt)
-        stride, block = result["full_context_stride"], result["block_size"]
-        context = f"{block}" if stride == 1 else f"{block - stride + 1}-{block}"
-        rows.append(
-            [
-                "nanoGPT's model.py and train.py, learned",
-                "its seed 1337",
-                f"**{result['nanogpt_val_loss_full_context']:.4f}** ({context})",
-                f"{result['nanogpt_val_bits_per_char_full_context']:.4f}",
-                f"{result['nanogpt_val_loss_whole_split']:.4f}",
-                "n/a (no positions)",
-                "n/a",
-            ]
-        )
+        runs = _read(file)
+        for pos in POSITIONS:
+            group = runs.get(f"{pos}_char")
+            if group is None:
+                continue
+            rows.append(
+                [
+                    f"ours, {pos}, T = {_block(group)}",
+                    ", ".join(map(str, sorted(group["seeds"]))),
+                    f"**{_mean_std(group['val_loss_full_context'])}** ({_context_range(group)})",
+                    _mean_std(group["val_bits_per_char_full_context"]),
+                    _mean_std(group["val_loss"]),
+                    _mean_std(group["val_loss_2x_context"])
+                    if group["val_loss_2x_context"]
+                    else "n/a (no positions)",
+                    _mean_std(group["train_loss"]),
+                ]
+            )
+        result = _read(nanogpt) if nanogpt and (RESULTS / nanogpt).is_file() else None
+        if result and _block(result) == _block(runs["learned_char"]):
+            stride, block = result["full_context_stride"], result["block_size"]
+            context = f"{block}" if stride == 1 else f"{block - stride + 1}-{block}"
+            rows.append(
+                [
+                    f"nanoGPT's model.py and train.py, learned, T = {block}",
+                    "its seed 1337",
+                    f"**{result['nanogpt_val_loss_full_context']:.4f}** ({context})",
+                    f"{result['nanogpt_val_bits_per_char_full_context']:.4f}",
+                    f"{result['nanogpt_val_loss_whole_split']:.4f}",
+                    "n/a (no positions)",
+                    "n/a",
+                ]
+            )
     return _table(header, rows)
 
 
-def rope_vs_learned(file: str = "baby_runs.json") -> str:
-    """One sentence: RoPE's full-context loss against learned positions', per seed and in the mean."""
-    runs = _read(file)
-    rope, learned = runs["rope_char"], runs["learned_char"]
-    diff = statistics.mean(rope["val_loss_full_context"]) - statistics.mean(learned["val_loss_full_context"])
-    worst_rope, best_learned = max(rope["val_loss_full_context"]), min(learned["val_loss_full_context"])
-    return (
-        f"RoPE minus learned, full context: {diff:+.4f} nats/token in the mean over "
-        f"{len(rope['seeds'])} and {len(learned['seeds'])} seeds; RoPE's worst seed "
-        f"{worst_rope:.4f} against learned's best {best_learned:.4f}.\n"
-    )
+def _block(group: dict) -> int:
+    """The training context of a group of runs (one value) or of one summary."""
+    blocks = group["block_size"]
+    (block,) = set(blocks) if isinstance(blocks, list) else {blocks}
+    return block
 
 
-def byte_baselines_table(file: str = "baby_runs.json", ngram: str = "ngram.json") -> str:
-    """The byte model beside byte n-grams fit on the training split, in bits per byte of the same
-    validation bytes (1 ..)."""
+def rope_vs_learned(files: tuple[str, ...] = RUN_FILES) -> str:
+    """One sentence per training context: RoPE's full-context loss against learned positions', in the
+    mean and RoPE's worst seed against learned's best."""
+    lines = []
+    for file in files:
+        if not (RESULTS / file).is_file():
+            continue
+        runs = _read(file)
+        rope, learned = (runs[f"{pos}_char"]["val_loss_full_context"] for pos in ("rope", "learned"))
+        diff = statistics.mean(rope) - statistics.mean(learned)
+        lines.append(
+            f"RoPE minus learned, full context, T = {_block(runs['rope_char'])}: {diff:+.4f} nats/token in "
+            f"the mean over {len(rope)} and {len(learned)} seeds; RoPE's worst seed {max(rope):.4f} against "
+            f"learned's best {min(learned):.4f}."
+        )
+    return "\n".join(f"- {line}" for line in lines) + "\n"
+
+
+def byte_baselines_table(files: tuple[str, ...] = RUN_FILES, ngram: str = "ngram.json") -> str:
+    """The RoPE models (byte and char vocabularies, each training context) beside byte n-grams fit on the
+    training split, in bits per byte of the same validation bytes."""
     result = _read(ngram)
     rows = []
     for order in range(1, 10):
@@ -111,17 +130,19 @@ def byte_baselines_table(file: str = "baby_runs.json", ngram: str = "ngram.json"
         if key in result:
             name = "unigram" if order == 1 else f"{order}-gram"
             rows.append([f"{name}, interpolated Kneser-Ney", "n/a (no randomness)", f"{result[key]:.4f}"])
-    runs = _read(file)
-    for vocab in ("byte", "char"):
-        group = runs.get(f"rope_{vocab}")
-        if group:
-            rows.append(
-                [
-                    f"ours, RoPE, {vocab} vocabulary, full context ({_context_range(group)} tokens)",
-                    ", ".join(map(str, sorted(group["seeds"]))),
-                    f"**{_mean_std(group['val_bits_per_byte_full_context'])}**",
-                ]
-            )
+    for file in files:
+        runs = _read(file) if (RESULTS / file).is_file() else {}
+        for vocab in ("byte", "char"):
+            group = runs.get(f"rope_{vocab}")
+            if group:
+                rows.append(
+                    [
+                        f"ours, RoPE, {vocab} vocabulary, T = {_block(group)}, full context "
+                        f"({_context_range(group)} tokens)",
+                        ", ".join(map(str, sorted(group["seeds"]))),
+                        f"**{_mean_std(group['val_bits_per_byte_full_context'])}**",
+                    ]
+                )
     return _table(["model", "seeds", "val bits/byte"], rows)
 
 

@@ -13,21 +13,30 @@ tables = experiment_module("decoder_transformer/tables.py")
 RESULTS = REPO / "decoder_transformer" / "results"
 
 
-def test_encodings_table_shows_each_encodings_mean_over_its_seeds():
-    runs = json.loads((RESULTS / "baby_runs.json").read_text())
+def test_encodings_table_shows_each_encodings_mean_over_its_seeds_at_each_context():
     text = tables.encodings_table()
-    for pos in ("rope", "learned"):
-        values = runs[f"{pos}_char"]["val_loss_full_context"]
-        assert len(values) == len(runs[f"{pos}_char"]["seeds"]) >= 1
-        assert f"| ours, {pos} |" in text and f"**{statistics.mean(values):.4f}" in text
-    assert "RoPE minus learned" in tables.rope_vs_learned()
+    for file, block in (("baby_runs.json", 64), ("ctx128_runs.json", 128)):
+        runs = json.loads((RESULTS / file).read_text())
+        for pos in ("rope", "learned", "sinusoidal", "none"):
+            values = runs[f"{pos}_char"]["val_loss_full_context"]
+            assert len(values) == len(runs[f"{pos}_char"]["seeds"]) == 3
+            assert f"| ours, {pos}, T = {block} | 0, 1, 2 | **{statistics.mean(values):.4f} ± " in text
+        assert f"RoPE minus learned, full context, T = {block}: " in tables.rope_vs_learned()
+    assert text.count("nanoGPT's model.py") == 1  # its run is at T = 64 only
+    assert text.index("nanoGPT's model.py") < text.index("T = 128")
 
 
 def test_byte_table_lists_the_n_grams_and_the_byte_model():
     ngram = json.loads((RESULTS / "ngram.json").read_text())
     text = tables.byte_baselines_table()
     assert f"{ngram['order_5_bits_per_byte']:.4f}" in text and "unigram" in text
-    assert "vocabulary, full context" in text  # a model's row beside them
+    for file, vocab, block in (("baby_runs.json", "byte", 64), ("ctx128_runs.json", "char", 128)):
+        group = json.loads((RESULTS / file).read_text())[f"rope_{vocab}"]
+        mean = statistics.mean(group["val_bits_per_byte_full_context"])
+        assert (
+            f"| ours, RoPE, {vocab} vocabulary, T = {block}, full context" in text
+            and f"**{mean:.4f} ± " in text
+        )
 
 
 def test_gpu_tables_read_their_logs():
