@@ -98,19 +98,20 @@ def stability_table(results: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def topk_table(results: Path | None = None) -> str:
+def topk_table(results: Path | None = None, summary_file: str = "importance_summary.json") -> str:
     """Top-k and bottom-k ranked on one half, scored on the other, among random k-subsets there."""
-    summary = _load("importance_summary.json", results)
+    summary = _load(summary_file, results)
     lines = [
-        f"| class ({RANDOM_INIT}) | k | top-k | bottom-k | random: mean +- std (p95) | top-k percentile "
-        "(step) | worst half | halves above their p95 | top-k AUPRO (all channels) | top-k image AUROC "
-        "percentile |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| class ({RANDOM_INIT}) | channels | k | top-k | bottom-k | random: mean +- std (p95) | top-k "
+        "percentile (step) | worst half | halves above their p95 | top-k AUPRO (all channels) | top-k image "
+        "AUROC percentile |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in summary["classes"].items():
         for k, t in sorted(c["topk"].items(), key=lambda item: int(item[0])):
             lines.append(
-                f"| {name} | {k} | **{t['top']:.4f}** | {t['bottom']:.4f} | {t['random_mean']:.4f} +- "
+                f"| {name} | {c['run']['args']['n_features']} | {k} | **{t['top']:.4f}** | "
+                f"{t['bottom']:.4f} | {t['random_mean']:.4f} +- "
                 f"{t['random_std']:.4f} ({t['random_p95']:.4f}) | **{t['percentile']:.1f}** "
                 f"({t['resolution']:.1f}) | "
                 f"{t['percentile_min']:.1f} | {t['evaluations_above_p95']} of {t['n_evaluations']} | "
@@ -157,9 +158,9 @@ def layer_table(results: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def commands(results: Path | None = None) -> str:
-    """The commands that made importance_summary.json, from the settings each class's run recorded."""
-    summary = _load("importance_summary.json", results)
+def commands(results: Path | None = None, summary_file: str = "importance_summary.json") -> str:
+    """The commands that made a study's summary, from the settings each class's run recorded."""
+    summary = _load(summary_file, results)
     lines, folders = [], []
     for name, c in summary["classes"].items():
         a = c["run"]["args"]
@@ -226,36 +227,42 @@ def targets(results: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def memory_table(name: str = "memory_mtile.json", results: Path | None = None) -> str:
-    """memory.py's batch-vs-online fit per training-set size N: live and RSS peak above the fit's start
-    (mean over fresh processes) and throughput."""
-    path = (results or RESULTS) / name
-    if not path.is_file():
-        return f"(no `results/{name}` yet: run memory.py)\n"
-    m = json.loads(path.read_text())
+def memory_table(names=("memory_bottle.json", "memory_mtile.json"), results: Path | None = None) -> str:
+    """memory.py's batch-vs-online fit per class and training-set size N: live and RSS peak above the fit's
+    start (mean over fresh processes) and throughput; one sentence of checks per class."""
+    names = [names] if isinstance(names, str) else list(names)
     lines = [
-        f"| N ({m['n_train_images']} train images) | online live peak | batch live peak | online RSS peak "
-        "| batch RSS peak | online / batch (live) | images/s online / batch |",
-        "|---|---|---|---|---|---|---|",
+        "| class (train images) | N | online live peak | batch live peak | online RSS peak | batch RSS peak "
+        "| online / batch (live) | images/s online / batch |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    online, batch = m["fit"]["online"], m["fit"].get("batch", {})
-    for n in sorted(online, key=int):
-        o, b = online[n], batch.get(n)
-        cells = [f"{o['live_peak_mib']:.0f}", f"{b['live_peak_mib']:.0f}" if b else "not run"]
-        cells += [f"{o['peak_mib']:.0f}", f"{b['peak_mib']:.0f}" if b else "not run"]
-        cells.append(f"{o['live_peak_mib'] / b['live_peak_mib']:.2f}" if b else "")
-        cells.append(f"{o['images_per_second']:.1f} / " + (f"{b['images_per_second']:.1f}" if b else "-"))
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    checks = m["checks"]
-    lines.append("")
-    lines.append(
-        f"MiB above the fit's start, mean of {m['repeats']} fresh processes per cell; {m['n_note']}. "
-        f"Online live peak at N = 2000 over N = 100: {checks['online_live_peak_mib_N2000_over_N100']:.3f}. "
-        f"Online and batch statistics on the same embeddings differ by at most "
-        f"{m['agreement']['covariance_max_relative_difference']:.1e} (covariance, relative); "
-        f"image AUROC {m['agreement']['online_image_auroc']:.4f} both."
-    )
-    return "\n".join(lines) + "\n"
+    notes = []
+    for name in names:
+        path = (results or RESULTS) / name
+        if not path.is_file():
+            notes.append(f"(no `results/{name}` yet: run memory.py)")
+            continue
+        m = json.loads(path.read_text())
+        category = m.get("category", name.removeprefix("memory_").removesuffix(".json"))
+        label = f"{category} ({m['n_train_images']})"
+        online, batch = m["fit"]["online"], m["fit"].get("batch", {})
+        for n in sorted(online, key=int):
+            o, b = online[n], batch.get(n)
+            cells = [f"{o['live_peak_mib']:.0f}", f"{b['live_peak_mib']:.0f}" if b else "not run"]
+            cells += [f"{o['peak_mib']:.0f}", f"{b['peak_mib']:.0f}" if b else "not run"]
+            cells.append(f"{o['live_peak_mib'] / b['live_peak_mib']:.2f}" if b else "")
+            cells.append(f"{o['images_per_second']:.1f} / " + (f"{b['images_per_second']:.1f}" if b else "-"))
+            lines.append(f"| {label} | {n} | " + " | ".join(cells) + " |")
+        checks, agreement = m["checks"], m["agreement"]
+        notes.append(
+            f"{label.split(' ')[0]}: online live peak at N = 2000 over N = 100 "
+            f"{checks['online_live_peak_mib_N2000_over_N100']:.3f}; online and batch statistics differ by at "
+            f"most {agreement['covariance_max_relative_difference']:.1e} (covariance, relative), image AUROC "
+            f"{agreement['online_image_auroc']:.4f} both; {m['repeats']} fresh processes per cell."
+        )
+    if len(lines) == 2:
+        return "\n".join(notes) + "\n"
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {note}" for note in notes) + "\n"
 
 
 def headline(results: Path | None = None) -> dict[str, str]:

@@ -19,7 +19,7 @@ def test_every_table_renders_from_the_committed_results():
             assert f"**{c['split_half']['spearman_mean']:.3f} (" in stability
         assert f"| {c['disjoint_folds']['spearman_mean']:.3f} (" in stability
         for k, t in c["topk"].items():
-            assert f"| {name} | {k} | **{t['top']:.4f}** |" in topk
+            assert f"| {name} | {c['run']['args']['n_features']} | {k} | **{t['top']:.4f}** |" in topk
     cross = tables.cross_class_table()
     for v in summary["cross_class"].get("pairs", {}).values():
         assert f"**{v['spearman']:.3f}**" in cross
@@ -62,8 +62,11 @@ def test_memory_table_from_a_made_up_file(tmp_path):
         "agreement": {"covariance_max_relative_difference": 3e-7, "online_image_auroc": 0.7},
     }  # fmt: skip
     (tmp_path / "memory_x.json").write_text(json.dumps(made_up))
-    rendered = tables.memory_table("memory_x.json", tmp_path)
-    assert "| 10 | 100 | 400 | 150 | 150 | 0.25 | 20.0 / 20.0 |" in rendered
-    assert "| 2000 | 101 | not run |" in rendered
-    assert "not run" not in tables.memory_table("memory_mtile.json").split("| 1000 |")[1].split("\n")[0]
+    rendered = tables.memory_table(["memory_x.json", "absent.json"], tmp_path)
+    assert "| x (7) | 10 | 100 | 400 | 150 | 150 | 0.25 | 20.0 / 20.0 |" in rendered
+    assert "| x (7) | 2000 | 101 | not run |" in rendered
+    assert "- x: online live peak at N = 2000 over N = 100 1.010;" in rendered
+    assert "- (no `results/absent.json` yet: run memory.py)" in rendered
+    committed = tables.memory_table("memory_mtile.json")
+    assert "not run" not in committed.split("| 1000 |")[1].split("\n")[0]
     assert "no `results/absent.json`" in tables.memory_table("absent.json", tmp_path)
