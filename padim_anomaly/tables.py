@@ -29,24 +29,21 @@ def _mean_std(values) -> str:
 
 
 def train_table(results: Path | None = None) -> str:
-    """Per class and seed: image/pixel AUROC, AUPRO, fit peak RSS; mean +- std over seeds."""
+    """Per class: image/pixel AUROC and AUPRO, mean +- std over seeds with each seed's value; fit peak RSS."""
     runs = _load("train_summary.json", results)
     lines = [
-        f"| class ({RANDOM_INIT}) | seed | image AUROC | pixel AUROC | AUPRO (FPR <= 0.3) "
+        f"| class ({RANDOM_INIT}) | seeds | image AUROC | pixel AUROC | AUPRO (FPR <= 0.3) "
         "| fit peak RSS (MiB) |",
         "|---|---|---|---|---|---|",
     ]
     for name, seeds in runs.items():
-        for seed, s in sorted(seeds.items(), key=lambda item: int(item[0])):
-            lines.append(
-                f"| {name} | {seed} | {s['image_auroc']:.4f} | {s['pixel_auroc']:.4f} | {s['aupro']:.4f} | "
-                f"{s['fit_peak_memory_mib']:.0f} |"
-            )
-        column = {m: [s[m] for s in seeds.values()] for m in ("image_auroc", "pixel_auroc", "aupro")}
-        lines.append(
-            f"| **{name}** | **mean +- std** | **{_mean_std(column['image_auroc'])}** | "
-            f"**{_mean_std(column['pixel_auroc'])}** | **{_mean_std(column['aupro'])}** | |"
-        )
+        ordered = [s for _, s in sorted(seeds.items(), key=lambda item: int(item[0]))]
+        cells = []
+        for metric in ("image_auroc", "pixel_auroc", "aupro"):
+            values = [s[metric] for s in ordered]
+            cells.append(f"**{_mean_std(values)}** ({', '.join(f'{v:.4f}' for v in values)})")
+        rss = ", ".join(f"{s['fit_peak_memory_mib']:.0f}" for s in ordered)
+        lines.append(f"| {name} | {', '.join(sorted(seeds, key=int))} | {' | '.join(cells)} | {rss} |")
     return "\n".join(lines) + "\n"
 
 
@@ -98,16 +95,20 @@ def stability_table(results: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def topk_table(results: Path | None = None, summary_file: str = "importance_summary.json") -> str:
-    """Top-k and bottom-k ranked on one half, scored on the other, among random k-subsets there."""
-    summary = _load(summary_file, results)
+STUDIES = ("importance_summary.json", "importance_k100_summary.json")  # 100 channels; 200 for k = 100
+
+
+def topk_table(results: Path | None = None, summary_files: tuple[str, ...] = STUDIES) -> str:
+    """Top-k and bottom-k ranked on one half, scored on the other, among random k-subsets there; one
+    block of rows per study (a study not yet run is left out)."""
     lines = [
         f"| class ({RANDOM_INIT}) | channels | k | top-k | bottom-k | random: mean +- std (p95) | top-k "
         "percentile (step) | worst half | halves above their p95 | top-k AUPRO (all channels) | top-k image "
         "AUROC percentile |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, c in summary["classes"].items():
+    summaries = [_load(f, results) for f in summary_files if ((results or RESULTS) / f).is_file()]
+    for name, c in ((name, c) for summary in summaries for name, c in summary["classes"].items()):
         for k, t in sorted(c["topk"].items(), key=lambda item: int(item[0])):
             lines.append(
                 f"| {name} | {c['run']['args']['n_features']} | {k} | **{t['top']:.4f}** | "
@@ -160,6 +161,8 @@ def layer_table(results: Path | None = None) -> str:
 
 def commands(results: Path | None = None, summary_file: str = "importance_summary.json") -> str:
     """The commands that made a study's summary, from the settings each class's run recorded."""
+    if not ((results or RESULTS) / summary_file).is_file():
+        return ""  # that study not run yet
     summary = _load(summary_file, results)
     lines, folders = [], []
     for name, c in summary["classes"].items():
@@ -176,9 +179,11 @@ def commands(results: Path | None = None, summary_file: str = "importance_summar
     return "\n".join(lines) + "\n"
 
 
-def settings_lines(results: Path | None = None) -> str:
+def settings_lines(results: Path | None = None, summary_file: str = "importance_summary.json") -> str:
     """Per class: the study's size and the time its run took."""
-    summary = _load("importance_summary.json", results)
+    if not ((results or RESULTS) / summary_file).is_file():
+        return ""  # that study not run yet
+    summary = _load(summary_file, results)
     lines = []
     for name, c in summary["classes"].items():
         a, s = c["run"]["args"], c["split_half"]
@@ -191,7 +196,7 @@ def settings_lines(results: Path | None = None) -> str:
             else f"{a['splits']} half-splits asked for, stopped before they finished"
         )
         lines.append(
-            f"- {name}: {halves}; CV {a['repeats']} x "
+            f"- {name} ({a['n_features']} channels): {halves}; CV {a['repeats']} x "
             f"{a['folds']} folds with {a['n_repeats']} permutations per channel and fold; "
             f"{c['run']['minutes']:.0f} minutes"
         )

@@ -30,8 +30,9 @@ def test_every_table_renders_from_the_committed_results():
     train = json.loads((tables.RESULTS / "train_summary.json").read_text())
     rendered = tables.train_table()
     for name, seeds in train.items():
-        assert rendered.count(f"| {name} | ") == len(seeds) + 0  # one row per seed
-        assert f"| **{name}** | **mean +- std** |" in rendered
+        image = [seeds[seed]["image_auroc"] for seed in sorted(seeds, key=int)]
+        assert rendered.count(f"| {name} | ") == 1  # one row per class, every seed's value in it
+        assert f"({', '.join(f'{v:.4f}' for v in image)})" in rendered
 
 
 def test_train_table_mean_and_std_from_collected_runs(tmp_path):
@@ -48,7 +49,9 @@ def test_train_table_mean_and_std_from_collected_runs(tmp_path):
     assert sorted(collected["widget"]) == ["0", "1", "2"]
     rendered = tables.train_table(results=tmp_path)
     std = np.std([0.9, 0.7, 0.8], ddof=1)  # 0.1
-    assert f"**0.8000 +- {std:.4f}**" in rendered and "**0.7000 +- 0.1000**" in rendered
+    assert f"| widget | 0, 1, 2 | **0.8000 +- {std:.4f}** (0.9000, 0.7000, 0.8000) |" in rendered
+    assert "| **0.7000 +- 0.1000** (0.8000, 0.6000, 0.7000) |" in rendered
+    assert rendered.endswith("| 100, 100, 100 |\n")
 
 
 def test_memory_table_from_a_made_up_file(tmp_path):
