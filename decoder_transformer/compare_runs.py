@@ -103,7 +103,8 @@ def table(runs: dict) -> tuple[list[str], dict]:
             i["summary"].get("full_context_stride") for i in items
         ]
         result[f"{pos}_{vocab}"]["block_size"] = [i["block_size"] for i in items]
-        result[f"{pos}_{vocab}"]["train_seconds"] = [i["summary"].get("train_seconds") for i in items]
+        for key in ("train_seconds", "params", "iters"):
+            result[f"{pos}_{vocab}"][key] = [i["summary"].get(key) for i in items]
         cells = [mean_std(values[k]) if values[k] else "n/a" for k, _ in COLUMNS]
         seeds = ", ".join(map(str, sorted(result[f"{pos}_{vocab}"]["seeds"])))
         lines.append(

@@ -135,9 +135,13 @@ def byte_baselines_table(files: tuple[str, ...] = RUN_FILES, ngram: str = "ngram
         for vocab in ("byte", "char"):
             group = runs.get(f"rope_{vocab}")
             if group:
+                size = ""
+                if group.get("params"):  # summaries from before compare_runs.py recorded the size lack it
+                    (params,), (iters,) = set(group["params"]), set(group["iters"])
+                    size = f", {params / 1e6:.1f}M parameters, {iters} steps"
                 rows.append(
                     [
-                        f"ours, RoPE, {vocab} vocabulary, T = {_block(group)}, full context "
+                        f"ours, RoPE, {vocab} vocabulary, T = {_block(group)}{size}, full context "
                         f"({_context_range(group)} tokens)",
                         ", ".join(map(str, sorted(group["seeds"]))),
                         f"**{_mean_std(group['val_bits_per_byte_full_context'])}**",

@@ -279,7 +279,11 @@ def test_compare_runs_tables_and_plots(trained, tmp_path):
     )
     assert f"| rope | char | 0 | {cells} |" in done.stdout
     assert (tmp_path / "cmp" / "val_loss_curves.png").is_file() and (tmp_path / "cmp" / "table.md").is_file()
-    assert "nanogpt" not in json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    compared = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert "nanogpt" not in compared
+    assert compared["rope_char"]["params"] == [summary["params"]] and compared["rope_char"]["iters"] == [
+        summary["iters"]
+    ]
 
     log = tmp_path / "nanogpt.log"  # nanoGPT's stdout: eval lines among per-iteration lines
     log.write_text(

@@ -30,6 +30,9 @@ def test_byte_table_lists_the_n_grams_and_the_byte_model():
     ngram = json.loads((RESULTS / "ngram.json").read_text())
     text = tables.byte_baselines_table()
     assert f"{ngram['order_5_bits_per_byte']:.4f}" in text and "unigram" in text
+    assert (
+        "| ours, RoPE, char vocabulary, T = 128, 0.8M parameters, 2000 steps, full context (113-128" in text
+    )
     for file, vocab, block in (("baby_runs.json", "byte", 64), ("ctx128_runs.json", "char", 128)):
         group = json.loads((RESULTS / file).read_text())[f"rope_{vocab}"]
         mean = statistics.mean(group["val_bits_per_byte_full_context"])
