@@ -36,10 +36,7 @@ def test_byte_table_lists_the_n_grams_and_the_byte_model():
     for file, vocab, block in (("baby_runs.json", "byte", 64), ("ctx128_runs.json", "char", 128)):
         group = json.loads((RESULTS / file).read_text())[f"rope_{vocab}"]
         mean = statistics.mean(group["val_bits_per_byte_full_context"])
-        assert (
-            f"| ours, RoPE, {vocab} vocabulary, T = {block}, full context" in text
-            and f"**{mean:.4f} ± " in text
-        )
+        assert f"| ours, RoPE, {vocab} vocabulary, T = {block}," in text and f"**{mean:.4f} ± " in text
 
 
 def test_gpu_tables_read_their_logs():
