@@ -20,6 +20,11 @@ def test_every_table_renders_from_the_committed_results():
         assert f"| {c['disjoint_folds']['spearman_mean']:.3f} (" in stability
         for k, t in c["topk"].items():
             assert f"| {name} | {c['run']['args']['n_features']} | {k} | **{t['top']:.4f}** |" in topk
+    k100 = json.loads((tables.RESULTS / "importance_k100_summary.json").read_text())
+    for name, c in k100["classes"].items():  # the second study's rows follow the first's
+        t = c["topk"]["100"]
+        assert f"| {name} | 200 | 100 | **{t['top']:.4f}** |" in topk.split("| mtile | 100 | 50 |")[1]
+    assert "--n-features 200" in tables.commands(summary_file="importance_k100_summary.json")
     cross = tables.cross_class_table()
     for v in summary["cross_class"].get("pairs", {}).values():
         assert f"**{v['spearman']:.3f}**" in cross
