@@ -40,6 +40,7 @@ def _context_range(group: dict) -> str:
 
 
 RUN_FILES = ("baby_runs.json", "ctx128_runs.json")  # compare_runs.py's summaries, T = 64 and T = 128
+BYTE_FILES = (*RUN_FILES, "byte_6x192_runs.json")  # and the larger byte model, 6 layers x 192
 
 
 def encodings_table(files: tuple[str, ...] = RUN_FILES, nanogpt: str | None = "nanogpt_val_baby.json") -> str:
@@ -120,7 +121,7 @@ def rope_vs_learned(files: tuple[str, ...] = RUN_FILES) -> str:
     return "\n".join(f"- {line}" for line in lines) + "\n"
 
 
-def byte_baselines_table(files: tuple[str, ...] = RUN_FILES, ngram: str = "ngram.json") -> str:
+def byte_baselines_table(files: tuple[str, ...] = BYTE_FILES, ngram: str = "ngram.json") -> str:
     """The RoPE models (byte and char vocabularies, each training context) beside byte n-grams fit on the
     training split, in bits per byte of the same validation bytes."""
     result = _read(ngram)
@@ -181,10 +182,12 @@ def headline(results: Path = RESULTS) -> dict[str, str]:
         orders = [int(k.split("_")[1]) for k in ngram if re.fullmatch(r"order_\d+_bits_per_byte", k)]
         best = min(orders, key=lambda n: ngram[f"order_{n}_bits_per_byte"])
         rope_bits = statistics.mean(found["rope"]["val_bits_per_byte_full_context"])
-        parts.append(
-            f"bits/byte: RoPE {rope_bits:.3f}, the best byte n-gram ({best}-gram) "
-            f"{ngram[f'order_{best}_bits_per_byte']:.3f}"
-        )
+        bits = f"bits/byte: RoPE {rope_bits:.3f}"
+        if (Path(results) / BYTE_FILES[-1]).is_file():  # the larger byte model, when it has run
+            big = _read(BYTE_FILES[-1], results)["rope_byte"]
+            values = big["val_bits_per_byte_full_context"]
+            bits += f", RoPE 6x192 byte model {statistics.mean(values):.3f} ({len(values)} seeds)"
+        parts.append(f"{bits}, the best byte n-gram ({best}-gram) {ngram[f'order_{best}_bits_per_byte']:.3f}")
     per_seed = [
         f"{'RoPE' if pos == 'rope' else pos} "
         + ", ".join(f"{v:.4f}" for v in g["val_loss_full_context"])

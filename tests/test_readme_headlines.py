@@ -80,6 +80,10 @@ def test_decoder_headline_gives_per_seed_values_and_the_best_n_gram(tmp_path):
     assert (
         row["interval"] == "per seed: RoPE 1.7000, 1.8000 (seeds 0, 1); learned 1.9000, 2.0000 (seeds 0, 1)"
     )
+    write(tmp_path / "byte_6x192_runs.json", {"rope_byte": group([1.5, 1.6], [2.1, 2.2])})
+    assert decoder.headline(tmp_path)["result"].endswith(
+        "bits/byte: RoPE 2.550, RoPE 6x192 byte model 2.150 (2 seeds), the best byte n-gram (2-gram) 3.000"
+    )
     write(tmp_path / "baby_runs.json", {"rope_char": runs["rope_char"]})
     assert "learned: not measured" in decoder.headline(tmp_path)["result"]
     (tmp_path / "baby_runs.json").unlink()
