@@ -186,7 +186,8 @@ def headline(results: Path = RESULTS) -> dict[str, str]:
         if (Path(results) / BYTE_FILES[-1]).is_file():  # the larger byte model, when it has run
             big = _read(BYTE_FILES[-1], results)["rope_byte"]
             values = big["val_bits_per_byte_full_context"]
-            bits += f", RoPE 6x192 byte model {statistics.mean(values):.3f} ({len(values)} seeds)"
+            seeds = ("seeds " if len(values) > 1 else "seed ") + ", ".join(map(str, big["seeds"]))
+            bits += f", RoPE 6x192 byte model {statistics.mean(values):.3f} ({seeds})"
         parts.append(f"{bits}, the best byte n-gram ({best}-gram) {ngram[f'order_{best}_bits_per_byte']:.3f}")
     per_seed = [
         f"{'RoPE' if pos == 'rope' else pos} "

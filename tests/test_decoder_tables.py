@@ -33,6 +33,10 @@ def test_byte_table_lists_the_n_grams_and_the_byte_model():
     assert (
         "| ours, RoPE, char vocabulary, T = 128, 0.8M parameters, 2000 steps, full context (113-128" in text
     )
+    big = json.loads((RESULTS / "byte_6x192_runs.json").read_text())["rope_byte"]
+    seeds = ", ".join(map(str, sorted(big["seeds"])))
+    row = "| ours, RoPE, byte vocabulary, T = 128, 2.7M parameters, 4000 steps, full context (113-128 tokens)"
+    assert f"{row} | {seeds} |" in text
     for file, vocab, block in (("baby_runs.json", "byte", 64), ("ctx128_runs.json", "char", 128)):
         group = json.loads((RESULTS / file).read_text())[f"rope_{vocab}"]
         mean = statistics.mean(group["val_bits_per_byte_full_context"])

@@ -82,7 +82,7 @@ def test_decoder_headline_gives_per_seed_values_and_the_best_n_gram(tmp_path):
     )
     write(tmp_path / "byte_6x192_runs.json", {"rope_byte": group([1.5, 1.6], [2.1, 2.2])})
     assert decoder.headline(tmp_path)["result"].endswith(
-        "bits/byte: RoPE 2.550, RoPE 6x192 byte model 2.150 (2 seeds), the best byte n-gram (2-gram) 3.000"
+        "bits/byte: RoPE 2.550, RoPE 6x192 byte model 2.150 (seeds 0, 1), the best byte n-gram (2-gram) 3.000"
     )
     write(tmp_path / "baby_runs.json", {"rope_char": runs["rope_char"]})
     assert "learned: not measured" in decoder.headline(tmp_path)["result"]
