@@ -36,6 +36,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _context_range(group: dict) -> str:
     """The context full-context scoring gives each target past the first T, from the run's stride."""
     (stride,), (block,) = set(group["full_context_stride"]), set(group["block_size"])
+    return _context(stride, block)
+
+
+def _context(stride: int, block: int) -> str:
     return f"{block}" if stride == 1 else f"{block - stride + 1}-{block}"
 
 
@@ -57,6 +61,7 @@ def encodings_table(files: tuple[str, ...] = RUN_FILES, nanogpt: str | None = "n
         "train loss",
     ]
     rows = []
+    result = _read(nanogpt) if nanogpt and (RESULTS / nanogpt).is_file() else None
     for file in files:
         if not (RESULTS / file).is_file():
             continue
@@ -78,10 +83,9 @@ def encodings_table(files: tuple[str, ...] = RUN_FILES, nanogpt: str | None = "n
                     _mean_std(group["train_loss"]),
                 ]
             )
-        result = _read(nanogpt) if nanogpt and (RESULTS / nanogpt).is_file() else None
         if result and _block(result) == _block(runs["learned_char"]):
             stride, block = result["full_context_stride"], result["block_size"]
-            context = f"{block}" if stride == 1 else f"{block - stride + 1}-{block}"
+            context = _context(stride, block)
             rows.append(
                 [
                     f"nanoGPT's model.py and train.py, learned, T = {block}",
